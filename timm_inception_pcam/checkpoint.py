@@ -1,0 +1,194 @@
+"""Reading and writing model checkpoints: ours, timm train.py's, safetensors files and Hub models.
+
+Checkpoints are never unpickled beyond tensors and plain containers: `.pth`/`.pth.tar` files load with
+`torch.load(weights_only=True)` (timm's train.py stores its argparse Namespace, which is allow-listed alone).
+"""
+import argparse
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn as nn
+
+from .io import atomic_path
+
+__all__ = ['CheckpointError', 'read_checkpoint', 'load_model', 'save_checkpoint', 'model_kwargs_of']
+
+CHECKPOINT_FORMAT = 'timm-inception-pcam-checkpoint/1'
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, corrupt, or for another architecture."""
+
+
+def _to_plain(value: Any) -> Any:
+    """argparse.Namespace (timm train.py) and tuples -> dicts and lists, so metadata is plain data."""
+    if isinstance(value, argparse.Namespace):
+        return {k: _to_plain(v) for k, v in vars(value).items()}
+    if isinstance(value, Mapping) and not isinstance(value, torch.Tensor):
+        return {k: _to_plain(v) for k, v in value.items()}
+    return value
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint file into a dict with at least 'state_dict'.
+
+    Accepts our trainer's files, timm train.py's (`state_dict`, `state_dict_ema`, `arch`, `args`, ...), bare
+    state dicts saved with torch.save, and `.safetensors` files (their metadata, if any, becomes top-level keys).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f'{path}: checkpoint file not found')
+    if path.suffix == '.safetensors':
+        from safetensors import SafetensorError, safe_open
+        try:
+            with safe_open(str(path), framework='pt') as f:
+                state_dict = {k: f.get_tensor(k) for k in f.keys()}
+                meta = dict(f.metadata() or {})
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f'{path}: not a readable safetensors file ({e})') from e
+        if 'model_kwargs' in meta:
+            meta['model_kwargs'] = json.loads(meta['model_kwargs'])
+        return {**meta, 'state_dict': state_dict}
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # torch raises a variety of errors for truncated, foreign or unsafe files
+        first_line = str(e).splitlines()[0] if str(e) else 'no detail'
+        raise CheckpointError(f'{path}: cannot load as a weights-only PyTorch checkpoint: expected a torch.save file '
+                              f'of tensors and plain data; it is corrupt, truncated or holds other objects '
+                              f'({type(e).__name__}: {first_line[:200]})') from e
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f'{path}: expected a dict of tensors or a checkpoint dict, got {type(obj).__name__}')
+    if 'state_dict' not in obj:
+        if not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise CheckpointError(f'{path}: no "state_dict" key and not a bare state dict of tensors')
+        obj = {'state_dict': obj}
+    return {k: v if k in ('state_dict', 'state_dict_ema') else _to_plain(v) for k, v in obj.items()}
+
+
+def model_kwargs_of(ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    """Architecture arguments stored in a checkpoint (ours: 'model_kwargs'; train.py: args.model_kwargs)."""
+    if isinstance(ckpt.get('model_kwargs'), Mapping):
+        return dict(ckpt['model_kwargs'])
+    args = ckpt.get('args')
+    if isinstance(args, Mapping) and isinstance(args.get('model_kwargs'), Mapping):
+        return dict(args['model_kwargs'])
+    return {}
+
+
+def _strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove wrappers' key prefixes (DDP 'module.', torch.compile '_orig_mod.')."""
+    out = {}
+    for k, v in state_dict.items():
+        for prefix in ('module.', '_orig_mod.'):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def _num_classes_of(state_dict: Mapping[str, torch.Tensor], classifier: str) -> int | None:
+    weight = state_dict.get(f'{classifier}.weight')
+    return int(weight.shape[0]) if weight is not None and weight.ndim == 2 else None
+
+
+def load_model(
+        model_name: str | None,
+        checkpoint: str | os.PathLike | None = None,
+        *,
+        pretrained: bool = False,
+        use_ema: bool = False,
+        **model_kwargs: Any,
+) -> nn.Module:
+    """Create a registered model and load weights into it; returns the model in eval mode.
+
+    `checkpoint` is a file (ours, timm train.py's, a bare state dict, `.safetensors`) or `hf-hub:org/name` /
+    `local-dir:/path` (timm's own resolution; `model_name` may then be None). For files, `model_name` None means
+    the checkpoint's 'arch'; the class count and architecture arguments stored in the checkpoint are used unless
+    given explicitly. Loading is strict: a checkpoint of another architecture or class count is refused.
+    """
+    import timm_inception_pcam  # noqa: F401  (registers the models when called from a bare script)
+
+    if checkpoint is not None and str(checkpoint).startswith(('hf-hub:', 'local-dir:')):
+        model = timm.create_model(str(checkpoint), pretrained=True, **model_kwargs)
+        return model.eval()
+
+    ckpt = read_checkpoint(checkpoint) if checkpoint is not None else {}
+    arch = ckpt.get('arch')
+    if model_name is None:
+        if not arch:
+            raise CheckpointError(f'{checkpoint}: no model name given and the checkpoint records no "arch"')
+        model_name = str(arch)
+    if not timm.is_model(model_name):
+        raise CheckpointError(f'unknown model {model_name!r}: expected a registered timm model, e.g. '
+                              f'{", ".join(timm.list_models("*pcam*"))}')
+    if arch and timm.models.split_model_name_tag(str(arch))[0] != timm.models.split_model_name_tag(model_name)[0]:
+        raise CheckpointError(f'{checkpoint}: checkpoint is for architecture {arch!r}, expected {model_name!r}')
+
+    kwargs = {**model_kwargs_of(ckpt), **model_kwargs}
+    if not ckpt:
+        return timm.create_model(model_name, pretrained=pretrained, **kwargs).eval()
+
+    key = 'state_dict_ema' if use_ema and ckpt.get('state_dict_ema') else 'state_dict'
+    if use_ema and key != 'state_dict_ema':
+        raise CheckpointError(f'{checkpoint}: use_ema requested but the checkpoint has no EMA weights')
+    state_dict = _strip_prefixes(ckpt[key])
+    model = timm.create_model(model_name, pretrained=False, **{'num_classes': 2, **kwargs})
+    classifier = model.pretrained_cfg.get('classifier', 'classifier')
+    stored_classes = _num_classes_of(state_dict, classifier)
+    if stored_classes is not None and stored_classes != model.num_classes:
+        if 'num_classes' in model_kwargs:
+            raise CheckpointError(f'{checkpoint}: checkpoint has {stored_classes} classes, expected '
+                                  f'num_classes={model.num_classes}')
+        model = timm.create_model(model_name, pretrained=False, **{**kwargs, 'num_classes': stored_classes})
+    result = model.load_state_dict(state_dict, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f'{checkpoint}: weights do not match {model_name} {kwargs or ""}: '
+            f'{len(result.missing_keys)} missing (e.g. {result.missing_keys[:3]}), '
+            f'{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:3]})')
+    return model.eval()
+
+
+def save_checkpoint(
+        path: str | os.PathLike,
+        model: nn.Module,
+        *,
+        arch: str,
+        model_kwargs: Mapping[str, Any] | None = None,
+        **extra: Any,
+) -> Path:
+    """Write a weights-only-loadable checkpoint atomically ('.safetensors' suffix: weights + metadata only).
+
+    `extra` may hold tensors, numbers, strings and (nested) lists/dicts of them: e.g. optimizer state, epoch,
+    metrics, 'state_dict_ema'.
+    """
+    state_dict = {k: v.detach().cpu().contiguous() for k, v in _strip_prefixes(model.state_dict()).items()}
+    for k, v in state_dict.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise CheckpointError(f'{path}: refusing to save non-finite values in {k}')
+    path = Path(path)
+    if path.suffix == '.safetensors':
+        from safetensors.torch import save_file
+        meta = {'arch': arch, 'format': CHECKPOINT_FORMAT, 'model_kwargs': json.dumps(dict(model_kwargs or {}))}
+        meta.update({k: str(v) for k, v in extra.items() if isinstance(v, (str, int, float))})
+        with atomic_path(path) as tmp:
+            save_file(state_dict, str(tmp), metadata=meta)
+        return path
+    payload = {
+        'format': CHECKPOINT_FORMAT,
+        'arch': arch,
+        'model_kwargs': dict(model_kwargs or {}),
+        'num_classes': int(getattr(model, 'num_classes', 0)),
+        'pretrained_cfg': _to_plain(dict(getattr(model, 'pretrained_cfg', {}) or {})),
+        'state_dict': state_dict,
+        **extra,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return path

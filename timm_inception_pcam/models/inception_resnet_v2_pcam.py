@@ -1,0 +1,412 @@
+""" Inception-ResNet-v2 for PatchCamelyon (96x96 patches, normal / metastatic)
+
+Paper: `Inception-v4, Inception-ResNet and the Impact of Residual Connections on Learning`
+    - https://arxiv.org/abs/1602.07261 (Szegedy et al. 2016), Figures 15-18 and 20 (scaled residuals).
+
+The stem follows the TensorFlow reference release (Inception-v3-style convolutions and the Mixed_5b concatenation)
+rather than the paper's Figure 3, because the released ImageNet weights (timm's `inception_resnet_v2.tf_in1k`) were
+trained with it; parameter names and shapes follow timm's `inception_resnet_v2` so those weights load with only the
+classifier replaced. Every convolution and pool is padded so that only a stride shrinks a grid: 12 / 6 / 3 at 96 px
+(24 / 12 / 6 with `stem_stride=1`). Residual branches are scaled (paper section 3.3) and support stochastic depth.
+"""
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn as nn
+from timm.layers import DropPath, create_classifier, get_device_dtype
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+
+from ._common import (
+    PCAM_HUB_ORG,
+    adapt_head_filter,
+    avg_pool,
+    check_no_drop_block,
+    check_pretrained_available,
+    make_conv_block,
+    max_pool,
+    pcam_cfg,
+)
+
+__all__ = ['InceptionResnetV2Pcam']
+
+
+class Mixed_5b(nn.Module):
+    """End of the stem: 192 -> 320 channels in four branches."""
+
+    def __init__(self, conv_block: partial, device=None, dtype=None):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.branch0 = conv_block(192, 96, kernel_size=1, **dd)
+        self.branch1 = nn.Sequential(
+            conv_block(192, 48, kernel_size=1, **dd),
+            conv_block(48, 64, kernel_size=5, **dd),
+        )
+        self.branch2 = nn.Sequential(
+            conv_block(192, 64, kernel_size=1, **dd),
+            conv_block(64, 96, kernel_size=3, **dd),
+            conv_block(96, 96, kernel_size=3, **dd),
+        )
+        self.branch3 = nn.Sequential(avg_pool(), conv_block(192, 64, kernel_size=1, **dd))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat((self.branch0(x), self.branch1(x), self.branch2(x), self.branch3(x)), 1)
+
+
+class ScaledResidual(nn.Module):
+    """Shared tail of the Inception-ResNet blocks: 1x1 linear projection, scale, stochastic depth, add, ReLU."""
+
+    def __init__(
+            self,
+            scale: float,
+            drop_path: float = 0.,
+            apply_act: bool = True,
+    ):
+        super().__init__()
+        self.scale = scale
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.act = nn.ReLU() if apply_act else nn.Identity()
+
+    def residual(self, shortcut: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        return self.act(shortcut + self.drop_path(branch * self.scale))
+
+
+class Block35(ScaledResidual):
+    """Figure 16, Inception-ResNet-A: the 35x35 (here 12x12) residual block, 320 channels."""
+
+    def __init__(self, conv_block: partial, scale: float = 0.17, drop_path: float = 0., device=None, dtype=None):
+        super().__init__(scale, drop_path)
+        dd = dict(device=device, dtype=dtype)
+        self.branch0 = conv_block(320, 32, kernel_size=1, **dd)
+        self.branch1 = nn.Sequential(
+            conv_block(320, 32, kernel_size=1, **dd),
+            conv_block(32, 32, kernel_size=3, **dd),
+        )
+        self.branch2 = nn.Sequential(
+            conv_block(320, 32, kernel_size=1, **dd),
+            conv_block(32, 48, kernel_size=3, **dd),
+            conv_block(48, 64, kernel_size=3, **dd),
+        )
+        self.conv2d = nn.Conv2d(128, 320, kernel_size=1, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv2d(torch.cat((self.branch0(x), self.branch1(x), self.branch2(x)), 1))
+        return self.residual(x, out)
+
+
+class Mixed_6a(nn.Module):
+    """Figure 7, Reduction-A with (k, l, m, n) = (256, 256, 384, 384): 320 -> 1088 channels, grid halved."""
+
+    def __init__(self, conv_block: partial, device=None, dtype=None):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.branch0 = conv_block(320, 384, kernel_size=3, stride=2, **dd)
+        self.branch1 = nn.Sequential(
+            conv_block(320, 256, kernel_size=1, **dd),
+            conv_block(256, 256, kernel_size=3, **dd),
+            conv_block(256, 384, kernel_size=3, stride=2, **dd),
+        )
+        self.branch2 = max_pool()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat((self.branch0(x), self.branch1(x), self.branch2(x)), 1)
+
+
+class Block17(ScaledResidual):
+    """Figure 17, Inception-ResNet-B: the 17x17 (here 6x6) residual block, 1088 channels."""
+
+    def __init__(self, conv_block: partial, scale: float = 0.10, drop_path: float = 0., device=None, dtype=None):
+        super().__init__(scale, drop_path)
+        dd = dict(device=device, dtype=dtype)
+        self.branch0 = conv_block(1088, 192, kernel_size=1, **dd)
+        self.branch1 = nn.Sequential(
+            conv_block(1088, 128, kernel_size=1, **dd),
+            conv_block(128, 160, kernel_size=(1, 7), **dd),
+            conv_block(160, 192, kernel_size=(7, 1), **dd),
+        )
+        self.conv2d = nn.Conv2d(384, 1088, kernel_size=1, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv2d(torch.cat((self.branch0(x), self.branch1(x)), 1))
+        return self.residual(x, out)
+
+
+class Mixed_7a(nn.Module):
+    """Figure 18, Reduction-B: 1088 -> 2080 channels, grid halved."""
+
+    def __init__(self, conv_block: partial, device=None, dtype=None):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.branch0 = nn.Sequential(
+            conv_block(1088, 256, kernel_size=1, **dd),
+            conv_block(256, 384, kernel_size=3, stride=2, **dd),
+        )
+        self.branch1 = nn.Sequential(
+            conv_block(1088, 256, kernel_size=1, **dd),
+            conv_block(256, 288, kernel_size=3, stride=2, **dd),
+        )
+        self.branch2 = nn.Sequential(
+            conv_block(1088, 256, kernel_size=1, **dd),
+            conv_block(256, 288, kernel_size=3, **dd),
+            conv_block(288, 320, kernel_size=3, stride=2, **dd),
+        )
+        self.branch3 = max_pool()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat((self.branch0(x), self.branch1(x), self.branch2(x), self.branch3(x)), 1)
+
+
+class Block8(ScaledResidual):
+    """Figure 19, Inception-ResNet-C: the 8x8 (here 3x3) residual block, 2080 channels."""
+
+    def __init__(
+            self,
+            conv_block: partial,
+            scale: float = 0.20,
+            drop_path: float = 0.,
+            no_relu: bool = False,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__(scale, drop_path, apply_act=not no_relu)
+        dd = dict(device=device, dtype=dtype)
+        self.branch0 = conv_block(2080, 192, kernel_size=1, **dd)
+        self.branch1 = nn.Sequential(
+            conv_block(2080, 192, kernel_size=1, **dd),
+            conv_block(192, 224, kernel_size=(1, 3), **dd),
+            conv_block(224, 256, kernel_size=(3, 1), **dd),
+        )
+        self.conv2d = nn.Conv2d(448, 2080, kernel_size=1, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv2d(torch.cat((self.branch0(x), self.branch1(x)), 1))
+        return self.residual(x, out)
+
+
+class InceptionResnetV2Pcam(nn.Module):
+    """Inception-ResNet-v2 on 96x96 PCam patches.
+
+    Args:
+        num_classes: Classifier outputs (2: normal, metastatic).
+        in_chans: Input channels.
+        stem_stride: Stride of the first conv: 2 gives grids 12 / 6 / 3 at 96 px, 1 gives 24 / 12 / 6.
+        depths: Number of Inception-ResNet-A, -B and -C blocks (paper: 10, 20, 9), before the final C block
+            without ReLU.
+        scales: Residual scales of the A, B and C blocks (paper: 0.1 to 0.3; TF release 0.17, 0.10, 0.20).
+        final_scale: Residual scale of the last C block (TF release: 1.0).
+        drop_rate: Dropout before the classifier.
+        drop_path_rate: Stochastic depth, rising linearly over the residual blocks to this rate.
+        global_pool: Global pooling type.
+        norm_eps, bn_eps, bn_momentum: BatchNorm settings (`bn_*` as passed by timm's train.py override).
+    """
+
+    def __init__(
+            self,
+            num_classes: int = 2,
+            in_chans: int = 3,
+            stem_stride: int = 2,
+            depths: tuple[int, int, int] = (10, 20, 9),
+            scales: tuple[float, float, float] = (0.17, 0.10, 0.20),
+            final_scale: float = 1.0,
+            output_stride: int = 32,
+            drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            drop_block_rate: float | None = None,
+            global_pool: str = 'avg',
+            norm_layer: str = 'batchnorm2d',
+            norm_eps: float = 1e-3,
+            bn_eps: float | None = None,
+            bn_momentum: float | None = None,
+            act_layer: str = 'relu',
+            device=None,
+            dtype=None,
+    ) -> None:
+        super().__init__()
+        if stem_stride not in (1, 2):
+            raise ValueError(f'stem_stride must be 1 or 2, got {stem_stride}')
+        if output_stride != 32:
+            raise ValueError(f'output_stride must be 32, got {output_stride}')
+        if len(depths) != 3 or min(depths) < 0:
+            raise ValueError(f'depths must be three block counts (A, B, C), got {depths}')
+        if len(scales) != 3:
+            raise ValueError(f'scales must be three residual scales (A, B, C), got {scales}')
+        check_no_drop_block(drop_block_rate)
+        dd = dict(device=device, dtype=dtype)
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.num_features = 1536
+        self.grad_checkpointing = False
+        conv_block = make_conv_block(norm_layer, norm_eps, bn_eps, bn_momentum, act_layer)
+        num_a, num_b, num_c = depths
+        dpr = torch.linspace(0, drop_path_rate, num_a + num_b + num_c + 1).tolist()
+        dpr_a, dpr_b, dpr_c = dpr[:num_a], dpr[num_a:num_a + num_b], dpr[num_a + num_b:]
+        r = stem_stride
+
+        self.conv2d_1a = conv_block(in_chans, 32, kernel_size=3, stride=stem_stride, **dd)
+        self.conv2d_2a = conv_block(32, 32, kernel_size=3, **dd)
+        self.conv2d_2b = conv_block(32, 64, kernel_size=3, **dd)
+        self.maxpool_3a = max_pool()
+        self.conv2d_3b = conv_block(64, 80, kernel_size=1, **dd)
+        self.conv2d_4a = conv_block(80, 192, kernel_size=3, **dd)
+        self.maxpool_5a = max_pool()
+        self.mixed_5b = Mixed_5b(conv_block, **dd)
+        self.repeat = nn.Sequential(*[Block35(conv_block, scales[0], p, **dd) for p in dpr_a])
+        self.mixed_6a = Mixed_6a(conv_block, **dd)
+        self.repeat_1 = nn.Sequential(*[Block17(conv_block, scales[1], p, **dd) for p in dpr_b])
+        self.mixed_7a = Mixed_7a(conv_block, **dd)
+        self.repeat_2 = nn.Sequential(*[Block8(conv_block, scales[2], p, **dd) for p in dpr_c[:-1]])
+        self.block8 = Block8(conv_block, final_scale, dpr_c[-1], no_relu=True, **dd)
+        self.conv2d_7b = conv_block(2080, self.num_features, kernel_size=1, **dd)
+
+        self.layer_names = [
+            'conv2d_1a', 'conv2d_2a', 'conv2d_2b', 'maxpool_3a', 'conv2d_3b', 'conv2d_4a', 'maxpool_5a',
+            'mixed_5b', 'repeat', 'mixed_6a', 'repeat_1', 'mixed_7a', 'repeat_2', 'block8', 'conv2d_7b',
+        ]
+        self.feature_info = [
+            dict(num_chs=64, reduction=r, module='conv2d_2b'),
+            dict(num_chs=192, reduction=2 * r, module='conv2d_4a'),
+            dict(num_chs=320, reduction=4 * r, module='repeat' if num_a else 'mixed_5b'),
+            dict(num_chs=1088, reduction=8 * r, module='repeat_1' if num_b else 'mixed_6a'),
+            dict(num_chs=self.num_features, reduction=16 * r, module='conv2d_7b'),
+        ]
+        self.feature_ends = [self.layer_names.index(info['module']) for info in self.feature_info]
+        self.global_pool, self.head_drop, self.classif = create_classifier(
+            self.num_features, self.num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False):
+        """Parameter groups in forward order: stem, then each residual block (each repeat when coarse), then the end."""
+        groups: list[tuple[str, ...]] = [('conv2d_1a', 'conv2d_2a', 'conv2d_2b', 'conv2d_3b', 'conv2d_4a', 'mixed_5b')]
+        for name in ('repeat', 'mixed_6a', 'repeat_1', 'mixed_7a', 'repeat_2'):
+            module = getattr(self, name)
+            if isinstance(module, nn.Sequential) and not coarse:
+                groups += [(f'{name}.{i}',) for i in range(len(module))]
+            else:
+                groups.append((name,))
+        groups.append(('block8', 'conv2d_7b'))
+
+        def _matcher(param_name: str) -> float:
+            for idx, prefixes in enumerate(groups):
+                if any(param_name.startswith(prefix + '.') for prefix in prefixes):
+                    return idx
+            return float('inf')
+        return _matcher
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.classif
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
+        self.global_pool, self.classif = create_classifier(
+            self.num_features, num_classes, pool_type=global_pool, **get_device_dtype(self))
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self.global_pool.train(self.training)
+        self.classif.train(self.training)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: int | list[int] | None = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Forward features, also returning the outputs of the stages picked by `indices` (last n if int)."""
+        assert output_fmt in ('NCHW',), 'Output shape must be NCHW.'
+        take_indices, max_index = feature_take_indices(len(self.feature_ends), indices)
+        take_ends = [self.feature_ends[i] for i in take_indices]
+        layer_names = self.layer_names[:self.feature_ends[max_index] + 1] if stop_early else self.layer_names
+
+        intermediates = []
+        for idx, name in enumerate(layer_names):
+            x = getattr(self, name)(x)
+            if idx in take_ends:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: int | list[int] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> list[int]:
+        """Replace the layers (and head) not needed for the intermediates picked by `indices` with identities."""
+        take_indices, max_index = feature_take_indices(len(self.feature_ends), indices)
+        prune_end = max_index < len(self.feature_ends) - 1
+        for name in self.layer_names[self.feature_ends[max_index] + 1:]:
+            setattr(self, name, nn.Identity())
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+        if prune_head or prune_end:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv2d_1a(x)
+        x = self.conv2d_2a(x)
+        x = self.conv2d_2b(x)
+        x = self.maxpool_3a(x)
+        x = self.conv2d_3b(x)
+        x = self.conv2d_4a(x)
+        x = self.maxpool_5a(x)
+        x = self.mixed_5b(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.repeat, x)
+            x = self.mixed_6a(x)
+            x = checkpoint_seq(self.repeat_1, x)
+            x = self.mixed_7a(x)
+            x = checkpoint_seq(self.repeat_2, x)
+        else:
+            x = self.repeat(x)
+            x = self.mixed_6a(x)
+            x = self.repeat_1(x)
+            x = self.mixed_7a(x)
+            x = self.repeat_2(x)
+        x = self.block8(x)
+        return self.conv2d_7b(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x)
+        x = self.head_drop(x)
+        return x if pre_logits else self.classif(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _create_inception_resnet_v2_pcam(variant: str, pretrained: bool = False, **kwargs: Any) -> InceptionResnetV2Pcam:
+    check_pretrained_available(variant, pretrained, kwargs)
+    return build_model_with_cfg(
+        InceptionResnetV2Pcam,
+        variant,
+        pretrained,
+        pretrained_filter_fn=adapt_head_filter('classif'),
+        **kwargs,
+    )
+
+
+default_cfgs = generate_default_cfgs({
+    # ImageNet initialisation: timm's TF-ported weights, classifier replaced by a fresh 2-class head.
+    'inception_resnet_v2_pcam.tf_in1k': pcam_cfg(
+        'classif', 'conv2d_1a.conv', hf_hub_id='timm/inception_resnet_v2.tf_in1k'),
+    # PCam-trained weights, not published yet: pretrained=True on this tag explains what to use instead.
+    'inception_resnet_v2_pcam.pcam': pcam_cfg(
+        'classif', 'conv2d_1a.conv', hf_hub_id=f'{PCAM_HUB_ORG}/inception_resnet_v2_pcam'),
+})
+
+
+@register_model
+def inception_resnet_v2_pcam(pretrained: bool = False, **kwargs: Any) -> InceptionResnetV2Pcam:
+    return _create_inception_resnet_v2_pcam('inception_resnet_v2_pcam', pretrained, **kwargs)
