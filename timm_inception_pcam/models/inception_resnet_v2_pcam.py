@@ -239,7 +239,8 @@ class InceptionResnetV2Pcam(nn.Module):
         self.grad_checkpointing = False
         conv_block = make_conv_block(norm_layer, norm_eps, bn_eps, bn_momentum, act_layer)
         num_a, num_b, num_c = depths
-        dpr = torch.linspace(0, drop_path_rate, num_a + num_b + num_c + 1).tolist()
+        num_blocks = num_a + num_b + num_c + 1
+        dpr = [drop_path_rate * i / max(num_blocks - 1, 1) for i in range(num_blocks)]  # no tensors: meta-safe
         dpr_a, dpr_b, dpr_c = dpr[:num_a], dpr[num_a:num_a + num_b], dpr[num_a + num_b:]
         r = stem_stride
 
