@@ -4,7 +4,13 @@ DEMO_DIR ?= runs/demo
 
 .PHONY: setup demo test bench lint
 
+# System packages for the C++ runtime's core (export/cpp): installed only when missing.
+APT_PACKAGES = cmake g++ libpng-dev nlohmann-json3-dev
+
 setup:
+	@dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 || { command -v apt-get >/dev/null && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; } || \
+		echo "warning: could not install $(APT_PACKAGES); the C++ runtime tests will fail" >&2
 	$(PYTHON) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(PYTHON) -m pip install --quiet -e ".[dev]"
 
