@@ -85,7 +85,9 @@ def adapt_head_filter(classifier: str):
 def check_pretrained_available(variant: str, pretrained: bool, kwargs: dict[str, Any]) -> None:
     """Refuse `pretrained=True` on a `.pcam` tag whose weights are not published yet, saying what to do instead."""
     tag = kwargs.get('pretrained_cfg')
-    if not pretrained or tag != 'pcam' or PCAM_WEIGHTS_PUBLISHED.get(variant, False):
+    overlay = kwargs.get('pretrained_cfg_overlay') or {}
+    own_weights = bool(overlay.get('file') or overlay.get('state_dict'))
+    if not pretrained or tag != 'pcam' or own_weights or PCAM_WEIGHTS_PUBLISHED.get(variant, False):
         return
     raise RuntimeError(
         f'{variant}.pcam: PCam-trained weights are not published yet (they will live at '
