@@ -1,0 +1,284 @@
+"""The evaluator end to end on a tiny synthetic PCam set with a reduced-depth Inception-v4, and its bad inputs."""
+import csv
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from timm_inception_pcam import evaluate
+from timm_inception_pcam.checkpoint import CheckpointError, load_model, save_checkpoint
+from timm_inception_pcam.constants import PCAM_MEAN, PCAM_STD
+from timm_inception_pcam.data import PCamDataset, dihedral, synthesize_pcam
+from timm_inception_pcam.io import file_sha256
+from timm_inception_pcam.metrics import compute_metrics, select_threshold
+from timm_inception_pcam.preprocess import preprocess_patches
+
+TINY = {'depths': (1, 1, 1)}
+N_VALID, N_TEST, BATCH = 6, 6, 4  # two batches per split, the last one ragged
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _one_torch_thread():
+    """Intra-op threads spin against each other when the 2 cores are shared (10x slower measured): use one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='module')
+def pcam_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp('pcam')
+    synthesize_pcam(root, n=16, seed=0, n_valid=N_VALID, n_test=N_TEST)
+    return root
+
+
+@pytest.fixture(scope='module')
+def checkpoint(tmp_path_factory, pcam_dir):
+    """A reduced-depth Inception-v4 whose BatchNorm statistics were gathered on the synthetic patches.
+
+    Random weights with default BN statistics give almost constant outputs; warmed-up statistics make the
+    probabilities vary from patch to patch, so the threshold and metrics checks below mean something.
+    """
+    torch.manual_seed(0)
+    model = timm.create_model('inception_v4_pcam', num_classes=2, **TINY)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.momentum = None  # cumulative average over the warm-up batches
+    patches, _ = PCamDataset(pcam_dir, 'train').read_batch(np.arange(16))
+    model.train()
+    with torch.no_grad():
+        model(torch.from_numpy(preprocess_patches(patches, PCAM_MEAN, PCAM_STD)))
+    path = tmp_path_factory.mktemp('ckpt') / 'tiny.pth.tar'
+    save_checkpoint(path, model.eval(), arch='inception_v4_pcam', model_kwargs=TINY)
+    return path
+
+
+class PositionNet(torch.nn.Module):
+    """Logit of class 1 = a position-weighted mean of the first channel: every dihedral view gives another value."""
+
+    def __init__(self, num_classes: int = 2):
+        super().__init__()
+        h = torch.arange(96, dtype=torch.float32)
+        self.register_buffer('weight', (h[:, None] + 3 * h[None, :] + 1) / (96 * 96 * 200))
+        self.num_classes = num_classes
+        self.calls: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(x.clone())
+        score = (x[:, 0] * self.weight).sum(dim=(1, 2))
+        return torch.stack([-score] + [score] * (self.num_classes - 1), dim=1)
+
+
+def _patches(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, 96, 96, 3), dtype=np.uint8)
+
+
+def test_predict_probs_averages_dihedral_views():
+    patches, model = _patches(10), PositionNet()
+    views = evaluate.predict_probs(model, patches, batch_size=4, tta=8, mean=PCAM_MEAN, std=PCAM_STD,
+                                   return_views=True, progress=False)
+    assert views.shape == (8, 10)
+    assert len(model.calls) == 8 * 3 and sum(c.shape[0] for c in model.calls) == 8 * 10  # 3 batches x 8 views
+    x = torch.from_numpy(preprocess_patches(patches, PCAM_MEAN, PCAM_STD))
+    with torch.no_grad():
+        np.testing.assert_allclose(views[0], torch.softmax(model(x), 1)[:, 1].numpy(), rtol=1e-6)  # view 0: as stored
+        for k in range(8):
+            expected = torch.softmax(model(dihedral(x, k)), 1)[:, 1].numpy()
+            np.testing.assert_allclose(views[k], expected, rtol=1e-6)
+    assert np.unique(views[:, 0].round(9)).size == 8  # eight different views, not one view eight times
+    model.calls.clear()
+    avg = evaluate.predict_probs(model, patches, batch_size=4, tta=8, mean=PCAM_MEAN, std=PCAM_STD, progress=False)
+    np.testing.assert_allclose(avg, views.mean(axis=0))
+    model.calls.clear()
+    plain = evaluate.predict_probs(model, patches, batch_size=32, tta=1, mean=PCAM_MEAN, std=PCAM_STD, progress=False)
+    assert len(model.calls) == 1 and plain.shape == (10,)
+    np.testing.assert_allclose(plain, views[0], rtol=1e-6)
+
+
+def test_predict_probs_backend_is_swappable():
+    patches, model = _patches(6, seed=1), PositionNet()
+    ref = evaluate.predict_probs(model, patches, batch_size=4, tta=2, mean=PCAM_MEAN, std=PCAM_STD, progress=False)
+    seen = []
+
+    def numpy_backend(x: torch.Tensor) -> np.ndarray:  # e.g. an onnxruntime session: numpy in, numpy out
+        seen.append(x.dtype)
+        with torch.no_grad():
+            return model(x).numpy()
+
+    got = evaluate.predict_probs(numpy_backend, patches, batch_size=4, tta=2, progress=False)  # PCam stats default
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+    assert seen == [torch.float32] * 4
+
+
+def test_predict_probs_bad_input():
+    with pytest.raises(ValueError, match='tta must be between 1 and 8'):
+        evaluate.predict_probs(PositionNet(), _patches(2), tta=9)
+    with pytest.raises(ValueError, match=r'model output has shape \(2, 3\).*expected \(2, 2\)'):
+        evaluate.predict_probs(PositionNet(num_classes=3), _patches(2), progress=False)
+    with pytest.raises(ValueError, match='uint8'):
+        evaluate.predict_probs(PositionNet(), _patches(2).astype(np.float32), progress=False)
+
+
+def test_normalization_follows_pretrained_cfg():
+    assert evaluate.normalization_for(timm.create_model('inception_v4_pcam', **TINY)) == (PCAM_MEAN, PCAM_STD)
+    resnet = timm.create_model('resnet10t', num_classes=2)
+    assert evaluate.normalization_for(resnet) == (resnet.pretrained_cfg['mean'], resnet.pretrained_cfg['std'])
+    assert evaluate.normalization_for(PositionNet()) == (PCAM_MEAN, PCAM_STD)  # no pretrained_cfg
+
+
+def _args(pcam_dir, checkpoint, out, *extra: str) -> list[str]:
+    return ['--checkpoint', str(checkpoint), '--data-dir', str(pcam_dir), '--output', str(out), '--workers', '0',
+            '--batch-size', str(BATCH), '--bootstrap', '200', '--device', 'cpu', *extra]
+
+
+def test_evaluate_tta_threshold_from_valid(pcam_dir, checkpoint, tmp_path, monkeypatch, capsys):
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []  # (input, logits) of every forward pass, in order
+
+    def recording_load_model(*args, **kwargs):
+        model = load_model(*args, **kwargs)
+        model.register_forward_hook(lambda m, inp, out: calls.append((inp[0].clone(), out.detach().clone())))
+        return model
+
+    monkeypatch.setattr(evaluate, 'load_model', recording_load_model)
+    out = tmp_path / 'eval'
+    report = evaluate.main(_args(pcam_dir, checkpoint, out, '--split', 'test', '--tta', '8'))
+
+    batches = math.ceil(N_TEST / BATCH)  # per split: test first, then valid for the threshold
+    assert len(calls) == 8 * 2 * batches and sum(x.shape[0] for x, _ in calls) == 8 * (N_TEST + N_VALID)
+    first = calls[0][0]
+    assert all(not torch.equal(first, x) for x, _ in calls[1:8])  # 8 different views of the first batch
+
+    assert json.loads((out / 'report.json').read_text()) == report
+    assert report['format'] == 'timm-inception-pcam-report/1'
+    assert (report['model'], report['split'], report['n'], report['tta']) == ('inception_v4_pcam', 'test', N_TEST, 8)
+    assert report['checkpoint'] == str(checkpoint) and report['checkpoint_sha256'] == file_sha256(checkpoint)
+
+    # the threshold is the one Youden's J picks on valid (TTA-averaged), recomputed here from the recorded logits:
+    # calls are batch by batch, the 8 views of each batch in a row
+    valid = PCamDataset(pcam_dir, 'valid')
+    valid_calls = calls[8 * batches:]
+    valid_logits = torch.cat([torch.stack([out for _, out in valid_calls[8 * b:8 * b + 8]]) for b in range(batches)],
+                             dim=1)  # (8 views, N_VALID, 2)
+    valid_views = torch.softmax(valid_logits, -1)[..., 1].double().numpy()
+    valid_probs = valid_views.mean(axis=0)
+    assert valid_probs.std() > 1e-4  # outputs vary, so the choice of threshold is not trivial
+    assert report['threshold']['source'] == 'valid' and report['threshold']['method'] == 'youden'
+    assert report['threshold']['value'] == pytest.approx(select_threshold(valid.labels, valid_probs), abs=1e-6)
+
+    with open(out / 'predictions.csv', newline='') as f:
+        rows = list(csv.DictReader(f))
+    labels = np.array([int(r['label']) for r in rows])
+    probs = np.array([float(r['prob']) for r in rows])
+    np.testing.assert_array_equal(labels, PCamDataset(pcam_dir, 'test').labels)
+    assert all(int(r['pred']) == int(float(r['prob']) >= report['threshold']['value']) for r in rows)
+    expected = compute_metrics(labels, probs, report['threshold']['value'])
+    for k in ('tp', 'fp', 'tn', 'fn'):
+        assert report['metrics'][k] == expected[k]
+    for k in ('accuracy', 'roc_auc', 'f1', 'weighted_f1', 'precision', 'recall', 'balanced_accuracy',
+              'average_precision', 'nll', 'ece', 'tpr', 'fpr'):
+        assert report['metrics'][k] == pytest.approx(expected[k], abs=1e-5, nan_ok=True) or (
+            report['metrics'][k] is None and math.isnan(expected[k]))
+    for k in ('roc_auc', 'accuracy', 'f1'):
+        lo, hi = report['ci95'][k]
+        if lo is not None:
+            assert lo <= hi
+
+    gain = report['tta_gain']
+    plain = np.array([float(r['prob_no_tta']) for r in rows])
+    assert not np.allclose(plain, probs)
+    plain_threshold = select_threshold(valid.labels, valid_views[0])  # the plain view gets its own valid threshold
+    assert gain['without_tta']['accuracy'] == pytest.approx(float(np.mean((plain >= plain_threshold) == labels)))
+    assert gain['delta']['accuracy'] == pytest.approx(report['metrics']['accuracy'] - gain['without_tta']['accuracy'])
+    assert gain['delta']['roc_auc'] == pytest.approx(report['metrics']['roc_auc'] - gain['without_tta']['roc_auc'])
+
+    assert report['plots'] == {'roc': 'roc.png', 'pr': 'pr.png', 'confusion': 'confusion.png'}
+    for name in report['plots'].values():
+        with Image.open(out / name) as im:
+            assert im.format == 'PNG' and im.size[0] > 200
+    written = sorted(p.name for p in out.iterdir())
+    assert written == sorted(['report.json', 'predictions.csv', *report['plots'].values()])  # no temporary files
+    assert len(report['curves']['roc']['fpr']) >= 2
+    printed = capsys.readouterr().out
+    assert 'roc_auc' in printed and printed.strip().splitlines()[-1].startswith('evaluate: inception_v4_pcam on test')
+
+
+def test_evaluate_without_valid_uses_default_threshold(pcam_dir, checkpoint, tmp_path):
+    data = tmp_path / 'no_valid'
+    data.mkdir()
+    for p in pcam_dir.iterdir():
+        if '_test_' in p.name:
+            shutil.copy(p, data / p.name)
+    with pytest.warns(UserWarning, match='no valid split'):
+        report = evaluate.main(_args(data, checkpoint, tmp_path / 'eval'))
+    assert report['threshold']['value'] == 0.5 and report['threshold']['source'] == 'default'
+    assert report['tta'] == 1 and report['tta_gain'] is None and report['n'] == N_TEST
+
+
+def test_evaluate_valid_split_predicts_once(pcam_dir, checkpoint, tmp_path, monkeypatch):
+    seen: list[int] = []
+
+    def counting_load_model(*args, **kwargs):
+        model = load_model(*args, **kwargs)
+        model.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].shape[0]))
+        return model
+
+    monkeypatch.setattr(evaluate, 'load_model', counting_load_model)
+    report = evaluate.main(_args(pcam_dir, checkpoint, tmp_path / 'eval', '--split', 'val', '--threshold-method', 'f1'))
+    assert report['split'] == 'valid' and report['n'] == N_VALID
+    assert sum(seen) == N_VALID  # the valid predictions serve both the threshold and the metrics
+    assert report['threshold']['source'] == 'valid' and report['threshold']['method'] == 'f1'
+    assert report['threshold']['valid_n'] == N_VALID
+
+
+def test_missing_split_file_is_named(pcam_dir, checkpoint, tmp_path):
+    data = tmp_path / 'only_valid'
+    data.mkdir()
+    for p in pcam_dir.iterdir():
+        if '_valid_' in p.name:
+            shutil.copy(p, data / p.name)
+    with pytest.raises((FileNotFoundError, ValueError), match='camelyonpatch_level_2_split_test'):
+        evaluate.main(_args(data, checkpoint, tmp_path / 'eval'))
+    assert not (tmp_path / 'eval').exists()
+
+
+@pytest.fixture(scope='module')
+def three_class_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp('ckpt3') / 'three.pth.tar'
+    save_checkpoint(path, timm.create_model('inception_v4_pcam', num_classes=3, **TINY), arch='inception_v4_pcam',
+                    model_kwargs=TINY)
+    return path
+
+
+@pytest.mark.parametrize('case, match', [
+    ('unknown_model', "unknown model 'no_such_model'"),
+    ('other_arch', "architecture 'inception_v4_pcam', expected 'inception_resnet_v2_pcam'"),
+    ('three_classes', '3 classes, expected 2'),
+    ('corrupt', 'cannot load'),
+])
+def test_bad_checkpoints_surface_cleanly(case, match, pcam_dir, checkpoint, three_class_checkpoint, tmp_path,
+                                         capsys):
+    ckpt, extra = checkpoint, []
+    if case == 'unknown_model':
+        extra = ['--model', 'no_such_model']
+    elif case == 'other_arch':
+        extra = ['--model', 'inception_resnet_v2_pcam']
+    elif case == 'three_classes':
+        ckpt = three_class_checkpoint
+    else:
+        ckpt = tmp_path / 'corrupt.pth.tar'
+        ckpt.write_bytes(checkpoint.read_bytes()[:5000])  # truncated
+    argv = _args(pcam_dir, ckpt, tmp_path / 'eval', *extra)
+    with pytest.raises(CheckpointError, match=match) as info:
+        evaluate.main(argv)
+    if case != 'unknown_model':
+        assert str(ckpt) in str(info.value)
+    assert evaluate.cli(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith('evaluate: error:') and len(err.splitlines()) == 1 and 'Traceback' not in err
+    assert not (tmp_path / 'eval').exists()
