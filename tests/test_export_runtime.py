@@ -1,0 +1,220 @@
+"""Sidecar contract, shared preprocessing/batching of the runners, GPU detection, and the TensorRT runner's control
+flow against a numpy stand-in for tensorrt/pycuda (no GPU needed)."""
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import export.runtime as runtime
+from export.gpu import GpuInfo, detect_gpus, probe
+from export.sidecar import (
+    DEFAULT_PROFILE,
+    PlanMismatchError,
+    Profile,
+    check_compatible,
+    make_sidecar,
+    read_sidecar,
+    verify_plan_file,
+    write_sidecar,
+)
+from export.spec import IOSpec
+from timm_inception_pcam.io import file_sha256
+from timm_inception_pcam.preprocess import preprocess_patches
+
+GOLDEN = Path(__file__).parent / 'golden' / 'export'
+GPU = {'name': 'NVIDIA H100 80GB HBM3', 'compute_capability': '9.0'}
+
+
+def _patches(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 96, 96, 3), dtype=np.uint8)
+
+
+def _plan(tmp_path: Path, spec: IOSpec | None = None, profile: Profile | None = None) -> Path:
+    spec, profile = spec or IOSpec(), profile or Profile(1, 4, 8)
+    plan = tmp_path / 'model.fp16.plan'
+    plan.write_bytes(b'not a real engine, only hashed' * 10)
+    write_sidecar(plan, make_sidecar(model='inception_v4_pcam', tensorrt_version='11.4.0.106', gpu=GPU,
+                                     precision='fp16', spec=spec, profile=profile, checkpoint_sha256=None,
+                                     onnx_sha256='0' * 64, plan_sha256=file_sha256(plan)))
+    return plan
+
+
+def test_spec_prepare_is_the_shared_preprocessing() -> None:
+    x = _patches(3)
+    np.testing.assert_array_equal(IOSpec().prepare(x), preprocess_patches(x))
+    baked = IOSpec(baked_in=True).prepare(x)
+    assert baked.dtype == np.uint8 and baked.shape == (3, 96, 96, 3)
+    with pytest.raises(ValueError, match='uint8'):
+        IOSpec().prepare(x.astype(np.float32))
+    with pytest.raises(ValueError, match=r'\(N, 96, 96, 3\)'):
+        IOSpec().prepare(x[:, :64])
+    with pytest.raises(ValueError, match='float32'):
+        IOSpec().check_prepared(preprocess_patches(x).astype(np.float64))
+
+
+def test_sidecar_round_trip_and_consistency_errors(tmp_path: Path) -> None:
+    plan = _plan(tmp_path, IOSpec(baked_in=True))
+    sidecar = read_sidecar(plan)
+    assert sidecar.spec == IOSpec(baked_in=True) and sidecar.profile == Profile(1, 4, 8)
+    assert sidecar.data['input'] == {'name': 'input', 'shape': [-1, 96, 96, 3], 'dtype': 'uint8', 'layout': 'NHWC'}
+    assert verify_plan_file(plan, sidecar) == plan.read_bytes()
+    data = json.loads(sidecar.path.read_text())
+    for mutate, message in ((lambda d: d.update(format='other/1'), 'format'),
+                            (lambda d: d['input'].update(dtype='float32'), 'input.dtype'),
+                            (lambda d: d['profile'].update(opt=99), 'profile'),
+                            (lambda d: d['preprocessing'].update(std=[0.2, 0.2]), 'std'),
+                            (lambda d: d.pop('tensorrt_version'), 'tensorrt_version')):
+        broken = json.loads(json.dumps(data))
+        mutate(broken)
+        sidecar.path.write_text(json.dumps(broken))
+        with pytest.raises(ValueError, match=message):
+            read_sidecar(plan)
+    sidecar.path.unlink()
+    with pytest.raises(FileNotFoundError, match='sidecar'):
+        read_sidecar(plan)
+
+
+def test_truncated_plan_and_foreign_machine_are_refused(tmp_path: Path) -> None:
+    plan = _plan(tmp_path)
+    sidecar = read_sidecar(plan)
+    plan.write_bytes(plan.read_bytes()[:50])
+    with pytest.raises(PlanMismatchError, match='truncated'):
+        verify_plan_file(plan, sidecar)
+    check_compatible(sidecar, '11.4.0.106', GPU)
+    with pytest.raises(PlanMismatchError, match='TensorRT 11.4.0.106.*TensorRT 11.5.0.1'):
+        check_compatible(sidecar, '11.5.0.1', GPU)
+    with pytest.raises(PlanMismatchError, match='compute capability 8.9'):
+        check_compatible(sidecar, '11.4.0.106', {'name': 'NVIDIA L4', 'compute_capability': '8.9'})
+
+
+def test_committed_golden_files_match_the_python_preprocessing() -> None:
+    manifest = json.loads((GOLDEN / 'manifest.json').read_text())
+    for name, digest in manifest['sha256'].items():
+        assert file_sha256(GOLDEN / name) == digest, name
+    n = manifest['patches']['shape'][0]
+    patches = np.fromfile(GOLDEN / manifest['patches']['file'], np.uint8).reshape(n, 96, 96, 3)
+    expected = np.fromfile(GOLDEN / manifest['preprocessed']['file'], '<f4').reshape(n, 3, 96, 96)
+    np.testing.assert_array_equal(preprocess_patches(patches), expected)
+    assert patches.std() > 10  # real-looking patches, not a constant image
+    for name in manifest['sidecars']:
+        sidecar = read_sidecar(GOLDEN / 'unused.plan', GOLDEN / name)
+        assert sidecar.profile == DEFAULT_PROFILE
+
+
+def test_gpu_probe_never_crashes() -> None:
+    gpus, problem = detect_gpus()
+    assert bool(gpus) != bool(problem)
+    env = probe()
+    if not env.can_build:
+        assert env.missing() and all(isinstance(p, str) and p for p in env.missing())
+    if not gpus:
+        assert 'GPU' in problem or 'cuda' in problem.lower()
+
+
+def test_runner_without_gpu_or_extra_says_what_is_missing(tmp_path: Path) -> None:
+    plan = _plan(tmp_path)
+    if detect_gpus()[0]:
+        pytest.skip('a GPU is present: the missing-GPU message is not produced here')
+    with pytest.raises(RuntimeError, match='cannot run a TensorRT engine here'):
+        runtime.TrtRunner(plan)
+
+
+class _DeviceBuffer:
+    def __init__(self, cuda: '_FakeCuda', address: int) -> None:
+        self.cuda, self.value = cuda, address
+
+    def __int__(self) -> int:
+        return self.value
+
+    def free(self) -> None:
+        self.cuda.memory.pop(self.value, None)
+
+
+class _FakeCuda:
+    """numpy stand-in for pycuda.driver: 'device' memory is a dict of arrays keyed by address."""
+
+    def __init__(self) -> None:
+        self.memory: dict[int, np.ndarray] = {}
+
+    def pagelocked_empty(self, shape, dtype):
+        return np.empty(shape, dtype)
+
+    def mem_alloc(self, nbytes: int) -> '_DeviceBuffer':
+        address = 4096 * (len(self.memory) + 1)
+        self.memory[address] = np.zeros(nbytes, np.uint8)
+        return _DeviceBuffer(self, address)
+
+    def memcpy_htod_async(self, dev, host, stream) -> None:
+        raw = np.ascontiguousarray(host).view(np.uint8).reshape(-1)
+        self.memory[dev.value][:raw.size] = raw
+
+    def memcpy_dtoh_async(self, host, dev, stream) -> None:
+        host.reshape(-1).view(np.uint8)[:] = self.memory[dev.value][:host.nbytes]
+
+    def Stream(self):  # noqa: N802  (pycuda's name)
+        return SimpleNamespace(handle=0, synchronize=lambda: None)
+
+
+def _fake_trt(cuda: _FakeCuda, spec: IOSpec, profile: Profile, calls: list[int]):
+    """tensorrt stand-in whose engine computes logits = per-patch channel means of the prepared input."""
+    class Context:
+        def __init__(self) -> None:
+            self.addresses: dict[str, int] = {}
+            self.batch = 0
+
+        def set_tensor_address(self, name: str, address: int) -> None:
+            self.addresses[name] = address
+
+        def set_input_shape(self, name: str, shape) -> bool:
+            self.batch = shape[0]
+            return profile.min <= shape[0] <= profile.max
+
+        def execute_async_v3(self, stream) -> bool:
+            calls.append(self.batch)
+            sample = spec.input_dict()['shape'][1:]
+            x = cuda.memory[self.addresses['input']].view(spec.input_dtype)[:self.batch * int(np.prod(sample))]
+            x = x.reshape(self.batch, *sample).astype(np.float32)
+            axes = (1, 2) if spec.baked_in else (2, 3)
+            logits = x.mean(axis=axes)[:, :2].astype(np.float32)
+            cuda.memory[self.addresses['logits']][:logits.nbytes] = logits.reshape(-1).view(np.uint8)
+            return True
+
+    engine = SimpleNamespace(
+        num_io_tensors=2, get_tensor_name=lambda i: ['input', 'logits'][i],
+        get_tensor_mode=lambda n: 'IN' if n == 'input' else 'OUT',
+        get_tensor_dtype=lambda n: spec.input_dtype if n == 'input' else np.dtype(np.float32),
+        get_tensor_profile_shape=lambda n, p: [(b, 3, 96, 96) for b in (profile.min, profile.opt, profile.max)],
+        create_execution_context=Context)
+    return SimpleNamespace(
+        __version__='11.4.0.106', Logger=SimpleNamespace(WARNING=2), nptype=lambda t: t,
+        TensorIOMode=SimpleNamespace(INPUT='IN', OUTPUT='OUT'),
+        Runtime=lambda logger: SimpleNamespace(deserialize_cuda_engine=lambda plan: engine))
+
+
+@pytest.mark.parametrize('baked_in', [False, True])
+def test_runner_prepares_and_splits_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, baked_in: bool) -> None:
+    spec, profile, calls, cuda = IOSpec(baked_in=baked_in), Profile(1, 4, 8), [], _FakeCuda()
+    trt = _fake_trt(cuda, spec, profile, calls)
+    trt.Logger = lambda level: None
+    trt.Logger.WARNING = 2
+    plan = _plan(tmp_path, spec, profile)
+    monkeypatch.setattr(runtime, 'detect_gpus', lambda: ([GpuInfo(0, GPU['name'], '9.0', 80 << 30)], None))
+    monkeypatch.setattr(runtime, 'import_runtime', lambda: (trt, cuda))
+    monkeypatch.setitem(sys.modules, 'tensorrt', trt)
+    patches = _patches(19)
+    with runtime.TrtRunner(plan) as runner:
+        logits = runner.logits(patches)
+        probs = runner.predict(patches[:3])
+    assert calls[:3] == [8, 8, 3]  # 19 patches with a profile max of 8
+    x = spec.prepare(patches).astype(np.float32)
+    expected = x.mean(axis=(1, 2))[:, :2] if baked_in else x.mean(axis=(2, 3))[:, :2]
+    np.testing.assert_allclose(logits, expected, rtol=1e-6)
+    assert logits.std(axis=0).min() > 1e-3  # the stand-in's outputs do vary with the input
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-6)
+    assert not cuda.memory  # device buffers freed on close
+    with pytest.raises(PlanMismatchError, match='TensorRT 11.4.0.106'):
+        monkeypatch.setattr(trt, '__version__', '11.9.9.9')
+        runtime.TrtRunner(plan)
