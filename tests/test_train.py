@@ -1,0 +1,347 @@
+"""Our trainer (`python -m timm_inception_pcam.train`) and the checkpoints of timm's own train.py.
+
+The learning proof (reduced-depth Inception-v4 on synthetic PCam beats a centre-blind baseline and reaches
+ROC AUC >= 0.95) lives in test_train_learns.py; this file stays fast.
+"""
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from timm_inception_pcam.checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
+from timm_inception_pcam.constants import LABEL_NAMES
+from timm_inception_pcam.train import (
+    BEST_NAME,
+    LAST_NAME,
+    LOG_CSV,
+    LOG_JSON,
+    TrainError,
+    amp_dtype_for,
+    capture_rng_state,
+    cli,
+    main,
+    restore_rng_state,
+)
+
+TINY = ['--model-kwargs', 'depths=1,1,1']
+EPOCHS = ['--epochs', '2']
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope='module')
+def pcam_dir(tmp_path_factory) -> Path:
+    from timm_inception_pcam.data import synthesize_pcam
+
+    root = tmp_path_factory.mktemp('pcam')
+    synthesize_pcam(root, 48, seed=3, n_valid=24, n_test=8)
+    return root
+
+
+@pytest.fixture(scope='module')
+def finished_run(pcam_dir, tmp_path_factory) -> dict:
+    """One finished 2-epoch run (with EMA), shared by the tests that only read its files."""
+    return main(quick_args(pcam_dir, tmp_path_factory.mktemp('run') / 'run', *EPOCHS))
+
+
+def quick_args(data: Path, out: Path, *extra: str) -> list[str]:
+    """A run of seconds: 2 updates of 8 patches per epoch, 16 validation patches, no worker processes."""
+    return ['--data-dir', str(data), '--output', str(out), '--model', 'inception_v4_pcam', *TINY,
+            '--no-pretrained', '-b', '8', '--steps-per-epoch', '2', '--limit-val', '16', '--workers', '0',
+            '--warmup-epochs', '0', '--no-progress', '--amp-dtype', 'float32', *extra]
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE='1', PYTHONPATH=str(REPO))
+    env.setdefault('OMP_NUM_THREADS', '2')
+    return env
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def test_amp_dtype_policy(monkeypatch) -> None:
+    import timm_inception_pcam.train as train
+
+    cpu = torch.device('cpu')
+    monkeypatch.setattr(train, 'cpu_has_amx', lambda: True)
+    assert amp_dtype_for(cpu) == torch.bfloat16
+    monkeypatch.setattr(train, 'cpu_has_amx', lambda: False)
+    assert amp_dtype_for(cpu) is None
+    assert amp_dtype_for(cpu, 'float32') is None
+    assert amp_dtype_for(cpu, 'float16') == torch.float16
+
+
+def test_rng_states_round_trip_through_weights_only_file(tmp_path) -> None:
+    import random
+
+    torch.manual_seed(1)
+    np.random.seed(1)
+    random.seed(1)
+    np.random.normal()  # leaves a cached gaussian in NumPy's legacy state
+    state = capture_rng_state()
+    torch.save({'rng': state}, tmp_path / 'rng.pth')
+    first = (torch.rand(3), np.random.rand(3), np.random.normal(), random.random())
+    restore_rng_state(torch.load(tmp_path / 'rng.pth', weights_only=True)['rng'])
+    again = (torch.rand(3), np.random.rand(3), np.random.normal(), random.random())
+    assert torch.equal(first[0], again[0])
+    assert np.array_equal(first[1], again[1])
+    assert first[2:] == again[2:]
+
+
+# ----------------------------------------------------------------------------------------------- a run and its files
+
+
+def test_run_writes_checkpoints_logs_and_summary(finished_run) -> None:
+    summary = finished_run
+    out = Path(summary['output'])
+    assert [row['epoch'] for row in summary['history']] == [0, 1]
+    assert summary['last_checkpoint'] == str(out / LAST_NAME)
+    assert (out / LOG_CSV).read_text().splitlines()[0].startswith('epoch,')
+    assert len((out / LOG_CSV).read_text().splitlines()) == 3
+    assert [row['epoch'] for row in json.loads((out / LOG_JSON).read_text())] == [0, 1]
+    last = read_checkpoint(out / LAST_NAME)
+    assert last['epoch'] == 1 and last['num_updates'] == 4
+    assert last['arch'] == 'inception_v4_pcam' and tuple(last['model_kwargs']['depths']) == (1, 1, 1)
+    assert {'optimizer', 'scheduler', 'state_dict_ema', 'rng_states'} <= set(last)
+    # The best checkpoint holds the weights that scored best_metric, and the evaluator's loader reads it.
+    best = read_checkpoint(summary['best_checkpoint'])
+    assert best['weights'] in ('model', 'ema')
+    assert best['best_metric'] == pytest.approx(summary['best_metric'])
+    row = summary['history'][best['epoch']]
+    scored = row['val_roc_auc'] if best['weights'] == 'model' else row['ema_val_roc_auc']
+    assert scored == pytest.approx(summary['best_metric'])
+    if best['epoch'] == 1:  # the best weights are the final model's or EMA's
+        final = last['state_dict_ema'] if best['weights'] == 'ema' else last['state_dict']
+        assert all(torch.equal(best['state_dict'][k], v) for k, v in final.items())
+    model = load_model(None, summary['best_checkpoint'])
+    assert model.num_classes == 2
+    assert len(model.features) == 11  # stem (6 blocks), 1 x A, reduction A, 1 x B, reduction B, 1 x C
+
+
+def test_rmsproptf_paper_recipe_and_epoch_schedule(pcam_dir, tmp_path) -> None:
+    """The Inception-v4 paper's optimiser: RMSProp decay 0.9, epsilon 1.0, lr 0.045 x 0.94 every 2 epochs."""
+    out = tmp_path / 'rms'
+    summary = main(quick_args(pcam_dir, out, '--epochs', '1', '--opt', 'rmsproptf', '--opt-eps', '1.0',
+                              '--lr', '0.045', '--sched', 'step', '--decay-epochs', '1', '--decay-rate', '0.94',
+                              '--no-sched-on-updates', '--weight-decay', '4e-5', '--no-model-ema'))
+    groups = read_checkpoint(out / LAST_NAME)['optimizer']['param_groups']
+    assert groups[0]['alpha'] == 0.9 and groups[0]['eps'] == 1.0
+    assert groups[0]['momentum'] == 0.9
+    assert sorted(g['weight_decay'] for g in groups) == [0.0, 4e-5]  # none on biases and norms
+    assert summary['history'][0]['lr'] == pytest.approx(0.045 * 0.94)  # stepped once, after epoch 0
+
+
+# ----------------------------------------------------------------------------------------------- resume after a kill
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f'training exited ({proc.returncode}) before writing {path}:\n{out}\n{err}')
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f'no {path} after {timeout:.0f} s')
+        time.sleep(0.02)
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(pcam_dir, finished_run, tmp_path) -> None:
+    """Kill a run right after its first checkpoint, resume it, and end where the uninterrupted run ended."""
+    # Default --pretrained: offline, the run must say it falls back to random init (the same init) and go on.
+    args = [a for a in quick_args(pcam_dir, tmp_path / 'killed', *EPOCHS) if a != '--no-pretrained']
+    proc = subprocess.Popen([sys.executable, '-m', 'timm_inception_pcam.train', *args], env=subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(tmp_path / 'killed' / LAST_NAME, proc)
+    proc.send_signal(signal.SIGKILL)
+    out, _ = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    assert 'notice: pretrained weights for inception_v4_pcam are not available' in out
+    interrupted = read_checkpoint(tmp_path / 'killed' / LAST_NAME)
+    assert interrupted['epoch'] == 0, 'the kill came after the first checkpoint, before the second'
+    assert not list((tmp_path / 'killed').glob('.*partial*')), 'a partial file was left behind'
+
+    resumed = main([*quick_args(pcam_dir, tmp_path / 'killed', *EPOCHS),
+                    '--resume', str(tmp_path / 'killed' / LAST_NAME)])
+    straight = finished_run
+
+    assert [row['epoch'] for row in resumed['history']] == [0, 1]
+    for a, b in zip(resumed['history'], straight['history']):
+        for key in ('updates', 'lr', 'train_loss', 'val_roc_auc', 'val_nll', 'ema_val_nll'):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a['epoch'], key)
+    end_r, end_s = read_checkpoint(resumed['last_checkpoint']), read_checkpoint(straight['last_checkpoint'])
+    for key in ('state_dict', 'state_dict_ema'):
+        for name, tensor in end_s[key].items():
+            assert torch.allclose(end_r[key][name].float(), tensor.float(), rtol=1e-4, atol=1e-6), (key, name)
+    moments = end_s['optimizer']['state']
+    for idx, state in moments.items():
+        assert torch.allclose(end_r['optimizer']['state'][idx]['exp_avg'], state['exp_avg'], rtol=1e-4, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+
+
+def test_refuses_unknown_model(pcam_dir, tmp_path) -> None:
+    with pytest.raises(TrainError, match=r"--model 'inception_v5_pcam': not a registered.*inception_v4_pcam"):
+        main(quick_args(pcam_dir, tmp_path / 'x', '--model', 'inception_v5_pcam'))
+
+
+def test_refuses_missing_data_dir_and_split(pcam_dir, tmp_path) -> None:
+    with pytest.raises(TrainError, match='no such folder'):
+        main(quick_args(tmp_path / 'nowhere', tmp_path / 'x'))
+    with pytest.raises(ValueError, match="unknown PCam split 'testing'"):
+        main(quick_args(pcam_dir, tmp_path / 'y', '--val-split', 'testing'))
+    only_train = tmp_path / 'only_train'
+    only_train.mkdir()
+    for f in pcam_dir.glob('*_train_*'):
+        (only_train / f.name).symlink_to(f)
+    with pytest.raises(FileNotFoundError, match='camelyonpatch_level_2_split_valid_'):
+        main(quick_args(only_train, tmp_path / 'z'))
+    assert not (tmp_path / 'z').exists(), 'nothing is written when the data are missing'
+
+
+def test_refuses_to_overwrite_a_run_and_bad_resumes(pcam_dir, finished_run, tmp_path) -> None:
+    out = Path(finished_run['output'])
+    before = (out / LAST_NAME).stat().st_mtime_ns
+    with pytest.raises(TrainError, match='already holds a run.*--resume'):
+        main(quick_args(pcam_dir, out, '--epochs', '2'))
+    with pytest.raises(TrainError, match=r'built with --model-kwargs .*depths.*not'):
+        main(quick_args(pcam_dir, out, '--epochs', '2', '--resume', str(out / LAST_NAME), '--model-kwargs',
+                        'depths=1,2,1'))
+    with pytest.raises(TrainError, match='checkpoint has 2 classes, --num-classes is 3'):
+        main(quick_args(pcam_dir, out, '--resume', str(out / LAST_NAME), '--num-classes', '3'))
+    with pytest.raises(TrainError, match='not a training state'):
+        main(quick_args(pcam_dir, out, '--resume', str(out / BEST_NAME)))
+    corrupt = tmp_path / 'corrupt.pth'
+    corrupt.write_bytes((out / LAST_NAME).read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match='corrupt.pth'):
+        main(quick_args(pcam_dir, tmp_path / 'c', '--resume', str(corrupt)))
+    with pytest.raises(TrainError, match='trained with EMA|without EMA'):
+        main(quick_args(pcam_dir, tmp_path / 'd', '--resume', str(out / LAST_NAME), '--no-model-ema'))
+    assert (out / LAST_NAME).stat().st_mtime_ns == before, 'a refused run must not touch the files'
+
+
+def test_cli_prints_a_clear_error(pcam_dir, tmp_path, capsys) -> None:
+    assert cli(quick_args(pcam_dir, tmp_path / 'x', '--opt', 'rmsprop-tf')) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('train: error: --opt ') and 'rmsproptf' in err
+
+
+def test_initial_checkpoint_of_another_architecture_is_refused(pcam_dir, tmp_path) -> None:
+    other = timm.create_model('inception_resnet_v2_pcam', depths=(1, 1, 1))
+    save_checkpoint(tmp_path / 'irv2.pth', other, arch='inception_resnet_v2_pcam', model_kwargs={'depths': [1, 1, 1]})
+    with pytest.raises(TrainError, match="weights of 'inception_resnet_v2_pcam' do not fit inception_v4_pcam"):
+        main(quick_args(pcam_dir, tmp_path / 'x', '--initial-checkpoint', str(tmp_path / 'irv2.pth')))
+
+
+# ----------------------------------------------------------------------------------------------- timm's train.py
+
+
+def test_create_model_with_train_py_defaults_and_initial_checkpoint(finished_run) -> None:
+    """train.py's create_model call with its argparse defaults, and `--initial-checkpoint` = our best checkpoint."""
+    summary = finished_run
+    ours = load_model(None, summary['best_checkpoint'])
+    call = dict(pretrained=False, in_chans=3, num_classes=None, drop_rate=0.0, drop_path_rate=None,
+                drop_block_rate=None, global_pool=None, bn_momentum=None, bn_eps=None, scriptable=False)
+    fresh = timm.create_model('inception_v4_pcam', checkpoint_path='', depths=(1, 1, 1), **call)
+    assert fresh.num_classes == 2
+    loaded = timm.create_model('inception_v4_pcam', checkpoint_path=summary['best_checkpoint'], depths=(1, 1, 1),
+                               **call).eval()
+    x = torch.randn(4, 3, 96, 96)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), ours(x))
+        assert not torch.allclose(fresh.eval()(x), ours(x))
+
+
+def test_checkpoint_saver_format_loads_through_load_model(tmp_path) -> None:
+    """The file timm's CheckpointSaver writes (epoch, arch, state_dict, optimizer, version, args as a Namespace,
+    metric, state_dict_ema) loads weights-only into the evaluator's model, plain or EMA weights."""
+    from timm.utils import CheckpointSaver, ModelEmaV3
+
+    model = timm.create_model('inception_v4_pcam', num_classes=2, depths=(1, 1, 1))
+    ema = ModelEmaV3(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+        model.train()  # warm the BN statistics: a fresh Inception gives nearly constant logits
+        for _ in range(3):
+            model(torch.randn(8, 3, 96, 96))
+    args = argparse.Namespace(model='inception_v4_pcam', model_kwargs={'depths': (1, 1, 1)}, num_classes=2,
+                              lr=0.01, output=str(tmp_path))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    saver = CheckpointSaver(model, optimizer, args=args, model_ema=ema, checkpoint_dir=str(tmp_path),
+                            recovery_dir=str(tmp_path), max_history=1)
+    saver.save_checkpoint(epoch=3, metric=0.9)
+    path = tmp_path / 'model_best.pth.tar'
+    with pytest.raises(Exception, match='Namespace|weights_only|Unsupported global'):
+        torch.load(path, weights_only=True)  # a plain weights-only load refuses the Namespace ...
+    ckpt = read_checkpoint(path)  # ... read_checkpoint allows exactly that one class
+    assert {'epoch', 'arch', 'state_dict', 'optimizer', 'version', 'args', 'metric', 'state_dict_ema'} <= set(ckpt)
+    x = torch.randn(4, 3, 96, 96) * torch.tensor([0.5, 1.0, 2.0, 3.0]).view(4, 1, 1, 1) + torch.linspace(-1, 1, 4).view(
+        4, 1, 1, 1)  # inputs unlike each other
+    loaded = load_model(None, path)  # arch and model_kwargs come from args
+    loaded_ema = load_model(None, path, use_ema=True)
+    with torch.no_grad():
+        want = model.eval()(x)
+        assert torch.allclose(loaded(x), want, atol=1e-6)
+        assert torch.allclose(loaded_ema(x), ema.module(x), atol=1e-6)
+        margin = want[:, 1] - want[:, 0]
+        assert margin.std() > 1e-3, 'outputs must vary between inputs for the comparison to mean anything'
+        assert not torch.allclose(loaded_ema(x), want, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_timm_train_py_runs_our_model_on_converted_folder(tmp_path) -> None:
+    """The unmodified train.py of a pytorch-image-models checkout, on the ImageFolder tree `data convert` writes."""
+    scripts = os.environ.get('TIMM_SCRIPTS_DIR')
+    if not scripts or not (Path(scripts) / 'train.py').is_file():
+        pytest.skip('set TIMM_SCRIPTS_DIR to a pytorch-image-models checkout (train.py is not in the timm wheel)')
+    from timm_inception_pcam.data import synthesize_pcam
+
+    synthesize_pcam(tmp_path / 'h5', 32, seed=5, n_valid=16, n_test=4)
+    env = subprocess_env()
+    subprocess.run([sys.executable, '-m', 'timm_inception_pcam.data', 'convert', '--data-dir', str(tmp_path / 'h5'),
+                    '--output', str(tmp_path / 'folder')], check=True, env=env, capture_output=True, text=True)
+    # ImageFolder numbers classes in sorted folder order: it must give normal = 0, metastatic = 1.
+    classes = sorted(p.name for p in (tmp_path / 'folder' / 'train').iterdir() if p.is_dir())
+    assert [LABEL_NAMES[i] in name for i, name in enumerate(classes)] == [True, True], classes
+    run = subprocess.run(
+        [sys.executable, str(Path(scripts) / 'train.py'), '--device-modules', 'timm_inception_pcam',
+         '--data-dir', str(tmp_path / 'folder'), '--model', 'inception_v4_pcam', '--model-kwargs', 'depths=1,1,1',
+         '--num-classes', '2', '--device', 'cpu', '--epochs', '1', '-b', '8', '--workers', '0', '--no-prefetcher',
+         '--scale', '1.0', '1.0', '--ratio', '1.0', '1.0', '--hflip', '0.5', '--vflip', '0.5', '--smoothing', '0.1',
+         '--opt', 'adamw', '--lr', '1e-3', '--warmup-epochs', '0', '--model-ema', '--eval-metric', 'top1',
+         '--output', str(tmp_path / 'out'), '--experiment', 'tiny'],
+        env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    best = tmp_path / 'out' / 'tiny' / 'model_best.pth.tar'
+    model = load_model(None, best)
+    assert model.num_classes == 2
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 96, 96)).shape == (2, 2)
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_with_gloo(pcam_dir, tmp_path) -> None:
+    """torchrun with 2 processes on CPU: gloo process group, DistributedSampler shards, gathered validation."""
+    out = tmp_path / 'ddp'
+    env = dict(subprocess_env(), OMP_NUM_THREADS='1')
+    run = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node', '2',
+                          '-m', 'timm_inception_pcam.train', *quick_args(pcam_dir, out, '--epochs', '1', '-b', '4')],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert '2 process(es)' in run.stdout
+    last = read_checkpoint(out / LAST_NAME)
+    assert last['num_updates'] == 2 and len(last['rng_states']) == 2
+    assert not torch.equal(last['rng_states'][0]['torch'], last['rng_states'][1]['torch'])
+    assert last['history'][0]['val_n'] == 16  # both shards of the validation subset were gathered
+    assert not any(k.startswith('module.') for k in last['state_dict'])
