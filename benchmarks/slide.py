@@ -1,0 +1,90 @@
+"""Whole-slide throughput: tiles/s of `timm_inception_pcam.slide` on a synthetic pyramidal TIFF.
+
+    python -m benchmarks.slide --output benchmarks/results/slide [--quick]
+
+Measures the pipeline alone (reading, resampling, tissue mask, batching; a predictor that returns constants) and
+the pipeline with each benchmark model through the `eager` and `auto` CPU backends. Throughput does not depend on
+the weights, so the models are randomly initialised (their heatmap is flat); with --output the results go to
+`slide.json` and the first model's `auto` run (probability map, heatmap, tile lists, summary) to `example/`.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+if __package__ in (None, ''):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import FULL, QUICK, create, machine_info  # noqa: E402
+from timm_inception_pcam.io import atomic_write_json  # noqa: E402
+from timm_inception_pcam.predict import create_predictor  # noqa: E402
+from timm_inception_pcam.slide import SlideOptions, run_slide, write_synthetic_slide  # noqa: E402
+
+BACKENDS = ('eager', 'auto')
+
+
+def synthetic_masks(rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """An elliptical tissue section (about 60 % of the slide) with two tumour foci."""
+    yy, xx = np.mgrid[0:rows, 0:cols]
+    tissue = ((yy - (rows - 1) / 2) / (rows / 2.2)) ** 2 + ((xx - (cols - 1) / 2) / (cols / 2.2)) ** 2 <= 1
+    tumour = np.zeros_like(tissue)
+    tumour[rows // 4:rows // 4 + max(1, rows // 5), cols // 4:cols // 4 + max(1, cols // 6)] = True
+    tumour[rows // 2:rows // 2 + max(1, rows // 4), cols // 2 + 1:cols // 2 + 1 + max(1, cols // 5)] = True
+    return tissue, tumour & tissue
+
+
+def _constant(patches: np.ndarray) -> np.ndarray:
+    return np.tile(np.array([[0.5, 0.5]], dtype=np.float32), (len(patches), 1))
+
+
+def benchmark_slide(quick: bool = True, output: str | Path | None = None) -> dict[str, Any]:
+    """Tiles/s of whole-slide inference on this machine; with `output`, the results JSON and an example run."""
+    sizes = QUICK if quick else FULL
+    rows, cols = (6, 8) if quick else (16, 20)
+    tissue, tumour = synthetic_masks(rows, cols)
+    options = SlideOptions(batch_size=64, thumbnail_size=512, save_every=1e9)
+    results: dict[str, Any] = {'machine': machine_info(), 'quick': quick, 'slide_blocks': [rows, cols],
+                               'tissue_tiles': int(tissue.sum()), 'batch_size': options.batch_size, 'runs': []}
+    with tempfile.TemporaryDirectory(prefix='pcam-slide-bench-') as tmp:
+        tmp = Path(tmp)
+        slide = write_synthetic_slide(tmp / 'synthetic.tif', tissue, tumour, seed=0)
+        summary = run_slide(slide['path'], _constant, tmp / 'reader', options, progress=False)
+        results['runs'].append({'model': None, 'backend': 'pipeline only', 'tiles_per_second':
+                                summary['tiles_per_second'], 'seconds': summary['seconds']})
+        for name in sizes.backend_models:
+            model = create(name, sizes)
+            for backend in BACKENDS:
+                predictor = create_predictor(model, backend=backend, batch_size=options.batch_size)
+                predictor(np.zeros((options.batch_size, 96, 96, 3), dtype=np.uint8))  # warm-up: first-call set-up
+                summary = run_slide(slide['path'], predictor, tmp / f'{name}-{backend}', options, progress=False)
+                results['runs'].append({'model': name, 'depths': sizes.depths, 'backend': predictor.backend,
+                                        'tiles_per_second': summary['tiles_per_second'],
+                                        'seconds': summary['seconds']})
+            if output is not None and name == sizes.backend_models[0]:  # the command's outputs, for a look
+                shutil.copytree(tmp / f'{name}-auto', Path(output) / 'example', dirs_exist_ok=True)
+    if output is not None:
+        atomic_write_json(Path(output) / 'slide.json', results)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--output', default='benchmarks/results/slide')
+    p.add_argument('--quick', action='store_true', help='depths=(1, 1, 1) models and a small slide')
+    args = p.parse_args(argv)
+    results = benchmark_slide(args.quick, args.output)
+    print('| model | backend | tiles/s |\n| --- | --- | --- |')
+    for run in results['runs']:
+        print(f"| {run['model'] or '-'} | {run['backend']} | {run['tiles_per_second']:.1f} |")
+    return results
+
+
+if __name__ == '__main__':
+    main()

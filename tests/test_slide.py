@@ -1,0 +1,282 @@
+"""Whole-slide inference on synthetic pyramidal TIFFs painted with the synthetic PCam generator."""
+import csv
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+
+from timm_inception_pcam import slide as wsi
+
+pytest.importorskip('openslide', reason='whole-slide reading needs openslide-bin + openslide-python')
+
+THUMB = 256  # small heatmap backgrounds keep the runs quick
+TISSUE = np.zeros((8, 10), dtype=bool)
+TISSUE[1:7, 1:9] = True
+TISSUE[1, 1] = TISSUE[6, 8] = False  # a ragged outline
+TUMOUR = np.zeros_like(TISSUE)
+TUMOUR[2:4, 2:4] = True
+TUMOUR[4:6, 6:8] = True
+
+
+def darkness(patches: np.ndarray) -> np.ndarray:
+    """A deterministic stand-in model: darker centre region, higher 'metastatic' probability."""
+    centre = patches[:, 32:64, 32:64].astype(np.float32).mean(axis=(1, 2, 3)) / 255.0
+    p = np.clip(1.6 * (1.0 - centre) - 0.3, 0.0, 1.0)
+    return np.stack([1.0 - p, p], axis=1).astype(np.float32)
+
+
+class Recording:
+    """Wraps a predictor; keeps every patch it is given and can fail after `fail_after` calls."""
+
+    def __init__(self, fail_after: int | None = None):
+        self.patches: list[np.ndarray] = []
+        self.calls = 0
+        self.fail_after = fail_after
+
+    def __call__(self, patches: np.ndarray) -> np.ndarray:
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise Interrupted(f'interrupted after {self.calls} batches')
+        self.calls += 1
+        self.patches.append(patches.copy())
+        return darkness(patches)
+
+    @property
+    def n(self) -> int:
+        return sum(len(p) for p in self.patches)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def options(**kw) -> wsi.SlideOptions:
+    return wsi.SlideOptions(thumbnail_size=THUMB, **{'batch_size': 16, **kw})
+
+
+@pytest.fixture(scope='module')
+def synthetic(tmp_path_factory) -> dict:
+    """Levels at 0.486 / 0.972 / 1.944 um/px; tissue and tumour blocks painted at 0.972 (level 1)."""
+    return wsi.write_synthetic_slide(tmp_path_factory.mktemp('slide') / 'synthetic.tif', TISSUE, TUMOUR, seed=1)
+
+
+@torch.no_grad()
+def fit_probe(model: torch.nn.Module, patches: np.ndarray, labels: np.ndarray) -> torch.nn.Module:
+    """BatchNorm statistics re-estimated on `patches`, then the classifier fitted (logistic regression) on the
+    frozen features: a model trained in seconds whose outputs follow the synthetic tumour cells."""
+    from sklearn.linear_model import LogisticRegression
+
+    from timm_inception_pcam.predict import model_normalization
+    from timm_inception_pcam.preprocess import batch_slices, preprocess_patches
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches below
+    x = torch.from_numpy(preprocess_patches(patches, *model_normalization(model)))
+    model.train()
+    for s in batch_slices(len(x), 32):
+        model(x[s])
+    model.eval()
+    feats = torch.cat([model.forward_head(model.forward_features(x[s]), pre_logits=True)
+                       for s in batch_slices(len(x), 32)]).double().numpy()
+    mu, sd = feats.mean(0), feats.std(0) + 1e-6
+    clf = LogisticRegression(C=1.0, max_iter=2000).fit((feats - mu) / sd, labels)
+    w = clf.coef_[0] / sd
+    b = clf.intercept_[0] - w @ mu
+    head = model.get_classifier()  # softmax([-z/2, z/2]) = sigmoid(z), z = w.f + b
+    head.weight.copy_(torch.from_numpy(np.stack([-w / 2, w / 2])).float())
+    head.bias.copy_(torch.tensor([-b / 2, b / 2], dtype=torch.float32))
+    return model
+
+
+@pytest.fixture(scope='module')
+def probe_checkpoint(tmp_path_factory) -> Path:
+    """A depths=(1, 1, 1) inception_v4_pcam fitted on 96 synthetic PCam patches (PCam's label rule)."""
+    import timm
+
+    from timm_inception_pcam.checkpoint import save_checkpoint
+    from timm_inception_pcam.data.synth import render_patches
+
+    rng = np.random.default_rng(7)
+    labels = np.zeros(96, dtype=np.uint8)
+    labels[:48] = 1
+    rng.shuffle(labels)
+    patches, _ = render_patches(rng, labels, wsi._stamp_banks(rng))  # half the negatives carry ring tumour
+    torch.manual_seed(0)
+    model = fit_probe(timm.create_model('inception_v4_pcam', num_classes=2, depths=(1, 1, 1)), patches, labels)
+    return save_checkpoint(tmp_path_factory.mktemp('probe') / 'probe.pth', model, arch='inception_v4_pcam',
+                           model_kwargs={'depths': (1, 1, 1)})
+
+
+def test_choose_level_uses_a_matching_level_or_resamples_from_a_finer_one():
+    assert wsi.choose_level([0.243, 0.486, 0.972, 1.944]) == (2, 1.0)
+    assert wsi.choose_level([0.25, 1.0, 4.0]) == (1, 1.0)  # 3 % off: used as stored
+    level, resample = wsi.choose_level([0.5, 2.0, 8.0])  # 2.0 is 2x too coarse: downsample level 0
+    assert level == 0 and resample == pytest.approx(0.972 / 0.5)
+    level, resample = wsi.choose_level([2.0, 8.0])  # every level coarser: upsample the finest
+    assert level == 0 and resample == pytest.approx(0.972 / 2.0)
+    assert wsi.choose_level([0.5, 1.2], tolerance=0.25) == (1, 1.0)  # 19 % off, within a looser tolerance
+    assert wsi.choose_level([0.5, 1.2], tolerance=0.1) == (0, pytest.approx(0.972 / 0.5))
+
+
+def test_heatmap_finds_planted_tumour(synthetic, probe_checkpoint, tmp_path):
+    out = tmp_path / 'run'
+    summary = wsi.main([str(synthetic['path']), '--model', 'inception_v4_pcam', '--checkpoint', str(probe_checkpoint),
+                        '--out', str(out), '--batch-size', '32', '--thumbnail-size', str(THUMB), '--no-progress'])
+    assert summary['level'] == 1 and summary['resample'] == 1.0 and summary['mpp_source'] == 'metadata'
+    prob = np.load(out / 'probability.npy')
+    assert prob.shape == TISSUE.shape == tuple(summary['grid'])
+    np.testing.assert_array_equal(np.isfinite(prob), TISSUE)
+    inside, outside = prob[TUMOUR], prob[TISSUE & ~TUMOUR]
+    assert inside.mean() > outside.mean() + 0.4, (inside.round(2), outside.round(2))
+
+    block = synthetic['block']
+    rows = list(csv.DictReader((out / 'tiles.csv').open()))
+    assert len(rows) == summary['tiles_over_threshold'] == int((prob >= summary['threshold']).sum()) > 0
+    for row in rows:  # level-0 coordinates of the grid cell, at twice the tile resolution
+        assert (int(row['x']), int(row['y']), int(row['width'])) == (int(row['col']) * block,
+                                                                     int(row['row']) * block, block)
+    hits = {(int(r['row']), int(r['col'])) for r in rows}
+    assert len(hits & set(map(tuple, np.argwhere(TUMOUR).tolist()))) >= 0.5 * TUMOUR.sum()  # recall
+    centre = summary['max_location']
+    assert any(x <= centre['x'] < x + w and y <= centre['y'] < y + h for x, y, w, h in synthetic['tumour_boxes'])
+    assert summary['max_probability'] == pytest.approx(float(np.nanmax(prob)))
+    assert summary['area_over_threshold_mm2'] == pytest.approx(len(rows) * (96 * 0.972e-3) ** 2)
+
+    geo = json.loads((out / 'tiles.geojson').read_text())
+    assert len(geo['features']) == len(rows)
+    ring = geo['features'][0]['geometry']['coordinates'][0]
+    assert ring[0] == ring[-1] and ring[2][0] - ring[0][0] == block
+    with Image.open(out / 'heatmap.png') as im:
+        assert im.size[0] > THUMB // 2 and im.mode in ('RGB', 'RGBA')
+    assert json.loads((out / 'summary.json').read_text())['tiles_over_threshold'] == len(rows)
+
+
+def test_background_is_never_classified(synthetic, tmp_path):
+    rec = Recording()
+    summary = wsi.run_slide(synthetic['path'], rec, tmp_path, options(min_tissue=0.25), progress=False)
+    assert rec.n == summary['tissue_tiles'] == int(TISSUE.sum())
+    patches = np.concatenate(rec.patches)
+    saturation = np.stack([np.asarray(Image.fromarray(p).convert('HSV'))[..., 1] for p in patches]) / 255.0
+    assert ((saturation >= 0.07).mean(axis=(1, 2)) > 0.9).all()  # every classified tile is tissue
+    prob = np.load(tmp_path / 'probability.npy')
+    np.testing.assert_array_equal(np.isfinite(prob), TISSUE)
+
+    blank = wsi.write_synthetic_slide(tmp_path / 'blank.tif', np.zeros((3, 4), bool), np.zeros((3, 4), bool))
+    rec = Recording()
+    summary = wsi.run_slide(blank['path'], rec, tmp_path / 'blank', options(), progress=False)
+    assert rec.calls == 0 and summary['tissue_tiles'] == 0 and summary['max_probability'] is None
+    assert (tmp_path / 'blank' / 'tiles.csv').read_text().count('\n') == 1  # the header alone
+
+
+def test_resume_after_interruption_gives_identical_results(synthetic, tmp_path):
+    ref = tmp_path / 'ref'
+    wsi.run_slide(synthetic['path'], Recording(), ref, options(batch_size=8), progress=False)
+
+    out = tmp_path / 'resumed'
+    with pytest.raises(Interrupted):
+        wsi.run_slide(synthetic['path'], Recording(fail_after=3), out, options(batch_size=8, save_every=0),
+                      progress=False)
+    assert not (out / 'summary.json').exists()  # nothing claims to be complete
+    with np.load(out / 'progress.npz') as z:
+        done = int(z['rows_done'])
+    assert 0 < done < TISSUE.shape[0]
+
+    rec = Recording()
+    summary = wsi.run_slide(synthetic['path'], rec, out, options(batch_size=8), resume=True, progress=False)
+    assert summary['resumed_from_row'] == done
+    assert rec.n == int(TISSUE[done:].sum()) < int(TISSUE.sum())  # finished rows are skipped
+    np.testing.assert_array_equal(np.load(out / 'probability.npy'), np.load(ref / 'probability.npy'))
+    assert (out / 'tiles.csv').read_bytes() == (ref / 'tiles.csv').read_bytes()
+    assert (out / 'tiles.geojson').read_bytes() == (ref / 'tiles.geojson').read_bytes()
+
+    with pytest.raises(wsi.SlideError, match='other settings.*min_tissue'):
+        wsi.run_slide(synthetic['path'], Recording(), out, options(min_tissue=0.5), resume=True, progress=False)
+
+
+def test_corrupt_or_unsupported_slide_gets_a_clear_error(synthetic, tmp_path, capsys):
+    junk = tmp_path / 'junk.tif'
+    junk.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    with pytest.raises(wsi.SlideError, match=r'junk\.tif: unsupported'):
+        wsi.open_slide(junk)
+    with pytest.raises(wsi.SlideError, match='not found'):
+        wsi.open_slide(tmp_path / 'missing.svs')
+
+    data = synthetic['path'].read_bytes()
+    truncated = tmp_path / 'truncated.tif'
+    truncated.write_bytes(data[:len(data) // 3])
+    with pytest.raises(wsi.SlideError, match=r'truncated\.tif: .*(corrupt|unsupported|unreadable)'):
+        wsi.run_slide(truncated, Recording(), tmp_path / 'out', options(), progress=False)
+
+    damaged = bytearray(data)
+    with tifffile.TiffFile(synthetic['path']) as tif:  # level 1 (the one read): every tile's data overwritten
+        page = tif.pages[1]
+        for offset, count in zip(page.dataoffsets, page.databytecounts):
+            damaged[offset + 2:offset + count] = b'\xff' * (count - 2)
+    (tmp_path / 'damaged.tif').write_bytes(damaged)
+    with pytest.raises(wsi.SlideError, match=r'damaged\.tif: cannot read level .* corrupt or truncated'):
+        wsi.run_slide(tmp_path / 'damaged.tif', Recording(), tmp_path / 'out', options(), progress=False)
+
+    code = wsi.cli([str(junk), '--model', 'inception_v4_pcam', '--out', str(tmp_path / 'cli')])
+    assert code == 2 and 'junk.tif' in capsys.readouterr().err
+    assert not (tmp_path / 'cli' / 'summary.json').exists()
+
+
+def test_resampling_and_mpp_override(synthetic, tmp_path):
+    ref = wsi.run_slide(synthetic['path'], Recording(), tmp_path / 'ref', options(), progress=False)
+    ref_prob = np.load(tmp_path / 'ref' / 'probability.npy')
+
+    # One level at 0.486 um/px: every tile is resampled 2:1 from level 0 (the painting, upsampled 2x, comes back).
+    flat = wsi.write_synthetic_slide(tmp_path / 'flat.tif', TISSUE, TUMOUR, seed=1, levels=1)
+    summary = wsi.run_slide(flat['path'], Recording(), tmp_path / 'flat', options(), progress=False)
+    assert (summary['level'], summary['resample'], summary['grid']) == (0, 2.0, ref['grid'])
+    np.testing.assert_array_equal(np.load(tmp_path / 'flat' / 'probability.npy'), ref_prob)
+
+    # No resolution in the file: refused, unless --mpp gives it.
+    bare = wsi.write_synthetic_slide(tmp_path / 'bare.tif', TISSUE, TUMOUR, seed=1, write_resolution=False)
+    with pytest.raises(wsi.SlideError, match='no physical resolution.*--mpp'):
+        wsi.run_slide(bare['path'], Recording(), tmp_path / 'bare', options(), progress=False)
+    summary = wsi.run_slide(bare['path'], Recording(), tmp_path / 'bare', options(mpp=0.486), progress=False)
+    assert (summary['level'], summary['mpp_source']) == (1, '--mpp')
+    np.testing.assert_array_equal(np.load(tmp_path / 'bare' / 'probability.npy'), ref_prob)
+
+    # --mpp overrides the metadata: at 0.3 um/px no level is within 10 % of 0.972, level 1 (0.6) is downsampled.
+    rec = Recording()
+    summary = wsi.run_slide(synthetic['path'], rec, tmp_path / 'over', options(mpp=0.3), progress=False)
+    assert summary['level'] == 1 and summary['resample'] == pytest.approx(0.972 / 0.6)
+    assert summary['tile_mpp'] == pytest.approx(0.972)
+    w1, h1 = 10 * 96, 8 * 96  # level 1 in pixels
+    assert summary['grid'] == [int(np.ceil((h1 / summary['resample'] - 96) / 96)) + 1,
+                               int(np.ceil((w1 / summary['resample'] - 96) / 96)) + 1]
+    assert rec.n == summary['tissue_tiles'] > 0
+
+
+def test_svs_and_overlapping_stride(synthetic, tmp_path):
+    ref = wsi.run_slide(synthetic['path'], Recording(), tmp_path / 'ref', options(), progress=False)
+    svs = wsi.write_synthetic_slide(tmp_path / 'synthetic.svs', TISSUE, TUMOUR, seed=1, aperio=True)
+    summary = wsi.run_slide(svs['path'], Recording(), tmp_path / 'svs', options(), progress=False)
+    assert (summary['vendor'], summary['mpp'], summary['level']) == ('aperio', pytest.approx(0.486), 1)
+    np.testing.assert_array_equal(np.load(tmp_path / 'svs' / 'probability.npy'),
+                                  np.load(tmp_path / 'ref' / 'probability.npy'))
+
+    rec = Recording()
+    half_stride = options(stride=48, min_tissue=0.4)
+    summary = wsi.run_slide(synthetic['path'], rec, tmp_path / 'half', half_stride, progress=False)
+    assert summary['grid'] == [2 * r - 1 for r in ref['grid']]  # (n * 96 - 96) / 48 + 1
+    prob = np.load(tmp_path / 'half' / 'probability.npy')
+    # a tile at stride 48 covers 2x2 half-blocks: classified when two of them (40 % is asked) are tissue
+    half = TISSUE.repeat(2, axis=0).repeat(2, axis=1).astype(int)
+    cover = half[:-1, :-1] + half[1:, :-1] + half[:-1, 1:] + half[1:, 1:]
+    np.testing.assert_array_equal(np.isfinite(prob), cover >= 2)
+    assert summary['area_over_threshold_mm2'] == pytest.approx(summary['tiles_over_threshold'] * (48 * 0.972e-3) ** 2)
+
+    # a finished run resumed with another threshold re-lists the tiles without classifying anything again
+    rec = Recording()
+    again = wsi.run_slide(synthetic['path'], rec, tmp_path / 'half', replace(half_stride, threshold=0.9),
+                          resume=True, progress=False)
+    assert rec.calls == 0 and again['tiles_over_threshold'] == int((prob >= 0.9).sum())
