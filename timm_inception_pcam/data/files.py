@@ -3,8 +3,8 @@ from pathlib import Path
 
 from ..constants import SPLITS
 
-__all__ = ['PCamFormatError', 'SPLIT_FILE_KEYS', 'META_COLUMNS', 'IMAGE_SHAPE', 'normalize_split', 'split_file',
-           'split_paths']
+__all__ = ['PCamFormatError', 'ChecksumError', 'SPLIT_FILE_KEYS', 'META_COLUMNS', 'IMAGE_SHAPE', 'normalize_split',
+           'split_file', 'split_paths']
 
 SPLIT_FILE_KEYS: tuple[str, str, str] = ('x', 'y', 'meta')
 META_COLUMNS: tuple[str, ...] = ('coord_y', 'coord_x', 'tumor_patch', 'center_tumor_patch', 'wsi')
@@ -15,6 +15,10 @@ _ALIASES = {'train': 'train', 'training': 'train', 'valid': 'valid', 'val': 'val
 
 class PCamFormatError(ValueError):
     """A PCam file exists but does not hold what the official layout promises."""
+
+
+class ChecksumError(ValueError):
+    """A file's checksum differs from the expected one (corrupt, truncated or not the official file)."""
 
 
 def normalize_split(split: str) -> str:

@@ -5,23 +5,46 @@ workers; batched reads go through `__getitems__` / `read_batch`, which turn sort
 """
 import csv
 import gzip
+import hashlib
+import io
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import h5py
 import numpy as np
 from tqdm import tqdm
 
 from ..io import atomic_path
-from .files import IMAGE_SHAPE, META_COLUMNS, PCamFormatError, normalize_split, split_paths
+from .files import IMAGE_SHAPE, META_COLUMNS, ChecksumError, PCamFormatError, normalize_split, split_paths
 
-__all__ = ['PCamDataset', 'ensure_decompressed', 'check_split_files']
+__all__ = ['PCamDataset', 'ensure_decompressed', 'check_split_files', 'read_meta_rows']
 
 
-def ensure_decompressed(path: Path, progress: bool = True) -> Path:
-    """Return `path`, stream-decompressing `path.gz` (as distributed) into it first if only that exists."""
+class _HashingReader(io.RawIOBase):
+    """Read-through wrapper hashing (md5) and counting the compressed bytes as gzip consumes them."""
+
+    def __init__(self, raw: BinaryIO, bar: tqdm) -> None:
+        self.raw, self.bar, self.md5 = raw, bar, hashlib.md5()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = self.raw.readinto(buffer)
+        if n:
+            self.md5.update(memoryview(buffer)[:n])
+            self.bar.update(n)
+        return n or 0
+
+
+def ensure_decompressed(path: Path, progress: bool = True, md5: str | None = None) -> Path:
+    """Return `path`, stream-decompressing `path.gz` (as distributed) into it first if only that exists.
+
+    The gzip CRC-32 and length are always checked; `md5` (of the `.gz` file) is checked too when given. The
+    output appears only when both checks pass (temporary name, then rename); memory use stays at a few MB.
+    """
     if path.is_file():
         return path
     gz = path.with_name(path.name + '.gz')
@@ -30,16 +53,17 @@ def ensure_decompressed(path: Path, progress: bool = True) -> Path:
                                 f'(get it with `python -m timm_inception_pcam.data download --root {path.parent}`)')
     total = gz.stat().st_size
     try:
-        with gzip.open(gz, 'rb') as src, atomic_path(path) as tmp, open(tmp, 'wb') as dst, \
-                tqdm(total=total, unit='B', unit_scale=True, desc=f'decompress {gz.name}', disable=not progress,
-                     leave=False) as bar:
-            raw = src.fileobj  # type: ignore[attr-defined]
-            last = 0
-            while chunk := src.read(1 << 22):
-                dst.write(chunk)
-                pos = raw.tell()
-                bar.update(pos - last)
-                last = pos
+        with open(gz, 'rb') as raw, tqdm(total=total, unit='B', unit_scale=True, desc=f'decompress {gz.name}',
+                                          disable=not progress, leave=False) as bar, atomic_path(path) as tmp:
+            reader = _HashingReader(raw, bar)
+            with gzip.GzipFile(fileobj=io.BufferedReader(reader, 1 << 20), mode='rb') as src, open(tmp, 'wb') as dst:
+                while chunk := src.read(1 << 22):
+                    dst.write(chunk)
+                while reader.read(1 << 20):  # trailing bytes gzip did not need still count for the md5
+                    pass
+            if md5 is not None and reader.md5.hexdigest() != md5.lower():
+                raise ChecksumError(f'{gz}: md5 {reader.md5.hexdigest()}, expected {md5.lower()}; the file is '
+                                    f'corrupt or not the official one: delete it and download it again')
     except (OSError, EOFError, gzip.BadGzipFile) as e:
         raise PCamFormatError(f'{gz}: corrupt or truncated gzip file ({type(e).__name__}: {e}); delete it and '
                               f'download it again') from e
@@ -80,6 +104,36 @@ def check_split_files(x_path: Path, y_path: Path) -> tuple[int, np.ndarray]:
     return n, labels.astype(np.int64)
 
 
+def read_meta_rows(path: Path, n: int | None = None) -> list[dict[str, Any]]:
+    """Rows of a `_meta.csv`: coord_y, coord_x (int), tumor_patch, center_tumor_patch (bool), wsi; `n` rows if given."""
+    if not path.is_file():
+        raise FileNotFoundError(f'{path}: meta CSV not found; expected the official {path.name} beside the .h5 files')
+    try:
+        with open(path, newline='') as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in META_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise PCamFormatError(f'{path}: columns {reader.fieldnames}; expected {list(META_COLUMNS)} '
+                                      f'(missing {missing})')
+            rows = [{'coord_y': int(r['coord_y']), 'coord_x': int(r['coord_x']),
+                     'tumor_patch': _flag(r['tumor_patch']), 'center_tumor_patch': _flag(r['center_tumor_patch']),
+                     'wsi': r['wsi']} for r in reader]
+    except (ValueError, TypeError, UnicodeDecodeError) as e:
+        if isinstance(e, PCamFormatError):
+            raise
+        raise PCamFormatError(f'{path}: unreadable row ({e}); expected integer coordinates and True/False '
+                              f'flags') from e
+    if n is not None and len(rows) != n:
+        raise PCamFormatError(f'{path}: {len(rows)} rows; expected {n} (one per image)')
+    return rows
+
+
+def _flag(value: str) -> bool:
+    if value not in ('True', 'False'):
+        raise ValueError(f"flag {value!r}, expected 'True' or 'False'")
+    return value == 'True'
+
+
 class PCamDataset:
     """One split of PCam as (image, label) pairs, image a uint8 HWC array or `transform(image)`.
 
@@ -112,31 +166,17 @@ class PCamDataset:
         if in_memory:
             with h5py.File(self.x_path, 'r') as f:
                 self._images = np.asarray(f['x'][...])
-        self.meta = self._read_meta() if with_meta else None
+        self.meta = read_meta_rows(self.meta_path, self._n) if with_meta else None
         self._file: h5py.File | None = None
+        self._ds: h5py.Dataset | None = None
         self._pid: int | None = None
-
-    def _read_meta(self) -> list[dict[str, Any]]:
-        if not self.meta_path.is_file():
-            raise FileNotFoundError(f'{self.meta_path}: meta CSV not found (with_meta=True)')
-        with open(self.meta_path, newline='') as f:
-            reader = csv.DictReader(f)
-            missing = [c for c in META_COLUMNS if c not in (reader.fieldnames or [])]
-            if missing:
-                raise PCamFormatError(f'{self.meta_path}: columns {reader.fieldnames}; missing {missing}')
-            rows = [{'coord_y': int(r['coord_y']), 'coord_x': int(r['coord_x']),
-                     'tumor_patch': r['tumor_patch'] == 'True', 'center_tumor_patch': r['center_tumor_patch'] == 'True',
-                     'wsi': r['wsi']} for r in reader]
-        if len(rows) != self._n:
-            raise PCamFormatError(f'{self.meta_path}: {len(rows)} rows; expected {self._n} (one per image)')
-        return rows
 
     def __len__(self) -> int:
         return self._n
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state['_file'] = None  # handles never cross a process boundary
+        state['_file'] = state['_ds'] = None  # handles never cross a process boundary
         state['_pid'] = None
         return state
 
@@ -146,7 +186,8 @@ class PCamDataset:
         if self._file is None or self._pid != os.getpid():
             self._file = h5py.File(self.x_path, 'r')
             self._pid = os.getpid()
-        return self._file['x']
+            self._ds = self._file['x']  # looking the dataset up costs more than reading a patch: keep it
+        return self._ds
 
     def read_batch(self, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 (B, 96, 96, 3) images and int64 labels, read as few contiguous slices as possible."""
@@ -163,11 +204,17 @@ class PCamDataset:
         else:
             # split the sorted indices into runs of consecutive values: one slice read per run
             breaks = np.flatnonzero(np.diff(sorted_idx) != 1) + 1
-            start = 0
-            for run in np.split(sorted_idx, breaks):
-                if run.size:
-                    out[order[start:start + run.size]] = images[int(run[0]):int(run[-1]) + 1]
-                    start += run.size
+            bounds = np.concatenate(([0], breaks, [idx.size])).tolist()
+            first = sorted_idx.tolist()
+            positions = order.tolist()
+            for s, e in zip(bounds[:-1], bounds[1:]):
+                a = first[s]
+                if e - s == 1:
+                    out[positions[s]] = images[a]
+                elif positions[e - 1] - positions[s] == e - s - 1:  # also in order in the output: read in place
+                    images.read_direct(out, np.s_[a:a + e - s], np.s_[positions[s]:positions[e - 1] + 1])
+                else:
+                    out[order[s:e]] = images[a:a + e - s]
         return out, self.labels[idx]
 
     def _sample(self, image: np.ndarray, label: int, index: int) -> tuple[Any, ...]:
@@ -177,8 +224,11 @@ class PCamDataset:
         return item, label
 
     def __getitem__(self, index: int) -> tuple[Any, ...]:
-        images, labels = self.read_batch([index])
-        return self._sample(images[0], int(labels[0]), int(index))
+        i = int(index)
+        if not -self._n <= i < self._n:
+            raise IndexError(f'{self.x_path}: index {index} out of range for {self._n} patches')
+        i %= self._n
+        return self._sample(self._images_ds()[i], int(self.labels[i]), i)
 
     def __getitems__(self, indices: Sequence[int]) -> list[tuple[Any, ...]]:
         images, labels = self.read_batch(indices)
@@ -187,5 +237,5 @@ class PCamDataset:
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
-            self._file = None
+            self._file = self._ds = None
 

@@ -226,7 +226,7 @@ def _write_split(root: Path, split: str, n: int, rng: np.random.Generator,
 def _gzip_file(path: Path) -> Path:
     """Compress `path` to `path.gz` (atomic) and remove the original, as the files are distributed."""
     out = path.with_name(path.name + '.gz')
-    with atomic_path(out) as tmp, open(path, 'rb') as src, gzip.open(tmp, 'wb', compresslevel=1, mtime=0) as dst:
+    with atomic_path(out) as tmp, open(path, 'rb') as src, gzip.GzipFile(tmp, 'wb', compresslevel=1, mtime=0) as dst:
         shutil.copyfileobj(src, dst, 1 << 20)
     path.unlink()
     return out

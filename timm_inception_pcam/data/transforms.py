@@ -62,6 +62,8 @@ class PcamTransform:
         self.stain_sigma, self.stain_bias = stain_sigma, stain_bias
         self.brightness, self.contrast, self.saturation = brightness, contrast, saturation
         self.max_shift = max_shift
+        self._scale = torch.from_numpy(1.0 / (255.0 * self.std))[:, None, None]
+        self._shift = torch.from_numpy(self.mean / self.std)[:, None, None]
 
     def _augment(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         if self.stain_sigma or self.stain_bias:
@@ -82,6 +84,10 @@ class PcamTransform:
         return np.clip(x, 0.0, 1.0)
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
+        if not self.is_training:  # one fused uint8 HWC -> float CHW copy, then normalise in place
+            t = torch.empty((image.shape[2], image.shape[0], image.shape[1]), dtype=torch.float32)
+            t.copy_(torch.from_numpy(np.asarray(image)).permute(2, 0, 1))
+            return t.mul_(self._scale).sub_(self._shift)
         x = image.astype(np.float32) / 255.0
         if self.is_training:
             # randomness drawn from torch's generator, which DataLoader seeds per worker and checkpoints can restore
