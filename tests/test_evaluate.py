@@ -16,7 +16,7 @@ from timm_inception_pcam.constants import PCAM_MEAN, PCAM_STD
 from timm_inception_pcam.data import PCamDataset, dihedral, synthesize_pcam
 from timm_inception_pcam.io import file_sha256
 from timm_inception_pcam.metrics import compute_metrics, select_threshold
-from timm_inception_pcam.preprocess import preprocess_patches
+from timm_inception_pcam.preprocess import model_normalization, preprocess_patches
 
 TINY = {'depths': (1, 1, 1)}
 N_VALID, N_TEST, BATCH = 6, 6, 4  # two batches per split, the last one ragged
@@ -126,10 +126,10 @@ def test_predict_probs_bad_input():
 
 
 def test_normalization_follows_pretrained_cfg():
-    assert evaluate.normalization_for(timm.create_model('inception_v4_pcam', **TINY)) == (PCAM_MEAN, PCAM_STD)
+    assert model_normalization(timm.create_model('inception_v4_pcam', **TINY)) == (PCAM_MEAN, PCAM_STD)
     resnet = timm.create_model('resnet10t', num_classes=2)
-    assert evaluate.normalization_for(resnet) == (resnet.pretrained_cfg['mean'], resnet.pretrained_cfg['std'])
-    assert evaluate.normalization_for(PositionNet()) == (PCAM_MEAN, PCAM_STD)  # no pretrained_cfg
+    assert model_normalization(resnet) == (resnet.pretrained_cfg['mean'], resnet.pretrained_cfg['std'])
+    assert model_normalization(PositionNet()) == (PCAM_MEAN, PCAM_STD)  # no pretrained_cfg
 
 
 def _args(pcam_dir, checkpoint, out, *extra: str) -> list[str]:
@@ -147,7 +147,9 @@ def test_evaluate_tta_threshold_from_valid(pcam_dir, checkpoint, tmp_path, monke
 
     monkeypatch.setattr(evaluate, 'load_model', recording_load_model)
     out = tmp_path / 'eval'
-    report = evaluate.main(_args(pcam_dir, checkpoint, out, '--split', 'test', '--tta', '8'))
+    # the exact fp32 path, so the recorded logits are the ones the evaluator turned into probabilities
+    report = evaluate.main(_args(pcam_dir, checkpoint, out, '--split', 'test', '--tta', '8', '--backend', 'eager'))
+    assert report['backend'] == 'eager'
 
     batches = math.ceil(N_TEST / BATCH)  # per split: test first, then valid for the threshold
     assert len(calls) == 8 * 2 * batches and sum(x.shape[0] for x, _ in calls) == 8 * (N_TEST + N_VALID)

@@ -44,12 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--model', default='inception_v4_pcam')
     p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
                    help='architecture arguments, e.g. depths=1,1,1 for a quick reduced-depth run')
-    p.add_argument('--n-train', type=int, default=1536, help='synthetic training patches')
-    p.add_argument('--n-eval', type=int, default=512, help='synthetic validation and test patches (each)')
-    p.add_argument('--epochs', type=int, default=3)
-    p.add_argument('-b', '--batch-size', type=int, default=64)
+    p.add_argument('--n-train', type=int, default=512, help='synthetic training patches')
+    p.add_argument('--n-eval', type=int, default=256, help='synthetic validation and test patches (each)')
+    p.add_argument('--epochs', type=int, default=2)
+    p.add_argument('-b', '--batch-size', type=int, default=32)
     p.add_argument('--lr', type=float, default=2e-3)
-    p.add_argument('--tta', type=int, default=8, help='test-time augmentation views in the evaluation (1 = off)')
+    p.add_argument('--tta', type=int, default=1,
+                   help='test-time augmentation views in the evaluation (1 = off; 8 = all dihedral views, 8x the time)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--workers', type=int, default=2)
     p.add_argument('--repo-id', default='timm-inception-pcam/inception_v4_pcam-synthetic-demo',

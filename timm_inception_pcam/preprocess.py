@@ -1,11 +1,12 @@
 """Input preprocessing and batching shared by every inference path (PyTorch, onnxruntime, TensorRT runners)."""
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
 from .constants import PCAM_INPUT_SIZE, PCAM_MEAN, PCAM_STD
 
-__all__ = ['check_patches', 'preprocess_patches', 'batch_slices']
+__all__ = ['check_patches', 'preprocess_patches', 'batch_slices', 'model_normalization']
 
 
 def check_patches(patches: np.ndarray, source: str = 'input') -> np.ndarray:
@@ -43,3 +44,13 @@ def batch_slices(n: int, max_batch: int) -> Iterator[slice]:
         raise ValueError(f'max_batch must be at least 1, got {max_batch}')
     for start in range(0, n, max_batch):
         yield slice(start, min(start + max_batch, n))
+
+
+def model_normalization(model: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std `model` expects: its pretrained_cfg as timm resolves it, PCam's statistics without one."""
+    if not getattr(model, 'pretrained_cfg', None):
+        return PCAM_MEAN, PCAM_STD
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config({}, model=model)
+    return tuple(float(v) for v in cfg['mean']), tuple(float(v) for v in cfg['std'])

@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 from tqdm import tqdm
 
 from .constants import PCAM_NUM_CLASSES
+from .device import cpu_has_amx
 from .io import atomic_path, atomic_write_json
 
 __all__ = ['TrainError', 'build_parser', 'main', 'amp_dtype_for', 'cpu_has_amx']
@@ -128,20 +129,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------------------------- device & RNG
-
-
-def cpu_has_amx() -> bool:
-    """True when this CPU has AMX tiles (bf16 matrix units), where bf16 autocast pays off."""
-    probe = getattr(torch.cpu, '_is_amx_tile_supported', None)
-    if probe is not None:
-        try:
-            return bool(probe())
-        except RuntimeError:
-            pass
-    try:
-        return 'amx_bf16' in Path('/proc/cpuinfo').read_text()
-    except OSError:
-        return False
 
 
 def amp_dtype_for(device: torch.device, requested: str = 'auto') -> torch.dtype | None:

@@ -1,0 +1,255 @@
+"""CPU inference backends for our models, side by side: throughput and the accuracy cost of each path.
+
+Every backend is a `timm_inception_pcam.predict` predictor timed end to end (uint8 patches in, logits out, so
+preprocessing is included) on the same batches, round-robin. The model is calibrated so that its outputs vary
+(BatchNorm statistics from synthetic patches, classifier fitted on them; or a trained `--checkpoint`). The accuracy
+cost is measured against eager float32 on labelled synthetic patches: decision agreement (argmax), ROC AUC change,
+largest probability difference.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from timm_inception_pcam.predict import Predictor, cpu_has_amx, create_predictor, model_normalization, resolve_backend
+from timm_inception_pcam.preprocess import batch_slices, preprocess_patches
+
+from .common import Sizes, calibrated_model, create, summarize
+
+__all__ = ['AGREEMENT_TARGET', 'SPEEDUP_TARGET', 'run', 'quantize_int8', 'accuracy_cost', 'markdown']
+
+AGREEMENT_TARGET = 0.999
+SPEEDUP_TARGET = 3.0
+TARGET_MODEL = 'inception_v4_pcam'
+# Paths that change the arithmetic: measured on every evaluation patch. The float32 ones on `repeats` batches.
+LOW_PRECISION = ('bf16', 'compile_bf16', 'onnxruntime_int8')
+NOISE_BATCHES = 4  # batches of eager float32 re-run with input noise (the noise floor)
+
+
+def _softmax1(logits: np.ndarray) -> np.ndarray:
+    return torch.softmax(torch.from_numpy(logits).double(), dim=1)[:, 1].numpy()
+
+
+def _auc(labels: np.ndarray, probs: np.ndarray) -> float | None:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(labels, probs)) if len(np.unique(labels)) == 2 else None
+
+
+def accuracy_cost(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """Decision agreement, ROC AUC change and largest probability difference of `candidate` logits vs `reference`."""
+    p_ref, p_cand = _softmax1(reference), _softmax1(candidate)
+    auc_ref, auc_cand = _auc(labels, p_ref), _auc(labels, p_cand)
+    agree = reference.argmax(1) == candidate.argmax(1)
+    return {
+        'n': int(len(labels)), 'decision_agreement': float(agree.mean()), 'disagreements': int((~agree).sum()),
+        'roc_auc': auc_cand, 'roc_auc_fp32': auc_ref,
+        'roc_auc_change': None if auc_ref is None or auc_cand is None else auc_cand - auc_ref,
+        'max_abs_prob_diff': float(np.abs(p_ref - p_cand).max()),
+        'max_abs_logit_diff': float(np.abs(reference - candidate).max()),
+    }
+
+
+def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray) -> Path:
+    """onnxruntime static int8 quantisation (QDQ, per-channel weights, VNNI/AMX-friendly u8s8), metadata kept."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from timm_inception_pcam.io import atomic_path
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{'input': calibration[s]} for s in batch_slices(len(calibration), 16)])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.batches, None)
+
+    with atomic_path(int8_path, suffix='.onnx') as tmp, warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        quantize_static(str(fp32_path), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        model = onnx.load_model(str(tmp))
+        props = {p.key: p.value for p in onnx.load_model(str(fp32_path), load_external_data=False).metadata_props}
+        onnx.helper.set_model_props(model, props)
+        onnx.save_model(model, str(tmp))
+    return int8_path
+
+
+def _noise_floor(eager: Predictor, patches: np.ndarray, reference: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """How much eager float32 itself moves under imperceptible input noise (uniform +-0.5 grey level, below the 8-bit
+    quantisation of the patches): a low-precision path cannot be judged more finely than the model's own sensitivity.
+    """
+    g = torch.Generator().manual_seed(0)
+    x = torch.from_numpy(preprocess_patches(patches, eager.mean, eager.std))
+    scale = 1.0 / (255.0 * torch.tensor(eager.std, dtype=torch.float32).view(1, 3, 1, 1))
+    noisy = x + (torch.rand(x.shape, generator=g) - 0.5) * scale
+    n = len(patches)
+    return accuracy_cost(reference[:n], eager.logits(noisy), labels[:n])
+
+
+def _candidates(name: str, sizes: Sizes) -> dict[str, str | None]:
+    """Backend -> None to measure it, or the reason it is skipped."""
+    compile_name = 'compile_bf16' if cpu_has_amx() else 'compile'
+    out: dict[str, str | None] = {'eager': None, 'channels_last': None,
+                                  'bf16': None if cpu_has_amx() else 'no AMX on this CPU: bfloat16 is emulated'}
+    if not sizes.quick and name not in sizes.compile_models:
+        out[compile_name] = f'torch.compile takes minutes per full-size model here; measured on ' \
+                            f'{", ".join(sizes.compile_models) or "none"}'
+    elif sizes.quick:
+        out[compile_name] = 'quick mode (compilation takes minutes)'
+    else:
+        out[compile_name] = None
+    out['onnxruntime'] = None if sizes.onnx else 'disabled'
+    out['onnxruntime_int8'] = None if sizes.onnx else 'disabled'
+    return out
+
+
+def _model_for(name: str, sizes: Sizes, data: dict[str, tuple[np.ndarray, np.ndarray]],
+               checkpoints: list[str], cache_dir: Path | None) -> tuple[nn.Module, str]:
+    from timm_inception_pcam.checkpoint import load_model, read_checkpoint
+
+    for checkpoint in checkpoints:
+        if str(read_checkpoint(checkpoint).get('arch') or '').split('.')[0] == name:
+            return load_model(None, checkpoint), f'trained checkpoint {checkpoint}'
+    patches, labels = data['fit']
+    depths = 'x'.join(map(str, sizes.depths)) if sizes.depths else 'full'
+    cache = cache_dir / f'{name}-{depths}-n{len(labels)}-s{sizes.fit_steps}-b{sizes.train_batch}.pt' \
+        if cache_dir else None
+    reused = cache is not None and cache.is_file()
+    model = calibrated_model(create(name, sizes), patches, labels, steps=sizes.fit_steps,
+                             batch_size=sizes.train_batch, cache=cache)
+    return model, (f'random init trained {sizes.fit_steps} steps x {sizes.train_batch} on {len(labels)} synthetic '
+                   f'patches' + (f' (weights reused from {cache})' if reused else ''))
+
+
+def _build(backend: str, name: str, model: nn.Module, sizes: Sizes, workdir: Path,
+           calibration_patches: np.ndarray) -> Predictor:
+    if not backend.startswith('onnxruntime'):
+        return create_predictor(model, backend, batch_size=sizes.batch)
+    from export.onnx import export_onnx
+    from export.spec import IOSpec
+
+    mean, std = model_normalization(model)
+    fp32 = workdir / f'{name}.onnx'
+    if not fp32.is_file():
+        export_onnx(model, fp32, spec=IOSpec(mean=mean, std=std))
+    path = fp32
+    if backend == 'onnxruntime_int8':
+        calibration = preprocess_patches(calibration_patches, mean, std, 'calibration patches')
+        path = quantize_int8(fp32, fp32.with_suffix('.int8.onnx'), calibration)
+    return create_predictor(path, 'onnxruntime', batch_size=sizes.batch)
+
+
+def bench_model(name: str, sizes: Sizes, workdir: Path, data: dict[str, tuple[np.ndarray, np.ndarray]],
+                checkpoints: list[str] | None = None, cache_dir: Path | None = None,
+                progress: bool = True) -> dict[str, Any]:
+    model, source = _model_for(name, sizes, data, checkpoints or [], cache_dir)
+    patches, labels = data['eval']
+    fit_patches = data['fit'][0]
+    predictors: dict[str, Predictor] = {}
+    rows: dict[str, dict[str, Any]] = {}
+    first = slice(0, min(sizes.batch, len(patches)))
+    for backend, skip in _candidates(name, sizes).items():
+        if skip:
+            rows[backend] = {'status': 'skipped', 'reason': skip}
+            continue
+        t0 = time.perf_counter()
+        try:
+            predictor = _build(backend, name, model, sizes, workdir, fit_patches[:64])
+            predictor.predict_logits(patches[first])  # warm-up; triggers compilation
+        except Exception as e:  # one broken backend must not hide the others
+            rows[backend] = {'status': 'error', 'reason': f'{type(e).__name__}: {e}'}
+            continue
+        predictors[backend] = predictor
+        rows[backend] = {'status': 'ok', 'setup_s': time.perf_counter() - t0}
+
+    slices = list(batch_slices(len(patches), sizes.batch))
+    logits = {b: np.full((len(patches), 2), np.nan, dtype=np.float32) for b in predictors}
+    times: dict[str, list[float]] = {b: [] for b in predictors}
+    work = sum(len(slices) if (b == 'eager' or b in LOW_PRECISION) else min(sizes.repeats, len(slices))
+               for b in predictors)
+    with tqdm(total=work, desc=f'backends {name}', unit='batch', disable=not progress, leave=False) as bar:
+        for i, s in enumerate(slices):
+            for backend, predictor in predictors.items():
+                if i >= sizes.repeats and backend != 'eager' and backend not in LOW_PRECISION:
+                    continue
+                t0 = time.perf_counter()
+                logits[backend][s] = predictor.predict_logits(patches[s])
+                if s.stop - s.start == sizes.batch:
+                    times[backend].append(time.perf_counter() - t0)
+                bar.update(1)
+
+    noise_floor = _noise_floor(predictors['eager'], patches[:sizes.batch * NOISE_BATCHES], logits['eager'], labels)
+    eager_time = summarize(times['eager'], sizes.batch)['median_s'] if times.get('eager') else None
+    for backend in predictors:
+        row = rows[backend]
+        row['timing'] = summarize(times[backend], sizes.batch) if times[backend] else None
+        med = row['timing']['median_s'] if row['timing'] else None
+        row['patches_per_s'] = row['timing']['items_per_s'] if row['timing'] else None
+        row['speedup_vs_eager'] = eager_time / med if eager_time and med else None
+        done = ~np.isnan(logits[backend][:, 0])
+        row['accuracy'] = accuracy_cost(logits['eager'][done], logits[backend][done], labels[done])
+    ok = {b: r for b, r in rows.items() if r['status'] == 'ok' and r['patches_per_s']}
+    correct = {b: r for b, r in ok.items() if r['accuracy']['decision_agreement'] >= AGREEMENT_TARGET
+               and not b.startswith('compile')}
+    fastest = max(correct, key=lambda b: correct[b]['patches_per_s']) if correct else None
+    auto = resolve_backend('auto')
+    result = {
+        'model': name, 'model_source': source, 'batch': sizes.batch, 'n_eval': int(len(labels)),
+        'logit_std_across_inputs': float(logits['eager'].std(axis=0).min()),
+        'input_noise_floor': noise_floor,
+        'backends': rows, 'auto': auto, 'fastest_correct_without_compile': fastest,
+        'auto_is_fastest_correct': auto == fastest,
+    }
+    if auto in ok:
+        result['auto_speedup_vs_eager'] = ok[auto]['speedup_vs_eager']
+        result['auto_decision_agreement'] = ok[auto]['accuracy']['decision_agreement']
+        result['target'] = {
+            'speedup': SPEEDUP_TARGET, 'agreement': AGREEMENT_TARGET,
+            'met': bool(ok[auto]['speedup_vs_eager'] >= SPEEDUP_TARGET
+                        and ok[auto]['accuracy']['decision_agreement'] >= AGREEMENT_TARGET),
+            'applies': name == TARGET_MODEL and not sizes.quick,
+        }
+    return result
+
+
+def run(sizes: Sizes, workdir: Path, data: dict[str, tuple[np.ndarray, np.ndarray]],
+        checkpoints: list[str] | None = None, cache_dir: Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """`checkpoints`: trained weights to compare on (matched to the models by their 'arch'); the other models are
+    calibrated (briefly trained) here, their weights cached in `cache_dir` for the next run."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    return {'batch': sizes.batch, 'agreement_target': AGREEMENT_TARGET, 'speedup_target': SPEEDUP_TARGET,
+            'models': [bench_model(name, sizes, workdir, data, checkpoints, cache_dir, progress)
+                       for name in sizes.backend_models]}
+
+
+def markdown(section: dict[str, Any], fmt) -> list[str]:
+    lines = [f'Batch {section["batch"]}, end to end from uint8 patches; accuracy against eager float32 '
+             f'(agreement target {section["agreement_target"]:.1%}).', '']
+    for m in section['models']:
+        lines += [f'**{m["model"]}** ({m["model_source"]}; {m["n_eval"]} labelled synthetic patches, '
+                  f'logit std across inputs {fmt(m["logit_std_across_inputs"])}). `auto` = `{m["auto"]}`'
+                  + (f', {fmt(m.get("auto_speedup_vs_eager"))}x eager' if m.get('auto_speedup_vs_eager') else '')
+                  + f'; fastest correct (excluding compile): `{m["fastest_correct_without_compile"]}`.', '',
+                  '| backend | patches/s | vs eager | setup s | agreement | disagreements / n | AUC change | '
+                  'max prob diff |', '| --- | --- | --- | --- | --- | --- | --- | --- |']
+        for backend, r in m['backends'].items():
+            if r['status'] != 'ok':
+                lines.append(f'| {backend} | {r["status"]}: {r["reason"]} | | | | | | |')
+                continue
+            a = r['accuracy']
+            lines.append(f'| {backend} | {fmt(r["patches_per_s"])} | {fmt(r["speedup_vs_eager"])} | '
+                         f'{fmt(r["setup_s"])} | {a["decision_agreement"]:.4%} | {a["disagreements"]} / {a["n"]} | '
+                         f'{fmt(a["roc_auc_change"])} | {fmt(a["max_abs_prob_diff"])} |')
+        nf = m['input_noise_floor']
+        lines += ['', f'Noise floor: eager float32 under uniform +-0.5 grey-level input noise (below 8-bit '
+                      f'quantisation) agrees with itself on {nf["decision_agreement"]:.2%} of {nf["n"]} patches '
+                      f'(AUC change {fmt(nf["roc_auc_change"])}, max prob diff {fmt(nf["max_abs_prob_diff"])}).', '']
+    return lines

@@ -1,0 +1,155 @@
+"""Smoke test of the benchmark runner at tiny sizes: structure of results.json / results.md and the derived ratios.
+
+No timing assertion: only that every figure is there, is consistent with the others and that failures are recorded.
+"""
+import dataclasses
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import benchmarks
+from benchmarks import backends, models, run, training
+from benchmarks.common import QUICK, interleaved_times, summarize
+
+TINY = dataclasses.replace(QUICK, batch=4, repeats=1, warmup=1, latency_repeats=1, n_fit=16, fit_steps=8, n_eval=12,
+                           train_batch=4, train_steps=1)
+TINY_MODELS = tuple(m for m in models.MODELS if m[0] in ('inception_v4_pcam', models.BASELINE))
+
+
+def _patch(mp: pytest.MonkeyPatch) -> None:
+    """Tiny sizes, two models, and a stand-in for the data engineer's reader benchmark."""
+    mp.setattr(run, 'QUICK', TINY)
+    mp.setattr(models, 'MODELS', TINY_MODELS)
+    fake = types.ModuleType('benchmarks.bench_data')
+    fake.run = lambda quick: {'quick': quick, 'our_reader_patches_per_s': 1234.5,
+                              'markdown': '| reader | patches/s |\n| --- | --- |\n| ours | 1234.5 |'}
+    mp.setitem(sys.modules, 'benchmarks.bench_data', fake)
+    mp.setattr(benchmarks, 'bench_data', fake, raising=False)
+
+
+@pytest.fixture
+def tiny(monkeypatch: pytest.MonkeyPatch):
+    _patch(monkeypatch)
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope='module')
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    mp = pytest.MonkeyPatch()
+    _patch(mp)
+    before = torch.get_num_threads()
+    out = tmp_path_factory.mktemp('bench')
+    try:
+        results = run.main(['--output', str(out), '--quick', '--threads', '1', '--no-progress'])
+    finally:
+        mp.undo()
+        torch.set_num_threads(before)
+    return results, out
+
+
+def test_results_files_and_machine(quick_run) -> None:
+    results, out = quick_run
+    on_disk = json.loads((out / 'results.json').read_text())
+    assert on_disk['format'] == run.RESULTS_FORMAT and on_disk['quick'] is True
+    assert list(on_disk['sections']) == list(run.SECTIONS) and results['failed'] == []
+    machine = on_disk['machine']
+    assert machine['cores'] >= 1 and machine['torch'] == torch.__version__ and machine['cpu']
+    assert not [p.name for p in out.iterdir() if '.partial' in p.name], 'temporary files left behind'
+    md = (out / 'results.md').read_text()
+    assert machine['cpu'] in md and f'torch {torch.__version__}' in md
+    for title in run.TITLES.values():
+        assert f'## {title}' in md
+    assert '| ours | 1234.5 |' in md  # the data benchmark's own table is carried over
+
+
+def test_models_section_ratios(quick_run) -> None:
+    rows = {r['label']: r for r in quick_run[0]['sections']['models']['models']}
+    assert set(rows) == {label for label, _, _ in TINY_MODELS}
+    base = rows[models.BASELINE]
+    assert base['throughput_vs_resnet50'] == pytest.approx(1.0)
+    for r in rows.values():
+        assert r['params'] > 0 and r['gmacs'] > 0 and r['batch1_latency_ms'] > 0
+        assert r['throughput_vs_resnet50'] == pytest.approx(r['throughput_per_s'] / base['throughput_per_s'])
+        assert r['achieved_gflops'] == pytest.approx(2 * r['gmacs'] * r['throughput_per_s'])
+    assert rows['inception_v4_pcam']['depths'] == [1, 1, 1]
+
+
+def test_backends_section(quick_run) -> None:
+    section = quick_run[0]['sections']['backends']
+    (m,) = section['models']
+    assert m['logit_std_across_inputs'] > 1e-3, 'agreement on a model with constant outputs would mean nothing'
+    rows = m['backends']
+    assert set(rows) >= {'eager', 'channels_last', 'bf16', 'onnxruntime', 'onnxruntime_int8'}
+    assert any(k.startswith('compile') and rows[k]['status'] == 'skipped' for k in rows)
+    eager = rows['eager']
+    assert eager['status'] == 'ok' and eager['speedup_vs_eager'] == pytest.approx(1.0)
+    assert eager['accuracy']['decision_agreement'] == 1.0 and eager['accuracy']['n'] == TINY.n_eval
+    for name, r in rows.items():
+        if r['status'] != 'ok':
+            assert r['reason']
+            continue
+        assert r['speedup_vs_eager'] == pytest.approx(eager['timing']['median_s'] / r['timing']['median_s'])
+        acc = r['accuracy']
+        assert 0 <= acc['decision_agreement'] <= 1 and acc['n'] > 0, name
+        assert acc['disagreements'] == round((1 - acc['decision_agreement']) * acc['n'])
+    assert m['auto'] in rows and (m['auto_speedup_vs_eager'] == pytest.approx(rows[m['auto']]['speedup_vs_eager']))
+    assert m['target']['applies'] is False  # quick mode: not the figure the target is about
+    floor = m['input_noise_floor']
+    assert floor['n'] == min(TINY.n_eval, TINY.batch * backends.NOISE_BATCHES) and floor['max_abs_logit_diff'] > 0
+    assert 'Noise floor: eager float32' in (quick_run[1] / 'results.md').read_text()
+
+
+def test_training_and_gpu_sections(quick_run) -> None:
+    sections = quick_run[0]['sections']
+    t = sections['training']
+    assert t['overhead'] == pytest.approx(t['trainer']['median_s'] / t['bare']['median_s'] - 1)
+    assert t['target_met'] == (t['overhead'] < training.OVERHEAD_TARGET)
+    assert sections['gpu']['status'] in ('skipped', 'ok')
+    if sections['gpu']['status'] == 'skipped':
+        assert sections['gpu']['reason']
+    assert sections['data']['quick'] is True
+
+
+def test_failing_section_is_recorded(tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*_args, **_kwargs):
+        raise RuntimeError('out of patience')
+
+    monkeypatch.setattr(training, 'run', broken)
+    code = run.cli(['--output', str(tmp_path), '--quick', '--sections', 'training', 'gpu', '--threads', '1',
+                    '--no-progress'])
+    assert code == 1
+    results = json.loads((tmp_path / 'results.json').read_text())
+    assert results['sections']['training'] == {'status': 'error', 'error': 'RuntimeError: out of patience'}
+    assert 'gpu' in results['sections']
+    assert 'Failed: `RuntimeError: out of patience`' in (tmp_path / 'results.md').read_text()
+
+
+def test_accuracy_cost_counts_flips() -> None:
+    rng = np.random.default_rng(0)
+    reference = rng.normal(0, 3, (200, 2)).astype(np.float32)
+    labels = (reference[:, 1] > reference[:, 0]).astype(np.int64)
+    labels[:20] = 1 - labels[:20]  # an imperfect classifier: AUC below 1
+    candidate = reference.copy()
+    flip = np.flatnonzero(np.abs(reference[:, 1] - reference[:, 0]) > 1)[:3]
+    candidate[flip] = candidate[flip][:, ::-1]
+    cost = backends.accuracy_cost(reference, candidate, labels)
+    assert cost['disagreements'] == 3 and cost['decision_agreement'] == pytest.approx(197 / 200)
+    assert cost['roc_auc_change'] == pytest.approx(cost['roc_auc'] - cost['roc_auc_fp32'])
+    assert cost['roc_auc_change'] != 0 and cost['max_abs_prob_diff'] > 0.2
+    same = backends.accuracy_cost(reference, reference, labels)
+    assert same['decision_agreement'] == 1.0 and same['roc_auc_change'] == 0.0
+
+
+def test_interleaved_times_round_robin() -> None:
+    calls: list[str] = []
+    times = interleaved_times({'a': lambda: calls.append('a'), 'b': lambda: calls.append('b')}, repeats=3, warmup=1)
+    assert calls == ['a', 'b'] * 4 and [len(v) for v in times.values()] == [3, 3]
+    s = summarize([3.0, 1.0, 2.0], items=64)
+    assert s['median_s'] == 2.0 and s['items_per_s'] == 32.0 and (s['min_s'], s['max_s']) == (1.0, 3.0)
