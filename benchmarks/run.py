@@ -31,10 +31,10 @@ __all__ = ['SECTIONS', 'RESULTS_FORMAT', 'build_parser', 'main', 'render_markdow
 
 RESULTS_FORMAT = 'timm-inception-pcam-bench/1'
 DEFAULT_CACHE = Path(os.environ.get('XDG_CACHE_HOME', Path.home() / '.cache')) / 'timm-inception-pcam' / 'bench'
-SECTIONS = ('models', 'backends', 'data', 'training', 'gpu')
+SECTIONS = ('models', 'backends', 'data', 'training', 'slide', 'gpu')
 TITLES = {'models': 'Models at 96 px (CPU)', 'backends': 'CPU inference backends',
           'data': 'Data readers', 'training': 'Training step: our trainer vs a bare PyTorch loop',
-          'gpu': 'GPU: TensorRT FP16 vs PyTorch fp16 vs onnxruntime CUDA'}
+          'slide': 'Whole-slide inference (tiles/s)', 'gpu': 'GPU: TensorRT FP16 vs PyTorch fp16 vs onnxruntime CUDA'}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +63,21 @@ def _data_section(quick: bool) -> dict[str, Any]:
     return bench_data.run(quick=quick)
 
 
+def _slide_section(quick: bool) -> dict[str, Any]:
+    from .slide import benchmark_slide
+
+    return benchmark_slide(quick=quick)
+
+
+def _slide_markdown(section: dict[str, Any], fmt_) -> list[str]:
+    lines = [f'Synthetic pyramidal TIFF, {section["tissue_tiles"]} tissue tiles of 96 px, '
+             f'batch {section["batch_size"]}; reading, tissue masking and writing included.', '',
+             '| model | backend | tiles/s | seconds |', '| --- | --- | --- | --- |']
+    lines += [f'| {r["model"] or "(no model: reader only)"} | {r["backend"]} | {fmt_(r["tiles_per_second"])} | '
+              f'{fmt_(r["seconds"])} |' for r in section['runs']]
+    return lines + ['']
+
+
 def _eval_data(args: argparse.Namespace, sizes: Sizes, work: Path):
     if args.data_dir is None:
         return synthetic_split(work / 'synthetic_pcam', sizes.n_fit, sizes.n_eval)
@@ -88,7 +103,7 @@ def render_markdown(results: dict[str, Any]) -> str:
              f'{fmt(results.get("seconds"))} s.', '']
     renderers: dict[str, Callable[[dict[str, Any], Any], list[str]]] = {
         'models': models.markdown, 'backends': backends.markdown, 'training': training.markdown,
-        'gpu': gpu.markdown, 'data': _data_markdown}
+        'gpu': gpu.markdown, 'data': _data_markdown, 'slide': _slide_markdown}
     for name, section in results['sections'].items():
         lines += [f'## {TITLES[name]}', '']
         status = section.get('status') if isinstance(section, dict) else None
@@ -136,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                              args.progress),
             'data': lambda: _data_section(args.quick),
             'training': lambda: training.run(sizes, args.progress),
+            'slide': lambda: _slide_section(args.quick),
             'gpu': lambda: gpu.run(sizes, work / 'gpu', args.progress),
         }
         for name in SECTIONS:

@@ -115,6 +115,9 @@ def test_training_and_gpu_sections(quick_run) -> None:
     if sections['gpu']['status'] == 'skipped':
         assert sections['gpu']['reason']
     assert sections['data']['quick'] is True
+    slide = sections['slide']
+    assert slide['tissue_tiles'] > 0 and slide['runs'][0]['model'] is None
+    assert all(r['tiles_per_second'] > 0 for r in slide['runs']) and len(slide['runs']) > 1
 
 
 def test_failing_section_is_recorded(tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
