@@ -1,4 +1,8 @@
 """The two PCam Inception models: grids, timm API contract, stock weight compatibility, pretrained resolution."""
+import os
+import subprocess
+import sys
+
 import pytest
 import timm
 import torch
@@ -191,3 +195,31 @@ def test_device_meta_and_dtype(name: str) -> None:
 def test_unknown_kwarg_raises_type_error() -> None:
     with pytest.raises(TypeError):
         timm.create_model('inception_v4_pcam', not_an_argument=1)
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_tf_in1k_resolves_through_offline_hf_cache(name: str, tmp_path) -> None:
+    """`pretrained=True` goes to timm's Hub repo for the ImageNet weights: served here by a cache the test fills."""
+    from safetensors.torch import save_file
+
+    stock = timm.create_model(STOCK[name])
+    with torch.no_grad():
+        for p in stock.parameters():
+            p.uniform_(-1, 1)
+    revision = 'a' * 40
+    repo = tmp_path / 'hub' / f'models--timm--{STOCK[name]}.tf_in1k'
+    snapshot = repo / 'snapshots' / revision
+    snapshot.mkdir(parents=True)
+    (repo / 'refs').mkdir()
+    (repo / 'refs' / 'main').write_text(revision)
+    save_file({k: v.contiguous() for k, v in stock.state_dict().items()}, str(snapshot / 'model.safetensors'))
+    first = timm.create_model(name).pretrained_cfg['first_conv'] + '.weight'
+    expected = tmp_path / 'expected.pt'
+    torch.save(stock.state_dict()[first], expected)
+    code = (f"import torch, timm; m = timm.create_model('{name}', pretrained=True); "
+            f"assert torch.equal(m.state_dict()['{first}'], torch.load(r'{expected}')); "
+            f"assert m.get_classifier().weight.shape == (2, 1536); print('ok')")
+    env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'HF_HUB_CACHE': str(tmp_path / 'hub'),
+           'HF_HOME': str(tmp_path / 'hf_home')}
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip() == 'ok', result.stderr[-2000:]
