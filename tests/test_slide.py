@@ -100,13 +100,13 @@ def probe_checkpoint(tmp_path_factory) -> Path:
     import timm
 
     from timm_inception_pcam.checkpoint import save_checkpoint
-    from timm_inception_pcam.data.synth import render_patches
+    from timm_inception_pcam.data.synth import render_patches, stamp_banks
 
     rng = np.random.default_rng(7)
     labels = np.zeros(96, dtype=np.uint8)
     labels[:48] = 1
     rng.shuffle(labels)
-    patches, _ = render_patches(rng, labels, wsi._stamp_banks(rng))  # half the negatives carry ring tumour
+    patches, _ = render_patches(rng, labels, stamp_banks(rng))  # half the negatives carry ring tumour
     torch.manual_seed(0)
     model = fit_probe(timm.create_model('inception_v4_pcam', num_classes=2, depths=(1, 1, 1)), patches, labels)
     return save_checkpoint(tmp_path_factory.mktemp('probe') / 'probe.pth', model, arch='inception_v4_pcam',

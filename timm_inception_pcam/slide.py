@@ -603,14 +603,6 @@ def build_predictor(stack: ExitStack, model_name: str | None, checkpoint: str | 
 # ----------------------------------------------------------------------------------------------- synthetic slide
 
 
-def _stamp_banks(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """The synthetic generator's (tumour, lymphocyte) nucleus stamps, made as `synthesize_pcam` makes them."""
-    from .data import synth
-
-    return (synth._stamp_bank(rng, synth._STAMP_T, 4.5, 8.0, irregular=0.45, texture=0.35),
-            synth._stamp_bank(rng, synth._STAMP_N, 2.0, 3.3, irregular=0.08, texture=0.0))
-
-
 def _render_blocks(rng: np.random.Generator, banks: tuple[np.ndarray, np.ndarray], n: int, tumour: bool
                    ) -> np.ndarray:
     """`n` synthetic PCam patches: positives, or negatives with no tumour cell anywhere (not even the ring)."""
@@ -652,7 +644,9 @@ def write_synthetic_slide(
     tissue = np.asarray(tissue, dtype=bool)
     tumour = np.asarray(tumour, dtype=bool) & tissue
     rng = np.random.default_rng(seed)
-    banks = _stamp_banks(rng)
+    from .data.synth import stamp_banks
+
+    banks = stamp_banks(rng)
     rows, cols = tissue.shape
     painted = np.empty((rows * TILE, cols * TILE, 3), dtype=np.uint8)
     painted[:] = np.array([241, 238, 243], dtype=np.uint8)

@@ -19,7 +19,7 @@ import numpy as np
 from ..io import atomic_path
 from .files import META_COLUMNS, SPLIT_FILE_KEYS, split_file
 
-__all__ = ['synthesize_pcam', 'render_patches']
+__all__ = ['synthesize_pcam', 'render_patches', 'stamp_banks']
 
 SIZE = 96
 CENTRE = (32, 64)  # [start, stop) of the label region on both axes
@@ -232,6 +232,12 @@ def _gzip_file(path: Path) -> Path:
     return out
 
 
+def stamp_banks(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The (tumour, lymphocyte) nucleus stamps `render_patches` paints with."""
+    return (_stamp_bank(rng, _STAMP_T, 4.5, 8.0, irregular=0.45, texture=0.35),
+            _stamp_bank(rng, _STAMP_N, 2.0, 3.3, irregular=0.08, texture=0.0))
+
+
 def synthesize_pcam(root: str | Path, n: int, seed: int = 0, n_valid: int | None = None,
                     n_test: int | None = None, gzip: bool = False) -> dict[str, Path]:
     """Write a synthetic PCam set (train `n`, valid/test default n // 8) in the official layout under `root`.
@@ -249,8 +255,7 @@ def synthesize_pcam(root: str | Path, n: int, seed: int = 0, n_valid: int | None
     seq = np.random.SeedSequence(seed)
     bank_seq, *split_seqs = seq.spawn(4)
     bank_rng = np.random.default_rng(bank_seq)
-    banks = (_stamp_bank(bank_rng, _STAMP_T, 4.5, 8.0, irregular=0.45, texture=0.35),
-             _stamp_bank(bank_rng, _STAMP_N, 2.0, 3.3, irregular=0.08, texture=0.0))
+    banks = stamp_banks(bank_rng)
     out: dict[str, Path] = {}
     for (split, count), split_seq in zip(sizes.items(), split_seqs):
         paths = _write_split(root, split, int(count), np.random.default_rng(split_seq), banks)
