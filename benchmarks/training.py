@@ -24,25 +24,13 @@ MODEL = 'inception_v4_pcam'
 
 
 def trainer_setup(model: nn.Module, batch_size: int, steps: int, ema: bool = True):
-    """The trainer's default arguments, and its optimizer / schedule / EMA / loss built from them with the same timm
-    calls as `timm_inception_pcam.train` (which builds them inside its run loop, not in a reusable function)."""
-    from timm.loss import LabelSmoothingCrossEntropy
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
-    from timm.utils import ModelEmaV3
-
-    from timm_inception_pcam.train import build_parser
+    """The trainer's default arguments, and its optimizer / schedule / EMA / loss built exactly as it builds them."""
+    from timm_inception_pcam.train import build_optimization, build_parser
 
     args = build_parser().parse_args(['--data-dir', '.', '--model', MODEL, '--batch-size', str(batch_size)])
-    optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
-                                    momentum=args.momentum)
-    scheduler, _ = create_scheduler_v2(optimizer, sched=args.sched, num_epochs=args.epochs,
-                                       warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr,
-                                       min_lr=args.min_lr, step_on_epochs=not args.sched_on_updates,
-                                       updates_per_epoch=max(1, steps))
-    ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=True) if args.model_ema and ema else None
-    loss_fn = LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing > 0 else nn.CrossEntropyLoss()
-    return args, optimizer, scheduler, ema, loss_fn
+    args.model_ema = args.model_ema and ema
+    optimizer, scheduler, _, model_ema, loss_fn = build_optimization(args, model, max(1, steps))
+    return args, optimizer, scheduler, model_ema, loss_fn
 
 
 def run(sizes: Sizes, progress: bool = True) -> dict[str, Any]:

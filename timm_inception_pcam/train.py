@@ -43,7 +43,7 @@ from .constants import PCAM_NUM_CLASSES
 from .device import cpu_has_amx
 from .io import atomic_path, atomic_write_json
 
-__all__ = ['TrainError', 'build_parser', 'main', 'amp_dtype_for', 'cpu_has_amx']
+__all__ = ['TrainError', 'build_parser', 'build_optimization', 'main', 'amp_dtype_for', 'cpu_has_amx']
 
 LAST_NAME = 'last.pth'
 BEST_NAME = 'model_best.pth'
@@ -490,6 +490,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             dist.destroy_process_group()
 
 
+def build_optimization(args: argparse.Namespace, model: nn.Module, updates_per_epoch: int):
+    """The recipe's optimizer, LR schedule (and its epoch count), EMA of the weights and loss, from trainer arguments.
+
+    Returns (optimizer, scheduler, num_epochs, ema or None, loss_fn).
+    """
+    optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+                                    momentum=args.momentum,
+                                    **({'eps': args.opt_eps} if args.opt_eps is not None else {}),
+                                    **({'betas': tuple(args.opt_betas)} if args.opt_betas else {}))
+    sched_kw: dict[str, Any] = {}
+    if args.decay_epochs is not None:
+        sched_kw['decay_epochs'] = args.decay_epochs
+    scheduler, num_epochs = create_scheduler_v2(
+        optimizer, sched=args.sched, num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
+        warmup_lr=args.warmup_lr, min_lr=args.min_lr, decay_rate=args.decay_rate,
+        step_on_epochs=not args.sched_on_updates, updates_per_epoch=updates_per_epoch, **sched_kw)
+    ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=True) if args.model_ema else None
+    loss_fn = LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing > 0 else nn.CrossEntropyLoss()
+    return optimizer, scheduler, num_epochs, ema, loss_fn
+
+
 def _run(args: argparse.Namespace, out_dir: Path, device: torch.device, rank: int, world: int, primary: bool,
          log) -> dict[str, Any]:
     seed_everything(args.seed)  # the same initial weights (and EMA copy) in every process
@@ -508,7 +529,6 @@ def _run(args: argparse.Namespace, out_dir: Path, device: torch.device, rank: in
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=True) if args.model_ema else None
     seed_everything(args.seed + rank)  # different augmentations and dropout in every process
 
     train_set, val_set = build_datasets(args)
@@ -534,19 +554,8 @@ def _run(args: argparse.Namespace, out_dir: Path, device: torch.device, rank: in
     steps = len(train_loader) if args.steps_per_epoch is None else max(1, min(args.steps_per_epoch,
                                                                                len(train_loader)))
 
-    optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
-                                    momentum=args.momentum,
-                                    **({'eps': args.opt_eps} if args.opt_eps is not None else {}),
-                                    **({'betas': tuple(args.opt_betas)} if args.opt_betas else {}))
-    sched_kw: dict[str, Any] = {}
-    if args.decay_epochs is not None:
-        sched_kw['decay_epochs'] = args.decay_epochs
-    scheduler, num_epochs = create_scheduler_v2(
-        optimizer, sched=args.sched, num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
-        warmup_lr=args.warmup_lr, min_lr=args.min_lr, decay_rate=args.decay_rate,
-        step_on_epochs=not args.sched_on_updates, updates_per_epoch=steps, **sched_kw)
+    optimizer, scheduler, num_epochs, ema, loss_fn = build_optimization(args, model, steps)
     scaler = NativeScaler(device=device.type) if amp_dtype == torch.float16 else None
-    loss_fn = LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing > 0 else nn.CrossEntropyLoss()
 
     start_epoch, num_updates = 0, 0
     history: list[dict[str, Any]] = []
