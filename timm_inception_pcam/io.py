@@ -11,6 +11,16 @@ from typing import Any
 __all__ = ['atomic_path', 'atomic_write_bytes', 'atomic_write_json', 'file_sha256']
 
 
+def _process_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+# Read once at import: os.umask can only be read by setting it, which is not safe once other threads create files.
+_UMASK = _process_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = '') -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block completes.
@@ -25,9 +35,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = '') -> Iterator[Path]:
     try:
         yield tmp_path
         if tmp_path.is_file():  # mkstemp makes files private (0600): give the result the usual umask-based mode
-            umask = os.umask(0)
-            os.umask(umask)
-            tmp_path.chmod(0o666 & ~umask)
+            tmp_path.chmod(0o666 & ~_UMASK)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
