@@ -1,10 +1,9 @@
 """CPU inference backends for our models, side by side: throughput and the accuracy cost of each path.
 
 Every backend is a `timm_inception_pcam.predict` predictor timed end to end (uint8 patches in, logits out, so
-preprocessing is included) on the same batches, round-robin. The model is calibrated so that its outputs vary
-(BatchNorm statistics from synthetic patches, classifier fitted on them; or a trained `--checkpoint`). The accuracy
-cost is measured against eager float32 on labelled synthetic patches: decision agreement (argmax), ROC AUC change,
-largest probability difference.
+preprocessing is included) on the same batches, round-robin. The model is trained as the main job trains it
+(`common.trained_model`), or given as a `--checkpoint`. The accuracy cost is measured against eager float32 on
+labelled synthetic patches: decision agreement (argmax), ROC AUC change, largest probability difference.
 """
 from __future__ import annotations
 
@@ -21,7 +20,7 @@ from tqdm import tqdm
 from timm_inception_pcam.predict import Predictor, cpu_has_amx, create_predictor, model_normalization, resolve_backend
 from timm_inception_pcam.preprocess import batch_slices, preprocess_patches
 
-from .common import Sizes, calibrated_model, create, summarize
+from .common import Sizes, summarize, trained_model
 
 __all__ = ['AGREEMENT_TARGET', 'SPEEDUP_TARGET', 'run', 'quantize_int8', 'accuracy_cost', 'markdown']
 
@@ -29,7 +28,7 @@ AGREEMENT_TARGET = 0.999
 SPEEDUP_TARGET = 3.0
 TARGET_MODEL = 'inception_v4_pcam'
 # Paths that change the arithmetic: measured on every evaluation patch. The float32 ones on `repeats` batches.
-LOW_PRECISION = ('bf16', 'compile_bf16', 'onnxruntime_int8')
+LOW_PRECISION = ('bf16', 'bf16_checked', 'compile_bf16', 'onnxruntime_int8')
 NOISE_BATCHES = 4  # batches of eager float32 re-run with input noise (the noise floor)
 
 
@@ -97,8 +96,8 @@ def _noise_floor(eager: Predictor, patches: np.ndarray, reference: np.ndarray, l
 def _candidates(name: str, sizes: Sizes) -> dict[str, str | None]:
     """Backend -> None to measure it, or the reason it is skipped."""
     compile_name = 'compile_bf16' if cpu_has_amx() else 'compile'
-    out: dict[str, str | None] = {'eager': None, 'channels_last': None,
-                                  'bf16': None if cpu_has_amx() else 'no AMX on this CPU: bfloat16 is emulated'}
+    no_amx = None if cpu_has_amx() else 'no AMX on this CPU: bfloat16 is emulated'
+    out: dict[str, str | None] = {'eager': None, 'channels_last': None, 'bf16': no_amx, 'bf16_checked': no_amx}
     if not sizes.quick and name not in sizes.compile_models:
         out[compile_name] = f'torch.compile takes minutes per full-size model here; measured on ' \
                             f'{", ".join(sizes.compile_models) or "none"}'
@@ -111,22 +110,14 @@ def _candidates(name: str, sizes: Sizes) -> dict[str, str | None]:
     return out
 
 
-def _model_for(name: str, sizes: Sizes, data: dict[str, tuple[np.ndarray, np.ndarray]],
-               checkpoints: list[str], cache_dir: Path | None) -> tuple[nn.Module, str]:
+def _model_for(name: str, sizes: Sizes, workdir: Path, checkpoints: list[str], cache_dir: Path | None,
+               progress: bool) -> tuple[nn.Module, str]:
     from timm_inception_pcam.checkpoint import load_model, read_checkpoint
 
     for checkpoint in checkpoints:
         if str(read_checkpoint(checkpoint).get('arch') or '').split('.')[0] == name:
             return load_model(None, checkpoint), f'trained checkpoint {checkpoint}'
-    patches, labels = data['fit']
-    depths = 'x'.join(map(str, sizes.depths)) if sizes.depths else 'full'
-    cache = cache_dir / f'{name}-{depths}-n{len(labels)}-s{sizes.fit_steps}-b{sizes.train_batch}.pt' \
-        if cache_dir else None
-    reused = cache is not None and cache.is_file()
-    model = calibrated_model(create(name, sizes), patches, labels, steps=sizes.fit_steps,
-                             batch_size=sizes.train_batch, cache=cache)
-    return model, (f'random init trained {sizes.fit_steps} steps x {sizes.train_batch} on {len(labels)} synthetic '
-                   f'patches' + (f' (weights reused from {cache})' if reused else ''))
+    return trained_model(name, sizes, workdir, cache_dir, progress)
 
 
 def _build(backend: str, name: str, model: nn.Module, sizes: Sizes, workdir: Path,
@@ -150,7 +141,7 @@ def _build(backend: str, name: str, model: nn.Module, sizes: Sizes, workdir: Pat
 def bench_model(name: str, sizes: Sizes, workdir: Path, data: dict[str, tuple[np.ndarray, np.ndarray]],
                 checkpoints: list[str] | None = None, cache_dir: Path | None = None,
                 progress: bool = True) -> dict[str, Any]:
-    model, source = _model_for(name, sizes, data, checkpoints or [], cache_dir)
+    model, source = _model_for(name, sizes, workdir, checkpoints or [], cache_dir, progress)
     patches, labels = data['eval']
     fit_patches = data['fit'][0]
     predictors: dict[str, Predictor] = {}
@@ -196,6 +187,8 @@ def bench_model(name: str, sizes: Sizes, workdir: Path, data: dict[str, tuple[np
         row['speedup_vs_eager'] = eager_time / med if eager_time and med else None
         done = ~np.isnan(logits[backend][:, 0])
         row['accuracy'] = accuracy_cost(logits['eager'][done], logits[backend][done], labels[done])
+        if predictors[backend].check is not None:  # what bf16_checked re-ran in float32 (warm-up batch included)
+            row['check'] = predictors[backend].check.stats()
     ok = {b: r for b, r in rows.items() if r['status'] == 'ok' and r['patches_per_s']}
     correct = {b: r for b, r in ok.items() if r['accuracy']['decision_agreement'] >= AGREEMENT_TARGET
                and not b.startswith('compile')}
@@ -223,7 +216,7 @@ def bench_model(name: str, sizes: Sizes, workdir: Path, data: dict[str, tuple[np
 def run(sizes: Sizes, workdir: Path, data: dict[str, tuple[np.ndarray, np.ndarray]],
         checkpoints: list[str] | None = None, cache_dir: Path | None = None, progress: bool = True) -> dict[str, Any]:
     """`checkpoints`: trained weights to compare on (matched to the models by their 'arch'); the other models are
-    calibrated (briefly trained) here, their weights cached in `cache_dir` for the next run."""
+    trained here with the main job's recipe, their checkpoints cached in `cache_dir` for the next run."""
     workdir.mkdir(parents=True, exist_ok=True)
     return {'batch': sizes.batch, 'agreement_target': AGREEMENT_TARGET, 'speedup_target': SPEEDUP_TARGET,
             'models': [bench_model(name, sizes, workdir, data, checkpoints, cache_dir, progress)
@@ -248,6 +241,14 @@ def markdown(section: dict[str, Any], fmt) -> list[str]:
             lines.append(f'| {backend} | {fmt(r["patches_per_s"])} | {fmt(r["speedup_vs_eager"])} | '
                          f'{fmt(r["setup_s"])} | {a["decision_agreement"]:.4%} | {a["disagreements"]} / {a["n"]} | '
                          f'{fmt(a["roc_auc_change"])} | {fmt(a["max_abs_prob_diff"])} |')
+        for backend, r in m['backends'].items():
+            if r.get('check'):
+                c = r['check']
+                lines += ['', f'{backend} re-ran {c["rechecked"]} of {c["patches"]} patches in float32 '
+                              f'({c["rechecked_fraction"]:.1%}, the warm-up batch measured in full included); bound '
+                              f'{fmt(c["bound"])} logits = {fmt(c["safety"])} x the {c["error_quantile"]:.0%} '
+                              f'quantile of the measured bf16 margin errors (median {fmt(c["margin_error_median"])}, '
+                              f'largest {fmt(c["margin_error_max"])}).']
         nf = m['input_noise_floor']
         lines += ['', f'Noise floor: eager float32 under uniform +-0.5 grey-level input noise (below 8-bit '
                       f'quantisation) agrees with itself on {nf["decision_agreement"]:.2%} of {nf["n"]} patches '

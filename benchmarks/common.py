@@ -1,4 +1,4 @@
-"""What the benchmark sections share: the machine record, timing, synthetic data, a model whose outputs vary."""
+"""What the benchmark sections share: the machine record, timing, synthetic data, a trained model."""
 from __future__ import annotations
 
 import os
@@ -14,10 +14,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from timm_inception_pcam.preprocess import batch_slices, preprocess_patches
-
 __all__ = ['Sizes', 'QUICK', 'FULL', 'machine_info', 'interleaved_times', 'summarize', 'synthetic_split',
-           'calibrated_model', 'create', 'fmt']
+           'trained_model', 'create', 'fmt']
 
 
 @dataclass(frozen=True)
@@ -29,11 +27,11 @@ class Sizes:
     repeats: int  # timed repeats per measurement (medians are reported)
     warmup: int
     latency_repeats: int  # batch-1 latency repeats
-    n_fit: int  # labelled synthetic patches a model is briefly trained on (so that its outputs vary)
-    fit_steps: int  # training steps of that calibration
+    n_fit: int  # synthetic training patches of the backend section's models (`trained_model`)
+    fit_epochs: int  # their training epochs
     n_eval: int  # labelled synthetic patches for the accuracy cost of the low-precision paths
     train_batch: int
-    train_steps: int  # timed training steps per loop
+    train_steps: int  # timed round-robin rounds of training steps (one step per loop each)
     compile_models: tuple[str, ...]  # torch.compile takes minutes per full-size model: only these
     onnx: bool
     backend_models: tuple[str, ...]
@@ -42,11 +40,11 @@ class Sizes:
         return asdict(self)
 
 
-QUICK = Sizes(quick=True, depths=(1, 1, 1), batch=8, repeats=2, warmup=1, latency_repeats=2, n_fit=32, fit_steps=2,
+QUICK = Sizes(quick=True, depths=(1, 1, 1), batch=8, repeats=2, warmup=1, latency_repeats=2, n_fit=64, fit_epochs=2,
               n_eval=32, train_batch=8, train_steps=2, compile_models=(), onnx=True,
               backend_models=('inception_v4_pcam',))
-FULL = Sizes(quick=False, depths=None, batch=64, repeats=3, warmup=1, latency_repeats=5, n_fit=384, fit_steps=30,
-             n_eval=1024, train_batch=32, train_steps=4, compile_models=('inception_v4_pcam',), onnx=True,
+FULL = Sizes(quick=False, depths=None, batch=64, repeats=3, warmup=1, latency_repeats=5, n_fit=512, fit_epochs=2,
+             n_eval=1024, train_batch=32, train_steps=10, compile_models=('inception_v4_pcam',), onnx=True,
              backend_models=('inception_v4_pcam', 'inception_resnet_v2_pcam'))
 
 
@@ -126,54 +124,48 @@ def create(name: str, sizes: Sizes, **kwargs: Any) -> nn.Module:
     return timm.create_model(name, num_classes=2, **kwargs).eval()
 
 
-@torch.no_grad()
-def _estimate_bn(model: nn.Module, x: torch.Tensor, batch_size: int) -> None:
-    """Re-estimate every BatchNorm's statistics on `x` (cumulative average over the batches)."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None
-    model.train()
-    for s in batch_slices(len(x), batch_size):
-        model(x[s])
-    model.eval()
+def trained_model(name: str, sizes: Sizes, workdir: Path, cache_dir: Path | None = None,
+                  progress: bool = True) -> tuple[nn.Module, str]:
+    """`name` trained the way the main job (`timm_inception_pcam.pipeline`, `make demo`) trains it, and a description.
 
-
-def calibrated_model(model: nn.Module, patches: np.ndarray, labels: np.ndarray, *, steps: int, batch_size: int,
-                     seed: int = 0, cache: Path | None = None) -> nn.Module:
-    """Train a randomly initialised `model` briefly on labelled patches so that its outputs vary meaningfully.
-
-    A random Inception gives near-constant logits, and even with BatchNorm statistics and a classifier fitted its
-    input-dependent signal is tiny next to the feature magnitudes: bf16 / int8 rounding would then look far worse
-    than on a trained network. So: `steps` updates of our trainer's step (AdamW, label smoothing, clipping, bf16
-    autocast on AMX CPUs), then BatchNorm statistics re-estimated on the patches. With `cache` (a file) the weights
-    are reused when it exists and written there otherwise.
+    A synthetic sample like the main job's (`sizes.n_fit` training patches, seed 0), our trainer with the main job's
+    recipe (random initialisation, `sizes.fit_epochs` epochs, best validation checkpoint). Accuracy costs are only
+    meaningful on a model that has learnt something: a random Inception's logits hardly vary, and a few optimiser
+    steps leave a model whose own float32 decisions flip under sub-grey-level input noise. With `cache_dir` the
+    checkpoint is kept there and reused by the next run.
     """
-    if cache is not None and cache.is_file():
-        model.load_state_dict(torch.load(cache, map_location='cpu', weights_only=True))
-        return model.eval()
+    import contextlib
+    import io
+    import shutil
+
+    from timm_inception_pcam.checkpoint import load_model
+    from timm_inception_pcam.data import synthesize_pcam
     from timm_inception_pcam.io import atomic_path
-    from timm_inception_pcam.predict import model_normalization
-    from timm_inception_pcam.train import amp_dtype_for, train_one_epoch
+    from timm_inception_pcam.pipeline import build_parser, train_model
 
-    from .training import trainer_setup
-
-    torch.manual_seed(seed)
-    x = torch.from_numpy(preprocess_patches(patches, *model_normalization(model)))
-    y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-    args, optimizer, _, _, loss_fn = trainer_setup(model, batch_size, steps, ema=False)
-    g = torch.Generator().manual_seed(seed)
-    order = torch.cat([torch.randperm(len(x), generator=g) for _ in range(-(-steps * batch_size // len(x)))])
-    batches = [(x[i], y[i]) for i in order[:steps * batch_size].split(batch_size) if len(i) == batch_size]
-    if batches:
-        train_one_epoch(model, batches, optimizer, loss_fn, args, torch.device('cpu'), 0, 0, len(batches),
-                        amp_dtype=amp_dtype_for(torch.device('cpu'), args.amp_dtype), show=False)
-    model.to(memory_format=torch.contiguous_format)
-    _estimate_bn(model, x, batch_size)
+    argv = ['--model', name, '--n-train', str(sizes.n_fit), '--n-eval', str(max(16, sizes.n_fit // 2)),
+            '--epochs', str(sizes.fit_epochs), '--batch-size', str(sizes.train_batch), '--workers', '0']
+    if name.endswith('_pcam') and sizes.depths is not None:
+        argv += ['--model-kwargs', f'depths={",".join(map(str, sizes.depths))}']
+    args = build_parser().parse_args(argv)
+    depths = 'x'.join(map(str, sizes.depths)) if sizes.depths else 'full'
+    recipe = (f'trained by the main job\'s recipe: {args.epochs} epochs x {args.n_train} synthetic patches, batch '
+              f'{args.batch_size}, lr {args.lr}, random init')
+    cache = cache_dir / f'{name}-{depths}-demo-n{args.n_train}-e{args.epochs}-b{args.batch_size}.pth' \
+        if cache_dir else None
+    if cache is not None and cache.is_file():
+        return load_model(None, cache), f'{recipe} (checkpoint reused from {cache})'
+    data_dir = workdir / f'train-{name}' / 'data'
+    synthesize_pcam(data_dir, n=args.n_train, seed=args.seed, n_valid=args.n_eval, n_test=2)
+    quiet = contextlib.redirect_stdout(io.StringIO()) if not progress else contextlib.nullcontext()
+    with quiet:
+        summary = train_model(args, data_dir, workdir / f'train-{name}' / 'run')
+    best = Path(summary['best_checkpoint'])
     if cache is not None:
-        with atomic_path(cache, suffix='.pt') as tmp:
-            torch.save(model.state_dict(), tmp)
-    return model
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(cache, suffix='.pth') as tmp:
+            shutil.copyfile(best, tmp)
+    return load_model(None, best), f'{recipe}, best validation ROC AUC {summary["best_metric"]:.3f}'
 
 
 def fmt(value: Any, digits: int = 3) -> str:

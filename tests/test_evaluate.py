@@ -231,11 +231,61 @@ def test_evaluate_valid_split_predicts_once(pcam_dir, checkpoint, tmp_path, monk
         return model
 
     monkeypatch.setattr(evaluate, 'load_model', counting_load_model)
-    report = evaluate.main(_args(pcam_dir, checkpoint, tmp_path / 'eval', '--split', 'val', '--threshold-method', 'f1'))
+    report = evaluate.main(_args(pcam_dir, checkpoint, tmp_path / 'eval', '--split', 'val', '--threshold-method', 'f1',
+                                 '--backend', 'channels_last'))  # one forward per batch (bf16_checked adds some)
     assert report['split'] == 'valid' and report['n'] == N_VALID
     assert sum(seen) == N_VALID  # the valid predictions serve both the threshold and the metrics
     assert report['threshold']['source'] == 'valid' and report['threshold']['method'] == 'f1'
     assert report['threshold']['valid_n'] == N_VALID
+
+
+def test_settle_recomputes_the_decisions_in_doubt():
+    """bf16_checked in the evaluator: views from a perturbed fast path, settled at a threshold chosen afterwards."""
+    from timm_inception_pcam.predict import DecisionCheck
+
+    net = PositionNet().eval()
+
+    def exact(x: torch.Tensor) -> np.ndarray:  # margins about -2..2 on these random patches
+        with torch.no_grad():
+            return 50 * net(x).numpy() + np.array([0.0, 81.25], dtype=np.float32)
+
+    def fast(x: torch.Tensor) -> np.ndarray:  # margin error of +-0.02 that depends only on the patch
+        logits = exact(x)
+        logits[:, 1] += np.where(x[:, 1, 0, 0].numpy() > 0, 0.02, -0.02)
+        return logits
+
+    patches = _patches(40, seed=3)
+    check = DecisionCheck(fast, exact, thresholds=())
+    views = evaluate.predict_probs(check, patches, batch_size=8, tta=2, return_views=True, progress=False)
+    reference = evaluate.predict_probs(exact, patches, batch_size=8, tta=2, return_views=True, progress=False)
+    assert check.stats()['margin_error_max'] == pytest.approx(0.02, rel=1e-3)
+    assert check.rechecked == 8  # the first batch, once
+    k = 20  # a threshold between patch k's float32 and fast probabilities: the fast path alone decides it wrongly
+    threshold = float((reference[:, k].mean() + views[:, k].mean()) / 2)
+    assert ((views.mean(axis=0) >= threshold) != (reference.mean(axis=0) >= threshold))[k]
+    settled = evaluate.settle(check, patches, views, threshold, batch_size=8, mean=PCAM_MEAN, std=PCAM_STD)
+    assert 0 < settled < 40
+    np.testing.assert_array_equal(views.mean(axis=0) >= threshold, reference.mean(axis=0) >= threshold)
+    far = np.abs(reference.mean(axis=0) - threshold) > 0.1
+    assert far.any() and not np.allclose(views[:, far], reference[:, far])  # the others keep their fast values
+
+
+def test_evaluate_bf16_checked_counts_float32_decisions(pcam_dir, checkpoint, tmp_path):
+    exact = evaluate.main(_args(pcam_dir, checkpoint, tmp_path / 'fp32', '--tta', '2', '--backend', 'channels_last'))
+    report = evaluate.main(_args(pcam_dir, checkpoint, tmp_path / 'checked', '--tta', '2',
+                                 '--backend', 'bf16_checked'))
+    assert exact['backend_check'] is None
+    check = report['backend_check']
+    assert report['backend'] == 'bf16_checked' and check['settled_at'] == report['threshold']['value']
+    assert check['margin_error_max'] > 0 and check['rechecked'] >= BATCH and 0 <= check['settled'] <= N_TEST
+
+    def probs(folder) -> np.ndarray:
+        with open(folder / 'predictions.csv', newline='') as f:
+            return np.array([float(r['prob']) for r in csv.DictReader(f)])
+
+    t = report['threshold']['value']
+    np.testing.assert_array_equal(probs(tmp_path / 'checked') >= t, probs(tmp_path / 'fp32') >= t)
+    assert report['metrics']['roc_auc'] == pytest.approx(exact['metrics']['roc_auc'], abs=0.05)
 
 
 def test_missing_split_file_is_named(pcam_dir, checkpoint, tmp_path):

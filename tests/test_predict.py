@@ -9,7 +9,15 @@ import torch.nn as nn
 
 from timm_inception_pcam import predict as predict_mod
 from timm_inception_pcam.constants import PCAM_MEAN, PCAM_STD
-from timm_inception_pcam.predict import BACKENDS, create_predictor, fold_batchnorm, resolve_backend
+from timm_inception_pcam.predict import (
+    BACKENDS,
+    DecisionCheck,
+    class1_margin,
+    create_predictor,
+    fold_batchnorm,
+    resolve_backend,
+    undecided,
+)
 from timm_inception_pcam.preprocess import preprocess_patches
 
 N = 32
@@ -154,11 +162,11 @@ def test_compile_pads_short_batches() -> None:
 
 def test_auto_follows_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(predict_mod, 'cpu_has_amx', lambda: True)
-    assert resolve_backend('auto') == 'bf16'
+    assert resolve_backend('auto') == 'bf16_checked'
     monkeypatch.setattr(predict_mod, 'cpu_has_amx', lambda: False)
     assert resolve_backend('auto') == 'channels_last'
     assert resolve_backend('auto', onnx_file=True) == 'onnxruntime'
-    assert set(BACKENDS) >= {'eager', 'channels_last', 'bf16', 'compile', 'onnxruntime'}
+    assert set(BACKENDS) >= {'eager', 'channels_last', 'bf16', 'bf16_checked', 'compile', 'onnxruntime'}
 
 
 def test_bad_input_is_named(model: nn.Module, data, tmp_path: Path) -> None:
@@ -179,3 +187,102 @@ def test_bad_input_is_named(model: nn.Module, data, tmp_path: Path) -> None:
         create_predictor(model, std=(0.2, 0.0, 0.2))
     with pytest.raises(ValueError, match='float32 NCHW'):
         predictor.logits(torch.zeros(2, 3, 96, 96, dtype=torch.float64))
+
+
+def test_undecided_bounds_the_mean_probability() -> None:
+    logit = float(np.log(0.9 / 0.1))  # the margin at which p1 = 0.9
+    margins = np.array([0.1, -0.1, 0.3, -0.3, np.nan, np.inf, -np.inf, logit + 0.1])
+    assert undecided(margins, [0.5], 0.2).tolist() == [True, True, False, False, True, False, False, False]
+    assert undecided(margins, [0.5, 0.9], 0.2).tolist() == [True, True, False, False, True, False, False, True]
+    assert not undecided(margins, [], 0.2)[:4].any()
+    # two views far from 0.5 on either side average to p1 = 0.5: in doubt at 0.5 however small the bound
+    views = np.array([[3.0, 3.0], [-3.0, 3.0]])
+    assert undecided(views, [0.5], 1e-6).tolist() == [True, False]
+    assert not undecided(views, [0.5], 0.0)[1]
+
+
+class _Fake:
+    """Stand-in runners: exact logits from a table, the fast ones with a known margin error added."""
+
+    def __init__(self, margins: np.ndarray, error: np.ndarray):
+        self.margins, self.error, self.exact_calls = margins, error, []
+
+    def _logits(self, x: torch.Tensor, error: np.ndarray) -> np.ndarray:
+        idx = x[:, 0, 0, 0].long().numpy()
+        m = self.margins[idx] + error[idx]
+        return np.stack([-m / 2, m / 2], axis=1).astype(np.float32)
+
+    def fast(self, x: torch.Tensor) -> np.ndarray:
+        return self._logits(x, self.error)
+
+    def exact(self, x: torch.Tensor) -> np.ndarray:
+        self.exact_calls.append(x[:, 0, 0, 0].long().tolist())
+        return self._logits(x, np.zeros_like(self.error))
+
+
+def test_decision_check_settles_what_bf16_could_flip() -> None:
+    rng = np.random.default_rng(0)
+    n = 400
+    margins = rng.normal(0, 4, n)
+    error = rng.uniform(-0.25, 0.25, n)
+    error[:8] = 0.25  # the first batch measures 0.25: bound = 2 x 0.25
+    margins[100], error[100] = 30.0, 3.0  # a large error far from any threshold, as bf16 gives huge margins
+    fake = _Fake(margins, error)
+    check = DecisionCheck(fake.fast, fake.exact, thresholds=(0.5, 0.8), safety=2.0)
+    x = torch.arange(n, dtype=torch.float32)[:, None, None, None].expand(n, 3, 96, 96)
+    assert check.bound == float('inf')
+    out = np.concatenate([check(x[s:s + 8]) for s in range(0, n, 8)])
+    got = class1_margin(out)
+    assert fake.exact_calls[0] == list(range(8))  # the first batch is measured in full
+    np.testing.assert_allclose(check.errors[:8], 0.25, atol=1e-5)  # measured on the first batch
+    for t in (0.5, 0.8):  # decisions at the configured thresholds are float32's ...
+        assert ((got >= np.log(t / (1 - t))) == (margins >= np.log(t / (1 - t)))).all()
+    plain = margins + error  # ... which the fast path alone misses
+    assert ((plain >= 0) != (margins >= 0)).any()
+    rechecked = {i for call in fake.exact_calls for i in call}
+    kept = np.setdiff1d(np.arange(n), sorted(rechecked))
+    assert len(kept) > n // 2 and 100 in kept, 'most patches should keep their fast logits'
+    np.testing.assert_allclose(got[kept], plain[kept], atol=1e-5)
+    stats = check.stats()
+    assert stats['patches'] == n and stats['rechecked'] == len([i for c in fake.exact_calls for i in c])
+    assert stats['bound'] == pytest.approx(2.0 * np.quantile(np.abs(error[sorted(rechecked)]), 0.9), rel=1e-4)
+
+
+def test_decision_check_bound_grows_with_what_it_sees() -> None:
+    margins = np.array([5.0] * 4 + [0.3] * 4 + [0.01] * 12)
+    error = np.array([0.01] * 4 + [-0.2] * 4 + [0.5] * 12)  # later patches err more than the first batch showed
+    fake = _Fake(margins, error)
+    check = DecisionCheck(fake.fast, fake.exact, thresholds=(0.5,), safety=4.0)
+    x = torch.arange(20, dtype=torch.float32)[:, None, None, None].expand(20, 3, 96, 96)
+    check(x[:4])
+    assert check.bound == pytest.approx(0.04, rel=1e-3)
+    out = check(x[4:8])  # fast margins 0.1: outside the bound of 0.04, kept (and wrong by 0.2, not flipped)
+    np.testing.assert_allclose(class1_margin(out), 0.1, atol=1e-5)
+    out = check(x[8:12])  # fast margins 0.51: far outside, and flipped: an error the first batch did not warn of
+    assert (class1_margin(out) > 0).all() and check.rechecked == 4
+    with pytest.raises(ValueError, match='strictly between 0 and 1'):
+        DecisionCheck(fake.fast, fake.exact, thresholds=(1.0,))
+    with pytest.raises(ValueError, match='safety must be at least 1'):
+        DecisionCheck(fake.fast, fake.exact, thresholds=(0.5,), safety=0.5)
+
+
+def test_bf16_checked_matches_float32_decisions(model: nn.Module, reference: np.ndarray, data) -> None:
+    fp32 = class1_margin(reference)
+    later = np.sort(fp32[8:])  # a threshold between two patches of the later batches, so some are in doubt
+    middle = (later[len(later) // 2 - 1] + later[len(later) // 2]) / 2
+    thresholds = (0.5, float(1 / (1 + np.exp(-middle))))
+    predictor = create_predictor(model, 'bf16_checked', batch_size=8, thresholds=thresholds)
+    assert predictor.backend == 'bf16_checked'
+    logits = predictor.predict_logits(data[0])
+    for t in thresholds:
+        assert ((class1_margin(logits) >= np.log(t / (1 - t))) == (fp32 >= np.log(t / (1 - t)))).all()
+    info = predictor.info()['check']
+    assert info['patches'] == N and 8 <= info['rechecked'] <= N and info['margin_error_median'] > 0
+    plain = create_predictor(model, 'bf16', batch_size=8).predict_logits(data[0])
+    exact = create_predictor(model, 'channels_last', batch_size=8).predict_logits(data[0])
+    kept = np.abs(logits - plain).max(axis=1) == 0  # not re-checked: the bf16 logits as they came
+    assert 0 < kept.sum() < N - 8, 'the first batch is re-checked in full, and not every patch after it'
+    np.testing.assert_allclose(logits[~kept], exact[~kept], rtol=1e-4, atol=1e-4)  # the others: float32's
+    assert kept.sum() + info['rechecked'] == N
+    with pytest.raises(ValueError, match='checks binary decisions'):
+        create_predictor(timm.create_model('inception_v4_pcam', depths=(1, 1, 1), num_classes=3), 'bf16_checked')

@@ -7,6 +7,11 @@ The decision threshold is chosen on the valid split (Youden's J, or max F1) and 
 is never tuned on test. Without a valid split it is 0.5 (source "default"). With ``--tta 8`` the probabilities of
 the 8 dihedral views are averaged, and the report gives the gain over the plain (identity) view, whose metrics come
 from the same forward passes.
+
+On a CPU the default backend (``--backend auto``) is ``bf16_checked`` where the CPU has AMX: bf16 forward passes,
+then every test patch whose decision at the chosen threshold bf16 rounding could have flipped is recomputed in
+float32 (`settle`), so the counted decisions are float32's; the report's ``backend_check`` says how many. The
+threshold itself is chosen on the (bf16) valid probabilities. ``--backend channels_last`` runs float32 throughout.
 """
 import argparse
 import io
@@ -41,7 +46,7 @@ from .metrics import (
     select_threshold,
 )
 from .predict import BACKENDS as CPU_BACKENDS
-from .predict import create_predictor
+from .predict import DecisionCheck, create_predictor, undecided
 from .preprocess import model_normalization, preprocess_patches
 
 __all__ = ['REPORT_FORMAT', 'TorchBackend', 'predict_probs', 'evaluate_split', 'main']
@@ -160,10 +165,32 @@ def predict_probs(
                 if logits.ndim != 2 or logits.shape != (x.shape[0], PCAM_NUM_CLASSES):
                     raise ValueError(f'model output has shape {tuple(logits.shape)} for a batch of {x.shape[0]}, '
                                      f'expected ({x.shape[0]}, {PCAM_NUM_CLASSES}) logits')
-                views[k, start:stop] = torch.softmax(logits.float(), dim=1)[:, 1].double().numpy()
+                views[k, start:stop] = torch.softmax(logits.double(), dim=1)[:, 1].numpy()
             start = stop
             bar.update(x.shape[0])
     return views if return_views else views.mean(axis=0)
+
+
+def settle(check: DecisionCheck, data: PatchSource | np.ndarray, views: np.ndarray, threshold: float,
+           plain_threshold: float | None = None, batch_size: int = 256, *, mean: Sequence[float],
+           std: Sequence[float]) -> int:
+    """Re-run in float32 every patch whose decision at `threshold` the bf16 error bound of `check` leaves in doubt.
+
+    `views` (tta, N) are class-1 probabilities from the `bf16_checked` predictor; the patches in doubt (on the mean
+    over views at `threshold`, on view 0 at `plain_threshold`) get all their views recomputed by `check.exact`, in
+    place, so the decisions the report counts are float32's. Returns how many patches were settled.
+    """
+    with np.errstate(divide='ignore'):
+        margins = np.log(views) - np.log1p(-views)
+    doubt = undecided(margins, [threshold], check.bound)
+    if plain_threshold is not None:
+        doubt |= undecided(margins[:1], [plain_threshold], check.bound)
+    idx = np.flatnonzero(doubt)
+    if len(idx):
+        patches = data[idx] if isinstance(data, np.ndarray) else data.read_batch(idx)[0]
+        views[:, idx] = predict_probs(check.exact, patches, batch_size, views.shape[0], mean=mean, std=std,
+                                      return_views=True, desc='settle in float32')
+    return int(len(idx))
 
 
 def _finite(x: Any) -> Any:
@@ -283,10 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--output', default='runs/evaluate', help='folder for report.json, predictions.csv and plots')
     p.add_argument('--device', default=None, choices=('cpu', 'cuda'), help='default: cuda when available')
     p.add_argument('--amp', default='none', choices=tuple(AMP_DTYPES))
-    p.add_argument('--backend', default='channels_last', choices=('auto', *CPU_BACKENDS),
-                   help='CPU inference path (timm_inception_pcam.predict), used on CPU without --amp. Default: '
-                        'channels_last, exact float32 with BatchNorm folded (about 1.4x eager); auto = bf16 on AMX '
-                        'CPUs (about 5x, but 99.2%% decision agreement measured, below the 99.9%% target)')
+    p.add_argument('--backend', default='auto', choices=('auto', *CPU_BACKENDS),
+                   help='CPU inference path (timm_inception_pcam.predict), used on CPU without --amp. auto: '
+                        'bf16_checked on AMX CPUs (bf16, with the patches whose decision at the chosen threshold '
+                        'bf16 rounding could flip settled in float32), else channels_last (float32, BatchNorm '
+                        'folded); eager = the model as it is')
     p.add_argument('--bootstrap', type=int, default=1000, help='bootstrap resamples for the 95%% CIs')
     p.add_argument('--seed', type=int, default=0, help='bootstrap seed')
     p.add_argument('--limit', type=int, default=None, help='evaluate only the first N patches of each split')
@@ -307,9 +335,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model_name = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or args.model
     mean, std = model_normalization(model)
     device = resolve_device(args.device)
+    check: DecisionCheck | None = None
     if device.type == 'cpu' and args.amp == 'none':
-        predictor = create_predictor(model, args.backend, args.batch_size, mean, std)
-        backend, backend_name = predictor.logits, predictor.backend
+        # No per-batch thresholds: the threshold is chosen later; `settle` re-checks the test decisions at it.
+        predictor = create_predictor(model, args.backend, args.batch_size, mean, std, thresholds=())
+        backend, backend_name, check = predictor.logits, predictor.backend, predictor.check
     else:
         backend, backend_name = TorchBackend(model, device, args.amp), f'torch {device.type} amp={args.amp}'
 
@@ -320,6 +350,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     views = predict(dataset, split)
     labels = np.asarray(dataset.labels[:views.shape[1]], dtype=np.int64)
     threshold, plain_threshold, valid_n = _threshold(args, predict, (labels, views) if split == 'valid' else None)
+    backend_check = None
+    if check is not None:
+        settled = settle(check, dataset, views, threshold['value'], plain_threshold, args.batch_size, mean=mean,
+                         std=std)
+        backend_check = {**check.stats(), 'settled': settled, 'settled_at': threshold['value']}
     result = evaluate_split(labels, views, threshold['value'], plain_threshold, args.bootstrap, args.seed)
 
     out = Path(args.output)
@@ -350,6 +385,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         'use_ema': args.use_ema,
         'amp': args.amp,
         'backend': backend_name,
+        'backend_check': backend_check,
         'versions': {'timm': timm.__version__, 'torch': torch.__version__},
         'seconds': round(time.perf_counter() - t0, 2),
     })

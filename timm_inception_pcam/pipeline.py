@@ -22,7 +22,7 @@ from typing import Any
 
 from timm.utils import ParseKwargs
 
-__all__ = ['main']
+__all__ = ['build_parser', 'train_model', 'main']
 
 
 def _step(title: str) -> None:
@@ -57,13 +57,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def train_model(args: argparse.Namespace, data_dir: Path, output: Path) -> dict[str, Any]:
+    """Step 2, the main job's recipe: our trainer from random initialisation (no network) on `data_dir`.
+
+    `args` are this command's (`build_parser`); the benchmark trains its models with it too. Returns the trainer's
+    summary (``best_checkpoint``, history, ...).
+    """
+    from .train import main as train_main
+
+    return train_main([
+        '--model', args.model, *_kwargs_argv(args.model_kwargs), '--data-dir', str(data_dir), '--output', str(output),
+        '--epochs', str(args.epochs), '--batch-size', str(args.batch_size), '--lr', str(args.lr),
+        '--warmup-epochs', '0.5', '--seed', str(args.seed), '--workers', str(args.workers), '--no-pretrained',
+    ])
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from export.trt import main as trt_main
 
     from .data import synthesize_pcam
     from .evaluate import main as evaluate_main
     from .publish import main as publish_main
-    from .train import main as train_main
 
     args = build_parser().parse_args(argv)
     out = Path(args.output)
@@ -78,11 +92,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f'{len(files)} files in {data_dir}')
 
     _step(f'2/5 training {args.model} on CPU')
-    train = train_main([
-        '--model', args.model, *kwargs_argv, '--data-dir', str(data_dir), '--output', str(out / 'train'),
-        '--epochs', str(args.epochs), '--batch-size', str(args.batch_size), '--lr', str(args.lr),
-        '--warmup-epochs', '0.5', '--seed', str(args.seed), '--workers', str(args.workers), '--no-pretrained',
-    ])
+    train = train_model(args, data_dir, out / 'train')
     checkpoint = Path(train['best_checkpoint'])
     artefacts['checkpoint'] = str(checkpoint)
 

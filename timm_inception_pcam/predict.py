@@ -8,13 +8,19 @@ Backends (all on the CPU; `benchmarks/backends.py` measures them side by side, w
 - `eager`: the model as given, float32, NCHW; the baseline.
 - `channels_last`: a copy with BatchNorm folded into the convolutions, channels-last memory format, float32.
 - `bf16`: as `channels_last`, with bfloat16 weights and activations (AMX tiles on Sapphire Rapids and newer).
+- `bf16_checked`: `bf16`, then every patch whose decision bfloat16 rounding could have flipped is run again in
+  float32 (`channels_last`) and takes the float32 logits, so decisions at the predictor's `thresholds` match float32.
+  "Could have flipped": its class-1 logit margin lies within `safety` x (the 90th percentile of the bf16-vs-float32
+  margin errors measured so far) of a threshold. The first batch runs both ways in full to measure them, and every
+  re-checked patch is one more measurement. See `DecisionCheck`.
 - `compile` / `compile_bf16`: `torch.compile` (inductor, frozen weights) of the `channels_last` / `bf16` copy,
   specialised to `batch_size` (shorter batches are zero-padded); compiling a full-size model takes minutes.
 - `onnxruntime`: onnxruntime's CPU provider on an ONNX file (a model given as a module is exported first).
 
-`auto` picks `bf16` on CPUs with AMX, where it measured about 3x eager float32 with 99.9+ % decision agreement,
-and `channels_last` elsewhere (bf16 without AMX is emulated and slower than float32); an ONNX file always runs on
-onnxruntime. Preprocessing is `preprocess_patches`, shared with the other runtimes.
+`auto` picks `bf16_checked` on CPUs with AMX (plain `bf16` measured about 5x eager float32 but changed up to 1 % of
+decisions; see benchmarks/results) and `channels_last` elsewhere (bf16 without AMX is emulated and slower than
+float32); an ONNX file always runs on onnxruntime. Preprocessing is `preprocess_patches`, shared with the other
+runtimes.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import copy
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,11 +40,14 @@ from .constants import PCAM_NUM_CLASSES
 from .device import cpu_has_amx
 from .preprocess import batch_slices, check_patches, model_normalization, preprocess_patches
 
-__all__ = ['BACKENDS', 'TORCH_BACKENDS', 'Predictor', 'create_predictor', 'resolve_backend', 'fold_batchnorm',
+__all__ = ['BACKENDS', 'TORCH_BACKENDS', 'DEFAULT_SAFETY', 'DecisionCheck', 'class1_margin', 'undecided',
+           'Predictor', 'create_predictor', 'resolve_backend', 'fold_batchnorm',
            'model_normalization', 'cpu_has_amx']
 
-TORCH_BACKENDS = ('eager', 'channels_last', 'bf16', 'compile', 'compile_bf16')
+TORCH_BACKENDS = ('eager', 'channels_last', 'bf16', 'bf16_checked', 'compile', 'compile_bf16')
 BACKENDS = TORCH_BACKENDS + ('onnxruntime',)
+DEFAULT_SAFETY = 4.0
+ERROR_QUANTILE = 0.9
 
 
 def resolve_backend(backend: str = 'auto', onnx_file: bool = False) -> str:
@@ -50,7 +60,7 @@ def resolve_backend(backend: str = 'auto', onnx_file: bool = False) -> str:
                              '(backend "auto" or "onnxruntime")')
         return 'onnxruntime'
     if backend == 'auto':
-        return 'bf16' if cpu_has_amx() else 'channels_last'
+        return 'bf16_checked' if cpu_has_amx() else 'channels_last'
     return backend
 
 
@@ -116,6 +126,97 @@ class _TorchRunner:
             return self.model(t)[:n].float().numpy()
 
 
+def class1_margin(logits: np.ndarray) -> np.ndarray:
+    """Class-1 logit margin (logit 1 - logit 0) of (N, 2) logits, in float64: sigmoid of it is the softmax's p1."""
+    logits = np.asarray(logits, dtype=np.float64)
+    return logits[..., 1] - logits[..., 0]
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def undecided(margins: np.ndarray, thresholds: Sequence[float], bound: float) -> np.ndarray:
+    """Which patches an error of up to `bound` in every view's class-1 logit margin could move across a threshold.
+
+    `margins` is (N,) or (views, N); a patch's decision is ``mean over views of sigmoid(margin) >= t`` (the
+    evaluator averages test-time-augmentation probabilities). A NaN margin counts as undecided; +-inf as decided.
+    """
+    m = np.asarray(margins, dtype=np.float64)
+    m = m[None] if m.ndim == 1 else m
+    lo, hi = _sigmoid(m - bound).mean(axis=0), _sigmoid(m + bound).mean(axis=0)
+    out = np.isnan(m).any(axis=0)
+    for t in thresholds:
+        out |= (lo < t) & (hi >= t)
+    return out
+
+
+def _check_thresholds(thresholds: Sequence[float]) -> tuple[float, ...]:
+    values = tuple(float(t) for t in thresholds)
+    if any(not 0.0 < t < 1.0 for t in values):
+        raise ValueError(f'decision thresholds must be probabilities strictly between 0 and 1, got {list(values)}')
+    return values
+
+
+class DecisionCheck:
+    """The `bf16_checked` runner: bf16 logits, replaced by float32 ones for every patch whose decision is in doubt.
+
+    In doubt: `undecided` at `thresholds` with bound = `safety` x the `ERROR_QUANTILE` quantile of the |bf16 -
+    float32| class-1 margin errors measured so far. The first batch is run both ways in full (the first
+    measurements); each re-checked patch is a further one, so the bound follows the model and the data. A quantile,
+    not the maximum: on briefly trained models the largest errors (up to 17 logits, 4 % relative) come from patches
+    whose margins are in the hundreds, nowhere near a threshold, and a maximum would send every patch to float32.
+    `exact` is also what the evaluator calls to settle the patches in doubt at a threshold it only knows later
+    (`timm_inception_pcam.evaluate.settle`).
+    """
+
+    def __init__(self, fast: Callable[[torch.Tensor], np.ndarray], exact: Callable[[torch.Tensor], np.ndarray],
+                 thresholds: Sequence[float], safety: float = DEFAULT_SAFETY):
+        if not safety >= 1.0:
+            raise ValueError(f'safety must be at least 1 (a multiple of the measured bf16 error), got {safety}')
+        self.fast, self.exact, self.safety = fast, exact, float(safety)
+        self.thresholds = _check_thresholds(thresholds)
+        self.errors = np.zeros(0)  # |bf16 - float32| class-1 margin of every patch run both ways
+        self.patches = self.rechecked = 0
+
+    @property
+    def bound(self) -> float:
+        """Margin error assumed for a patch that was not re-checked (infinite before the first measurement)."""
+        if not len(self.errors):
+            return float('inf')
+        return self.safety * float(np.quantile(self.errors, ERROR_QUANTILE))
+
+    def observe(self, fast: np.ndarray, exact: np.ndarray) -> None:
+        err = np.abs(class1_margin(fast) - class1_margin(exact))
+        self.errors = np.concatenate([self.errors, err[np.isfinite(err)]])
+
+    def __call__(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
+        x = torch.as_tensor(x)
+        logits = self.fast(x)
+        if not len(self.errors):
+            doubt = np.arange(len(logits))
+        else:
+            margin = class1_margin(logits)
+            doubt = np.flatnonzero(undecided(margin, self.thresholds, self.bound) | ~np.isfinite(margin))
+        if len(doubt):
+            exact = self.exact(x[torch.from_numpy(doubt)])
+            self.observe(logits[doubt], exact)
+            logits[doubt] = exact
+        self.patches += len(logits)
+        self.rechecked += len(doubt)
+        return logits
+
+    def stats(self) -> dict[str, Any]:
+        """What was checked: patches, re-checked patches and fraction, the measured errors and the bound used."""
+        measured = len(self.errors) > 0
+        return {'thresholds': list(self.thresholds), 'safety': self.safety, 'error_quantile': ERROR_QUANTILE,
+                'patches': self.patches, 'rechecked': self.rechecked,
+                'rechecked_fraction': self.rechecked / self.patches if self.patches else None,
+                'margin_error_median': float(np.median(self.errors)) if measured else None,
+                'margin_error_max': float(self.errors.max()) if measured else None,
+                'bound': self.bound if measured else None}
+
+
 class _OnnxRunner:
     """Graph input (normalised float32 NCHW, or uint8 NHWC when preprocessing is baked in) -> float32 logits."""
 
@@ -138,6 +239,7 @@ class Predictor:
                  *, backend: str, batch_size: int, mean: Sequence[float], std: Sequence[float], num_classes: int,
                  takes_normalized: bool = True):
         self._run, self._prepare = run, prepare
+        self.check = run if isinstance(run, DecisionCheck) else None
         self.backend, self.batch_size, self.num_classes = backend, batch_size, num_classes
         self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
         self.takes_normalized = takes_normalized
@@ -145,6 +247,11 @@ class Predictor:
     def __repr__(self) -> str:
         return (f'Predictor(backend={self.backend!r}, batch_size={self.batch_size}, num_classes={self.num_classes}, '
                 f'mean={self.mean}, std={self.std})')
+
+    def info(self) -> dict[str, Any]:
+        """The backend, and for `bf16_checked` what its check did so far (`DecisionCheck.stats`)."""
+        return {'backend': self.backend, 'batch_size': self.batch_size,
+                **({'check': self.check.stats()} if self.check is not None else {})}
 
     def predict_logits(self, patches: np.ndarray) -> np.ndarray:
         """uint8 (N, 96, 96, 3) patches -> float32 logits (N, num_classes)."""
@@ -193,12 +300,16 @@ def create_predictor(
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         threads: int | None = None,
+        thresholds: Sequence[float] = (0.5,),
+        safety: float = DEFAULT_SAFETY,
 ) -> Predictor:
     """A CPU predictor for a torch model or an ONNX file (str / Path, run on onnxruntime).
 
     `mean`/`std` default to the model's pretrained_cfg (for an ONNX file: its stored preprocessing, which they must
     match if given). `threads` sets torch's / onnxruntime's intra-op threads while predicting (default: theirs).
     A torch model must live on the CPU; backends other than `eager` run an optimised copy, leaving it untouched.
+    `thresholds` (class-1 probabilities) and `safety` configure `bf16_checked` (see `DecisionCheck`): decisions at
+    these thresholds match float32 (0.5 = argmax); an empty tuple only measures the bf16 error on the first batch.
     """
     if batch_size < 1:
         raise ValueError(f'batch_size must be at least 1, got {batch_size}')
@@ -228,7 +339,15 @@ def create_predictor(
     def prepare(patches: np.ndarray, source: str) -> np.ndarray:
         return preprocess_patches(patches, mean, std, source)
 
-    runner = _TorchRunner(model, name, threads, batch_size)
+    runner: Callable[[np.ndarray], np.ndarray]
+    if name == 'bf16_checked':
+        if num_classes != 2:
+            raise ValueError(f'backend bf16_checked checks binary decisions; this model has {num_classes} classes '
+                             '(use bf16 or channels_last)')
+        runner = DecisionCheck(_TorchRunner(model, 'bf16', threads, batch_size),
+                               _TorchRunner(model, 'channels_last', threads, batch_size), thresholds, safety)
+    else:
+        runner = _TorchRunner(model, name, threads, batch_size)
     return Predictor(runner, prepare, backend=name, batch_size=batch_size, mean=mean, std=std, num_classes=num_classes)
 
 
