@@ -163,7 +163,7 @@ def bench_model(name: str, sizes: Sizes, workdir: Path, data: dict[str, tuple[np
 
     slices = list(batch_slices(len(patches), sizes.batch))
     logits = {b: np.full((len(patches), 2), np.nan, dtype=np.float32) for b in predictors}
-    times: dict[str, list[float]] = {b: [] for b in predictors}
+    times: dict[str, dict[int, float]] = {b: {} for b in predictors}  # batch index -> seconds
     work = sum(len(slices) if (b == 'eager' or b in LOW_PRECISION) else min(sizes.repeats, len(slices))
                for b in predictors)
     with tqdm(total=work, desc=f'backends {name}', unit='batch', disable=not progress, leave=False) as bar:
@@ -174,16 +174,19 @@ def bench_model(name: str, sizes: Sizes, workdir: Path, data: dict[str, tuple[np
                 t0 = time.perf_counter()
                 logits[backend][s] = predictor.predict_logits(patches[s])
                 if s.stop - s.start == sizes.batch:
-                    times[backend].append(time.perf_counter() - t0)
+                    times[backend][i] = time.perf_counter() - t0
                 bar.update(1)
 
     noise_floor = _noise_floor(predictors['eager'], patches[:sizes.batch * NOISE_BATCHES], logits['eager'], labels)
-    eager_time = summarize(times['eager'], sizes.batch)['median_s'] if times.get('eager') else None
     for backend in predictors:
         row = rows[backend]
-        row['timing'] = summarize(times[backend], sizes.batch) if times[backend] else None
+        row['timing'] = summarize(list(times[backend].values()), sizes.batch) if times[backend] else None
+        # against eager on the same batches (the float32 paths run on the first `repeats` only): same load, same data
+        same = [times['eager'][i] for i in times[backend] if i in times.get('eager', {})]
+        eager_time = summarize(same)['median_s'] if same else None
         med = row['timing']['median_s'] if row['timing'] else None
         row['patches_per_s'] = row['timing']['items_per_s'] if row['timing'] else None
+        row['eager_median_s_same_batches'] = eager_time
         row['speedup_vs_eager'] = eager_time / med if eager_time and med else None
         done = ~np.isnan(logits[backend][:, 0])
         row['accuracy'] = accuracy_cost(logits['eager'][done], logits[backend][done], labels[done])

@@ -159,7 +159,7 @@ def trained_model(name: str, sizes: Sizes, workdir: Path, cache_dir: Path | None
     synthesize_pcam(data_dir, n=args.n_train, seed=args.seed, n_valid=args.n_eval, n_test=2)
     quiet = contextlib.redirect_stdout(io.StringIO()) if not progress else contextlib.nullcontext()
     with quiet:
-        summary = train_model(args, data_dir, workdir / f'train-{name}' / 'run')
+        summary = train_model(args, data_dir, workdir / f'train-{name}' / 'run', [] if progress else ['--no-progress'])
     best = Path(summary['best_checkpoint'])
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)

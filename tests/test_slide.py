@@ -280,3 +280,13 @@ def test_svs_and_overlapping_stride(synthetic, tmp_path):
     again = wsi.run_slide(synthetic['path'], rec, tmp_path / 'half', replace(half_stride, threshold=0.9),
                           resume=True, progress=False)
     assert rec.calls == 0 and again['tiles_over_threshold'] == int((prob >= 0.9).sum())
+
+
+def test_bf16_checked_keeps_float32_decisions_at_the_listing_threshold(probe_checkpoint):
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        predictor, info = wsi.build_predictor(stack, None, str(probe_checkpoint), 'bf16_checked', 16,
+                                              thresholds=(0.5, 0.3, 1.0))
+    assert info['backend'] == 'bf16_checked' and predictor.check is not None
+    assert sorted(predictor.check.thresholds) == [0.3, 0.5]  # 1.0 decides nothing: no check needed

@@ -17,6 +17,7 @@ import json
 import shlex
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,11 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def train_model(args: argparse.Namespace, data_dir: Path, output: Path) -> dict[str, Any]:
+def train_model(args: argparse.Namespace, data_dir: Path, output: Path, extra: Sequence[str] = ()) -> dict[str, Any]:
     """Step 2, the main job's recipe: our trainer from random initialisation (no network) on `data_dir`.
 
     `args` are this command's (`build_parser`); the benchmark trains its models with it too. Returns the trainer's
-    summary (``best_checkpoint``, history, ...).
+    summary (``best_checkpoint``, history, ...). `extra`: further trainer arguments (e.g. ``--no-progress``).
     """
     from .train import main as train_main
 
@@ -69,6 +70,7 @@ def train_model(args: argparse.Namespace, data_dir: Path, output: Path) -> dict[
         '--model', args.model, *_kwargs_argv(args.model_kwargs), '--data-dir', str(data_dir), '--output', str(output),
         '--epochs', str(args.epochs), '--batch-size', str(args.batch_size), '--lr', str(args.lr),
         '--warmup-epochs', '0.5', '--seed', str(args.seed), '--workers', str(args.workers), '--no-pretrained',
+        *extra,
     ])
 
 

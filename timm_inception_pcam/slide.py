@@ -564,11 +564,12 @@ def _plot_heatmap(slide: WholeSlide, grid: TileGrid, prob: np.ndarray, path: Pat
 
 
 def build_predictor(stack: ExitStack, model_name: str | None, checkpoint: str | None, backend: str = 'auto',
-                    batch_size: int = 64, use_ema: bool = False, model_kwargs: dict[str, Any] | None = None
-                    ) -> tuple[Predictor, dict[str, Any]]:
+                    batch_size: int = 64, use_ema: bool = False, model_kwargs: dict[str, Any] | None = None,
+                    thresholds: tuple[float, ...] = (0.5,)) -> tuple[Predictor, dict[str, Any]]:
     """The predictor for a checkpoint (PyTorch, ONNX, or a TensorRT plan with its sidecar) and its run info.
 
     `backend` is 'tensorrt' or a `timm_inception_pcam.predict` backend ('auto', 'eager', 'bf16', 'onnxruntime', ...).
+    `thresholds`: the tile probabilities at which `bf16_checked` (auto on AMX CPUs) keeps float32's decisions.
     """
     from .predict import create_predictor
 
@@ -595,7 +596,8 @@ def build_predictor(stack: ExitStack, model_name: str | None, checkpoint: str | 
             raise SlideError(f'{checkpoint}: model has {model.num_classes} classes, expected {PCAM_NUM_CLASSES} '
                              f'({", ".join(LABEL_NAMES)})')
         info['model'] = model_name or (getattr(model, 'pretrained_cfg', None) or {}).get('architecture')
-        predictor = create_predictor(model, backend=backend, batch_size=batch_size)
+        predictor = create_predictor(model, backend=backend, batch_size=batch_size,
+                                     thresholds=tuple(t for t in thresholds if 0.0 < t < 1.0))
     info['backend'] = predictor.backend
     return predictor, info
 
@@ -732,7 +734,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         stack.callback(slide.close)
         plan_grid(slide, options)  # and so does a slide without a resolution
         predict, info = build_predictor(stack, args.model, args.checkpoint, args.backend, args.batch_size,
-                                        args.use_ema, args.model_kwargs)
+                                        args.use_ema, args.model_kwargs, thresholds=tuple({0.5, options.threshold}))
         return run_slide(slide, predict, args.out, options, resume=args.resume, run_info=info,
                          progress=False if args.no_progress else None)
 
