@@ -170,3 +170,17 @@ def test_interleaved_times_round_robin() -> None:
     assert calls == ['a', 'b'] * 4 and [len(v) for v in times.values()] == [3, 3]
     s = summarize([3.0, 1.0, 2.0], items=64)
     assert s['median_s'] == 2.0 and s['items_per_s'] == 32.0 and (s['min_s'], s['max_s']) == (1.0, 3.0)
+
+
+def test_trained_model_is_cached_and_reused(tmp_path: Path) -> None:
+    from benchmarks.common import trained_model
+
+    cache = tmp_path / 'cache'
+    first, source = trained_model('inception_v4_pcam', TINY, tmp_path / 'work', cache, progress=False)
+    assert "main job's recipe" in source and 'best validation ROC AUC' in source
+    (cached,) = cache.iterdir()
+    assert cached.name.startswith('inception_v4_pcam-1x1x1-demo-n32-e2')
+    again, source = trained_model('inception_v4_pcam', TINY, tmp_path / 'other', cache, progress=False)
+    assert f'reused from {cached}' in source and not (tmp_path / 'other').exists()  # no second training
+    for (k, a), b in zip(first.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), k
