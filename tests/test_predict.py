@@ -260,6 +260,22 @@ def test_decision_check_bound_grows_with_what_it_sees() -> None:
     np.testing.assert_allclose(class1_margin(out), 0.1, atol=1e-5)
     out = check(x[8:12])  # fast margins 0.51: far outside, and flipped: an error the first batch did not warn of
     assert (class1_margin(out) > 0).all() and check.rechecked == 4
+
+
+def test_decision_check_keeps_a_bounded_history(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(predict_mod, 'ERROR_HISTORY', 6)
+    margins = np.zeros(20)  # every patch sits on the threshold: all are re-checked
+    error = np.linspace(0.01, 0.2, 20)
+    error[0] = 1.0
+    fake = _Fake(margins, error)
+    check = DecisionCheck(fake.fast, fake.exact, thresholds=(0.5,), safety=100.0)
+    x = torch.arange(20, dtype=torch.float32)[:, None, None, None].expand(20, 3, 96, 96)
+    for s in range(0, 20, 4):
+        check(x[s:s + 4])
+    assert check.rechecked == 20 and len(check.errors) == 6
+    np.testing.assert_allclose(check.errors, error[-6:], rtol=1e-5)  # the most recent measurements
+    assert check.stats()['margin_error_max'] == pytest.approx(1.0, rel=1e-5)  # the largest ever is still reported
+    assert check.bound == pytest.approx(100.0 * np.quantile(error[-6:], 0.9), rel=1e-4)
     with pytest.raises(ValueError, match='strictly between 0 and 1'):
         DecisionCheck(fake.fast, fake.exact, thresholds=(1.0,))
     with pytest.raises(ValueError, match='safety must be at least 1'):

@@ -48,6 +48,7 @@ TORCH_BACKENDS = ('eager', 'channels_last', 'bf16', 'bf16_checked', 'compile', '
 BACKENDS = TORCH_BACKENDS + ('onnxruntime',)
 DEFAULT_SAFETY = 4.0
 ERROR_QUANTILE = 0.9
+ERROR_HISTORY = 8192  # measurements kept (the most recent): a slide of a million tiles must not grow them unbounded
 
 
 def resolve_backend(backend: str = 'auto', onnx_file: bool = False) -> str:
@@ -176,7 +177,9 @@ class DecisionCheck:
             raise ValueError(f'safety must be at least 1 (a multiple of the measured bf16 error), got {safety}')
         self.fast, self.exact, self.safety = fast, exact, float(safety)
         self.thresholds = _check_thresholds(thresholds)
-        self.errors = np.zeros(0)  # |bf16 - float32| class-1 margin of every patch run both ways
+        self.errors = np.zeros(0)  # |bf16 - float32| class-1 margin errors, the last ERROR_HISTORY measured
+        self.largest_error = 0.0
+        self._bound: float | None = None  # cached until the next measurement
         self.patches = self.rechecked = 0
 
     @property
@@ -184,11 +187,16 @@ class DecisionCheck:
         """Margin error assumed for a patch that was not re-checked (infinite before the first measurement)."""
         if not len(self.errors):
             return float('inf')
-        return self.safety * float(np.quantile(self.errors, ERROR_QUANTILE))
+        if self._bound is None:
+            self._bound = self.safety * float(np.quantile(self.errors, ERROR_QUANTILE))
+        return self._bound
 
     def observe(self, fast: np.ndarray, exact: np.ndarray) -> None:
         err = np.abs(class1_margin(fast) - class1_margin(exact))
-        self.errors = np.concatenate([self.errors, err[np.isfinite(err)]])
+        err = err[np.isfinite(err)]
+        self.errors = np.concatenate([self.errors, err])[-ERROR_HISTORY:]
+        self.largest_error = max(self.largest_error, float(err.max(initial=0.0)))
+        self._bound = None
 
     def __call__(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
         x = torch.as_tensor(x)
@@ -213,7 +221,7 @@ class DecisionCheck:
                 'patches': self.patches, 'rechecked': self.rechecked,
                 'rechecked_fraction': self.rechecked / self.patches if self.patches else None,
                 'margin_error_median': float(np.median(self.errors)) if measured else None,
-                'margin_error_max': float(self.errors.max()) if measured else None,
+                'margin_error_max': self.largest_error if measured else None,
                 'bound': self.bound if measured else None}
 
 
