@@ -285,6 +285,9 @@ def test_evaluate_bf16_checked_counts_float32_decisions(pcam_dir, checkpoint, tm
 
     t = report['threshold']['value']
     np.testing.assert_array_equal(probs(tmp_path / 'checked') >= t, probs(tmp_path / 'fp32') >= t)
+    # the valid patches around the chosen threshold were settled too, so it is float32's own choice
+    assert check['valid_settled'] >= 1 and 'valid_settled' not in report['threshold']
+    assert t == pytest.approx(exact['threshold']['value'], abs=1e-6)
     assert report['metrics']['roc_auc'] == pytest.approx(exact['metrics']['roc_auc'], abs=0.05)
 
 

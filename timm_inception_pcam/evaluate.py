@@ -9,11 +9,13 @@ the 8 dihedral views are averaged, and the report gives the gain over the plain 
 from the same forward passes.
 
 On a CPU the default backend (``--backend auto``) is ``bf16_checked`` where the CPU has AMX: bf16 forward passes,
-then every test patch whose decision at the chosen threshold bf16 rounding could have flipped is recomputed in
-float32 (`settle`), so the counted decisions are float32's; the report's ``backend_check`` says how many. The
-threshold itself is chosen on the (bf16) valid probabilities. ``--backend channels_last`` runs float32 throughout.
+then the valid patches whose decision at the chosen threshold bf16 rounding could have flipped are recomputed in
+float32 and the threshold chosen again, and so are the evaluated split's at that threshold (`settle`): the
+threshold is scored on float32 decisions around it and the counted decisions are float32's. The report's
+``backend_check`` says how many were settled. ``--backend channels_last`` runs float32 throughout.
 """
 import argparse
+import functools
 import io
 import math
 import sys
@@ -248,13 +250,19 @@ def evaluate_split(
 
 
 def _threshold(args: argparse.Namespace, predict: Callable[[PCamDataset, str], np.ndarray],
-               split_views: tuple[np.ndarray, np.ndarray] | None) -> tuple[dict[str, Any], float | None, int | None]:
-    """({'value', 'source', 'method'}, threshold for the plain view, number of valid items used)."""
+               split_views: tuple[np.ndarray, np.ndarray, PCamDataset] | None,
+               settle_valid: Callable[[PCamDataset, np.ndarray, float, float | None], int] | None = None,
+               ) -> tuple[dict[str, Any], float | None, int | None]:
+    """({'value', 'source', 'method'[, 'valid_settled']}, threshold for the plain view, number of valid items used).
+
+    With `settle_valid` (the `bf16_checked` backend), the valid patches in doubt at the chosen thresholds are settled
+    in float32 and the thresholds chosen again: every candidate near them is then scored on float32 decisions.
+    """
     default = {'value': 0.5, 'source': 'default', 'method': None}
     if args.threshold_from == 'default':
         return default, None, None
     if split_views is not None:  # evaluating valid itself
-        labels, views = split_views
+        labels, views, valid = split_views
     else:
         try:
             valid = _open_split(args.data_dir, 'valid')
@@ -263,13 +271,22 @@ def _threshold(args: argparse.Namespace, predict: Callable[[PCamDataset, str], n
             return default, None, None
         views = predict(valid, 'valid')
         labels = valid.labels[:views.shape[1]]
-    try:
+
+    def choose() -> tuple[float, float | None]:
         value = select_threshold(labels, views.mean(axis=0), args.threshold_method)
-        plain = select_threshold(labels, views[0], args.threshold_method) if views.shape[0] > 1 else None
+        return value, select_threshold(labels, views[0], args.threshold_method) if views.shape[0] > 1 else None
+
+    try:
+        value, plain = choose()
+        chosen = {'value': value, 'source': 'valid', 'method': args.threshold_method}
+        if settle_valid is not None:
+            chosen['valid_settled'] = settle_valid(valid, views, value, plain)
+            value, plain = choose()
+            chosen['value'] = value
     except ValueError as e:
         warnings.warn(f'valid split unusable for threshold selection ({e}): using 0.5', stacklevel=2)
         return default, None, None
-    return {'value': value, 'source': 'valid', 'method': args.threshold_method}, plain, int(labels.size)
+    return chosen, plain, int(labels.size)
 
 
 def _fmt(v: float | None) -> str:
@@ -349,12 +366,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     views = predict(dataset, split)
     labels = np.asarray(dataset.labels[:views.shape[1]], dtype=np.int64)
-    threshold, plain_threshold, valid_n = _threshold(args, predict, (labels, views) if split == 'valid' else None)
+    # bf16_checked: decisions at the chosen thresholds re-run in float32 where bf16 leaves them in doubt
+    settle_at = functools.partial(settle, check, batch_size=args.batch_size, mean=mean, std=std) \
+        if check is not None else None
+    threshold, plain_threshold, valid_n = _threshold(args, predict, (labels, views, dataset) if split == 'valid'
+                                                     else None, settle_at)
     backend_check = None
-    if check is not None:
-        settled = settle(check, dataset, views, threshold['value'], plain_threshold, args.batch_size, mean=mean,
-                         std=std)
-        backend_check = {**check.stats(), 'settled': settled, 'settled_at': threshold['value']}
+    if settle_at is not None and check is not None:
+        settled = settle_at(dataset, views, threshold['value'], plain_threshold)
+        backend_check = {**check.stats(), 'settled': settled, 'settled_at': threshold['value'],
+                         'valid_settled': threshold.pop('valid_settled', None)}
     result = evaluate_split(labels, views, threshold['value'], plain_threshold, args.bootstrap, args.seed)
 
     out = Path(args.output)
