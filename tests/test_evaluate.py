@@ -239,35 +239,51 @@ def test_evaluate_valid_split_predicts_once(pcam_dir, checkpoint, tmp_path, monk
     assert report['threshold']['valid_n'] == N_VALID
 
 
-def test_settle_recomputes_the_decisions_in_doubt():
-    """bf16_checked in the evaluator: views from a perturbed fast path, settled at a threshold chosen afterwards."""
+def _checked_views(n: int, tta: int):
+    """A bf16_checked stand-in: float32 = a position-weighted score, fast = that plus a patch-dependent error."""
     from timm_inception_pcam.predict import DecisionCheck
 
     net = PositionNet().eval()
 
-    def exact(x: torch.Tensor) -> np.ndarray:  # margins about -2..2 on these random patches
+    def exact(x: torch.Tensor) -> np.ndarray:  # margins about -14..10 on these random patches
         with torch.no_grad():
-            return 50 * net(x).numpy() + np.array([0.0, 81.25], dtype=np.float32)
+            return 150 * net(x).numpy() + np.array([0.0, 243.75], dtype=np.float32)
 
-    def fast(x: torch.Tensor) -> np.ndarray:  # margin error of +-0.02 that depends only on the patch
+    def fast(x: torch.Tensor) -> np.ndarray:  # margin error up to 0.1, depending only on the patch
         logits = exact(x)
-        logits[:, 1] += np.where(x[:, 1, 0, 0].numpy() > 0, 0.02, -0.02)
+        logits[:, 1] += (0.05 * x[:, 1, 0, 0].numpy()).astype(np.float32)
         return logits
 
-    patches = _patches(40, seed=3)
+    patches = _patches(n, seed=3)
     check = DecisionCheck(fast, exact, thresholds=())
-    views = evaluate.predict_probs(check, patches, batch_size=8, tta=2, return_views=True, progress=False)
-    reference = evaluate.predict_probs(exact, patches, batch_size=8, tta=2, return_views=True, progress=False)
-    assert check.stats()['margin_error_max'] == pytest.approx(0.02, rel=1e-3)
+    views = evaluate.predict_probs(check, patches, batch_size=8, tta=tta, return_views=True, progress=False)
+    reference = evaluate.predict_probs(exact, patches, batch_size=8, tta=tta, return_views=True, progress=False)
     assert check.rechecked == 8  # the first batch, once
+    return evaluate.Settler(check, patches, views, 8, PCAM_MEAN, PCAM_STD), views, reference
+
+
+def test_settler_recomputes_the_decisions_in_doubt():
+    settler, views, reference = _checked_views(40, tta=2)
     k = 20  # a threshold between patch k's float32 and fast probabilities: the fast path alone decides it wrongly
     threshold = float((reference[:, k].mean() + views[:, k].mean()) / 2)
     assert ((views.mean(axis=0) >= threshold) != (reference.mean(axis=0) >= threshold))[k]
-    settled = evaluate.settle(check, patches, views, threshold, batch_size=8, mean=PCAM_MEAN, std=PCAM_STD)
-    assert 0 < settled < 40
+    assert 0 < settler.at(threshold) == settler.settled < 40
     np.testing.assert_array_equal(views.mean(axis=0) >= threshold, reference.mean(axis=0) >= threshold)
-    far = np.abs(reference.mean(axis=0) - threshold) > 0.1
-    assert far.any() and not np.allclose(views[:, far], reference[:, far])  # the others keep their fast values
+    np.testing.assert_allclose(views[:, settler.exact], reference[:, settler.exact], rtol=1e-6)
+    assert not np.allclose(views[:, ~settler.exact], reference[:, ~settler.exact])  # the others keep fast values
+    assert settler.at(threshold) == 0  # nothing is settled twice
+
+
+@pytest.mark.parametrize('method', ['youden', 'f1'])
+def test_settler_chooses_the_float32_threshold(method):
+    settler, views, reference = _checked_views(400, tta=1)
+    rng = np.random.default_rng(0)
+    labels = (reference[0] + rng.normal(0, 0.1, 400) > np.median(reference[0])).astype(np.int64)
+    fast_choice = select_threshold(labels, views[0], method)
+    float32_choice = select_threshold(labels, reference[0], method)
+    assert fast_choice != float32_choice  # the case that matters: bf16 alone would choose another threshold
+    assert settler.choose(labels, method) == pytest.approx(float32_choice, abs=1e-9)
+    assert 0 < settler.settled < 400 // 2, 'only the patches that could change the choice'
 
 
 def test_evaluate_bf16_checked_counts_float32_decisions(pcam_dir, checkpoint, tmp_path):

@@ -194,3 +194,32 @@ def test_plots_are_png_and_atomic(tmp_path, plot):
         assert im.size[0] > 200 and im.size[1] > 200
         assert np.unique(np.asarray(im.convert('L'))).size > 10  # something was drawn
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
+
+
+@pytest.mark.parametrize('method', ['youden', 'f1'])
+def test_threshold_metric_bounds_contain_every_realisation(method):
+    from timm_inception_pcam.metrics import threshold_metric_bounds
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 300)
+    p = np.clip(0.5 * labels + rng.uniform(0, 0.5, 300), 0, 1)
+    t = np.linspace(0.05, 0.95, 37)
+
+    def criterion(probs: np.ndarray, thr: float) -> float:
+        tp = int(((probs >= thr) & (labels == 1)).sum())
+        fp = int(((probs >= thr) & (labels == 0)).sum())
+        pos, neg = int(labels.sum()), int((labels == 0).sum())
+        return tp / pos - fp / neg if method == 'youden' else 2 * tp / (tp + fp + pos)
+
+    lo, hi = threshold_metric_bounds(labels, p, p, t, method)  # exact probabilities: both bounds are the value
+    np.testing.assert_allclose(lo, [criterion(p, x) for x in t])
+    np.testing.assert_allclose(hi, lo)
+    width = rng.uniform(0, 0.1, 300)
+    lo, hi = threshold_metric_bounds(labels, p - width, p + width, t, method)
+    assert (hi > lo).any()
+    for _ in range(20):  # any probabilities within the intervals score within the bounds
+        q = p + rng.uniform(-1, 1, 300) * width
+        values = np.array([criterion(q, x) for x in t])
+        assert (lo - 1e-12 <= values).all() and (values <= hi + 1e-12).all()
+    with pytest.raises(ValueError, match='unknown threshold method'):
+        threshold_metric_bounds(labels, p, p, t, 'accuracy')

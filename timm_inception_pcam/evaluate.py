@@ -46,12 +46,13 @@ from .metrics import (
     pr_points,
     roc_points,
     select_threshold,
+    threshold_metric_bounds,
 )
 from .predict import BACKENDS as CPU_BACKENDS
-from .predict import DecisionCheck, create_predictor, undecided
+from .predict import DecisionCheck, create_predictor, mean_prob_bounds
 from .preprocess import model_normalization, preprocess_patches
 
-__all__ = ['REPORT_FORMAT', 'TorchBackend', 'predict_probs', 'evaluate_split', 'main']
+__all__ = ['REPORT_FORMAT', 'TorchBackend', 'Settler', 'predict_probs', 'evaluate_split', 'main']
 
 REPORT_FORMAT = 'timm-inception-pcam-report/1'
 MAX_TTA = 8
@@ -173,26 +174,69 @@ def predict_probs(
     return views if return_views else views.mean(axis=0)
 
 
-def settle(check: DecisionCheck, data: PatchSource | np.ndarray, views: np.ndarray, threshold: float,
-           plain_threshold: float | None = None, batch_size: int = 256, *, mean: Sequence[float],
-           std: Sequence[float]) -> int:
-    """Re-run in float32 every patch whose decision at `threshold` the bf16 error bound of `check` leaves in doubt.
+class Settler:
+    """Float32 for the `bf16_checked` evaluation wherever bf16 could change what the report counts.
 
-    `views` (tta, N) are class-1 probabilities from the `bf16_checked` predictor; the patches in doubt (on the mean
-    over views at `threshold`, on view 0 at `plain_threshold`) get all their views recomputed by `check.exact`, in
-    place, so the decisions the report counts are float32's. Returns how many patches were settled.
+    `views` (tta, N) are class-1 probabilities of the patches of `data` from the `bf16_checked` predictor; a patch
+    is *settled* when all its views are recomputed by `check.exact` (in place). `at` settles the patches whose
+    decision at a threshold is in doubt; `choose` picks the valid threshold float32 would pick.
     """
-    with np.errstate(divide='ignore'):
-        margins = np.log(views) - np.log1p(-views)
-    doubt = undecided(margins, [threshold], check.bound)
-    if plain_threshold is not None:
-        doubt |= undecided(margins[:1], [plain_threshold], check.bound)
-    idx = np.flatnonzero(doubt)
-    if len(idx):
-        patches = data[idx] if isinstance(data, np.ndarray) else data.read_batch(idx)[0]
-        views[:, idx] = predict_probs(check.exact, patches, batch_size, views.shape[0], mean=mean, std=std,
-                                      return_views=True, desc='settle in float32')
-    return int(len(idx))
+
+    def __init__(self, check: DecisionCheck, data: PatchSource | np.ndarray, views: np.ndarray, batch_size: int,
+                 mean: Sequence[float], std: Sequence[float]):
+        self.check, self.data, self.views = check, data, views
+        self.batch_size, self.mean, self.std = batch_size, mean, std
+        self.exact = np.zeros(views.shape[1], dtype=bool)
+
+    @property
+    def settled(self) -> int:
+        return int(self.exact.sum())
+
+    def rerun(self, doubt: np.ndarray) -> int:
+        """Settle the patches of the boolean mask `doubt` not settled yet; returns how many."""
+        idx = np.flatnonzero(doubt & ~self.exact)
+        if len(idx):
+            patches = self.data[idx] if isinstance(self.data, np.ndarray) else self.data.read_batch(idx)[0]
+            self.views[:, idx] = predict_probs(self.check.exact, patches, self.batch_size, self.views.shape[0],
+                                               mean=self.mean, std=self.std, return_views=True,
+                                               desc='settle in float32')
+            self.exact[idx] = True
+        return int(len(idx))
+
+    def bounds(self, plain: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(lo, hi) of every patch's probability (view 0 if `plain`, else the mean over views); exact if settled."""
+        views = self.views[:1] if plain else self.views
+        with np.errstate(divide='ignore'):
+            margins = np.log(views) - np.log1p(-views)
+        lo, hi = mean_prob_bounds(margins, self.check.bound)
+        p = views.mean(axis=0)
+        lo[self.exact], hi[self.exact] = p[self.exact], p[self.exact]
+        return lo, hi
+
+    def at(self, threshold: float, plain: bool = False) -> int:
+        lo, hi = self.bounds(plain)
+        return self.rerun((lo < threshold) & (hi >= threshold))
+
+    def choose(self, labels: np.ndarray, method: str, plain: bool = False) -> float:
+        """`select_threshold` on float32 probabilities, settling only the patches that could change its choice.
+
+        A threshold t competes with the current choice c when its criterion could reach c's lowest possible
+        value; the patches whose probability interval straddles a competitor are settled, and the choice is made
+        again, until no unsettled patch straddles any competitor: then every criterion value that could beat c is
+        exact, and c is float32's choice.
+        """
+        while True:
+            p = (self.views[:1] if plain else self.views).mean(axis=0)
+            choice = select_threshold(labels, p, method)
+            lo, hi = self.bounds(plain)
+            floor = threshold_metric_bounds(labels, lo, hi, [choice], method)[0][0]
+            candidates = np.unique(np.concatenate([lo, hi]))
+            rivals = candidates[threshold_metric_bounds(labels, lo, hi, candidates, method)[1] >= floor]
+            nxt = np.searchsorted(rivals, lo, side='right')  # the first rival above each patch's lower bound
+            straddles = nxt < len(rivals)
+            straddles[straddles] = rivals[nxt[straddles]] <= hi[straddles]
+            if not self.rerun(straddles):
+                return choice
 
 
 def _finite(x: Any) -> Any:
@@ -250,19 +294,18 @@ def evaluate_split(
 
 
 def _threshold(args: argparse.Namespace, predict: Callable[[PCamDataset, str], np.ndarray],
-               split_views: tuple[np.ndarray, np.ndarray, PCamDataset] | None,
-               settle_valid: Callable[[PCamDataset, np.ndarray, float, float | None], int] | None = None,
+               split_views: tuple[np.ndarray, np.ndarray, Settler | None] | None,
+               settler_for: Callable[[PCamDataset, np.ndarray], Settler] | None = None,
                ) -> tuple[dict[str, Any], float | None, int | None]:
     """({'value', 'source', 'method'[, 'valid_settled']}, threshold for the plain view, number of valid items used).
 
-    With `settle_valid` (the `bf16_checked` backend), the valid patches in doubt at the chosen thresholds are settled
-    in float32 and the thresholds chosen again: every candidate near them is then scored on float32 decisions.
+    With `settler_for` (the `bf16_checked` backend) the thresholds are `Settler.choose`n: float32's choice.
     """
     default = {'value': 0.5, 'source': 'default', 'method': None}
     if args.threshold_from == 'default':
         return default, None, None
     if split_views is not None:  # evaluating valid itself
-        labels, views, valid = split_views
+        labels, views, settler = split_views
     else:
         try:
             valid = _open_split(args.data_dir, 'valid')
@@ -271,21 +314,21 @@ def _threshold(args: argparse.Namespace, predict: Callable[[PCamDataset, str], n
             return default, None, None
         views = predict(valid, 'valid')
         labels = valid.labels[:views.shape[1]]
+        settler = settler_for(valid, views) if settler_for is not None else None
 
-    def choose() -> tuple[float, float | None]:
-        value = select_threshold(labels, views.mean(axis=0), args.threshold_method)
-        return value, select_threshold(labels, views[0], args.threshold_method) if views.shape[0] > 1 else None
+    def choose(plain: bool) -> float:
+        if settler is not None:
+            return settler.choose(labels, args.threshold_method, plain)
+        return select_threshold(labels, views[0] if plain else views.mean(axis=0), args.threshold_method)
 
     try:
-        value, plain = choose()
-        chosen = {'value': value, 'source': 'valid', 'method': args.threshold_method}
-        if settle_valid is not None:
-            chosen['valid_settled'] = settle_valid(valid, views, value, plain)
-            value, plain = choose()
-            chosen['value'] = value
+        chosen: dict[str, Any] = {'value': choose(False), 'source': 'valid', 'method': args.threshold_method}
+        plain = choose(True) if views.shape[0] > 1 else None
     except ValueError as e:
         warnings.warn(f'valid split unusable for threshold selection ({e}): using 0.5', stacklevel=2)
         return default, None, None
+    if settler is not None:
+        chosen['valid_settled'] = settler.settled
     return chosen, plain, int(labels.size)
 
 
@@ -366,15 +409,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     views = predict(dataset, split)
     labels = np.asarray(dataset.labels[:views.shape[1]], dtype=np.int64)
-    # bf16_checked: decisions at the chosen thresholds re-run in float32 where bf16 leaves them in doubt
-    settle_at = functools.partial(settle, check, batch_size=args.batch_size, mean=mean, std=std) \
+    # bf16_checked: float32 wherever bf16 could change the threshold's choice or a counted decision
+    settler_for = functools.partial(Settler, check, batch_size=args.batch_size, mean=mean, std=std) \
         if check is not None else None
-    threshold, plain_threshold, valid_n = _threshold(args, predict, (labels, views, dataset) if split == 'valid'
-                                                     else None, settle_at)
+    settler = settler_for(dataset, views) if settler_for is not None else None
+    threshold, plain_threshold, valid_n = _threshold(args, predict, (labels, views, settler) if split == 'valid'
+                                                     else None, settler_for)
     backend_check = None
-    if settle_at is not None and check is not None:
-        settled = settle_at(dataset, views, threshold['value'], plain_threshold)
-        backend_check = {**check.stats(), 'settled': settled, 'settled_at': threshold['value'],
+    if settler is not None and check is not None:
+        settler.at(threshold['value'])
+        if plain_threshold is not None:
+            settler.at(plain_threshold, plain=True)
+        backend_check = {**check.stats(), 'settled': settler.settled, 'settled_at': threshold['value'],
                          'valid_settled': threshold.pop('valid_settled', None)}
     result = evaluate_split(labels, views, threshold['value'], plain_threshold, args.bootstrap, args.seed)
 

@@ -32,7 +32,7 @@ from .io import atomic_path
 __all__ = [
     'SingleClassWarning', 'THRESHOLD_METHODS', 'ECE_BINS', 'check_inputs', 'confusion_counts', 'compute_metrics',
     'expected_calibration_error', 'negative_log_likelihood', 'resampled_metrics', 'bootstrap_ci', 'select_threshold',
-    'roc_points', 'pr_points', 'plot_roc', 'plot_pr', 'plot_confusion',
+    'threshold_metric_bounds', 'roc_points', 'pr_points', 'plot_roc', 'plot_pr', 'plot_confusion',
 ]
 
 ECE_BINS = 15
@@ -227,6 +227,34 @@ def select_threshold(labels: Any, probs: Any, method: str = 'youden') -> float:
         f1 = np.nan_to_num(2 * precision * recall / (precision + recall), nan=-1.0)
     best = np.flatnonzero(f1 == f1.max())
     return float(thresholds[best].max())
+
+
+def threshold_metric_bounds(labels: Any, lo: Any, hi: Any, thresholds: Any,
+                            method: str = 'youden') -> tuple[np.ndarray, np.ndarray]:
+    """Lowest and highest `select_threshold` criterion at each of `thresholds` when patch i's probability is only
+    known to lie in [lo_i, hi_i] (decision: probability >= threshold).
+
+    Youden's J (TPR - FPR) and F1 both rise with true positives and fall with false positives, so the highest value
+    counts every uncertain positive as found and every uncertain negative as rejected, the lowest the reverse.
+    """
+    labels = np.asarray(labels).astype(bool)
+    lo, hi = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
+    t = np.atleast_1d(np.asarray(thresholds, dtype=np.float64))
+    if method not in THRESHOLD_METHODS:
+        raise ValueError(f'unknown threshold method {method!r}, expected one of {THRESHOLD_METHODS}')
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+
+    def at_or_above(values: np.ndarray) -> np.ndarray:  # how many of `values` are >= each threshold
+        return len(values) - np.searchsorted(np.sort(values), t, side='left')
+
+    tp_lo, tp_hi = at_or_above(lo[labels]), at_or_above(hi[labels])
+    fp_lo, fp_hi = at_or_above(lo[~labels]), at_or_above(hi[~labels])
+    if method == 'youden':
+        return tp_lo / max(n_pos, 1) - fp_hi / max(n_neg, 1), tp_hi / max(n_pos, 1) - fp_lo / max(n_neg, 1)
+    with np.errstate(invalid='ignore', divide='ignore'):  # F1 = 2 TP / (TP + FP + P)
+        f1_lo = np.nan_to_num(2 * tp_lo / (tp_lo + fp_hi + n_pos), nan=0.0)
+        f1_hi = np.nan_to_num(2 * tp_hi / (tp_hi + fp_lo + n_pos), nan=0.0)
+    return f1_lo, f1_hi
 
 
 def _subsample(n: int, max_points: int) -> np.ndarray:

@@ -40,7 +40,8 @@ from .constants import PCAM_NUM_CLASSES
 from .device import cpu_has_amx
 from .preprocess import batch_slices, check_patches, model_normalization, preprocess_patches
 
-__all__ = ['BACKENDS', 'TORCH_BACKENDS', 'DEFAULT_SAFETY', 'DecisionCheck', 'class1_margin', 'undecided',
+__all__ = ['BACKENDS', 'TORCH_BACKENDS', 'DEFAULT_SAFETY', 'DecisionCheck', 'class1_margin', 'mean_prob_bounds',
+           'undecided',
            'Predictor', 'create_predictor', 'resolve_backend', 'fold_batchnorm',
            'model_normalization', 'cpu_has_amx']
 
@@ -137,16 +138,24 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
+def mean_prob_bounds(margins: np.ndarray, bound: float) -> tuple[np.ndarray, np.ndarray]:
+    """(lo, hi): the range of ``mean over views of sigmoid(margin)`` when every view's margin may be off by `bound`.
+
+    `margins` is (N,) or (views, N) class-1 logit margins.
+    """
+    m = np.asarray(margins, dtype=np.float64)
+    m = m[None] if m.ndim == 1 else m
+    return _sigmoid(m - bound).mean(axis=0), _sigmoid(m + bound).mean(axis=0)
+
+
 def undecided(margins: np.ndarray, thresholds: Sequence[float], bound: float) -> np.ndarray:
     """Which patches an error of up to `bound` in every view's class-1 logit margin could move across a threshold.
 
     `margins` is (N,) or (views, N); a patch's decision is ``mean over views of sigmoid(margin) >= t`` (the
     evaluator averages test-time-augmentation probabilities). A NaN margin counts as undecided; +-inf as decided.
     """
-    m = np.asarray(margins, dtype=np.float64)
-    m = m[None] if m.ndim == 1 else m
-    lo, hi = _sigmoid(m - bound).mean(axis=0), _sigmoid(m + bound).mean(axis=0)
-    out = np.isnan(m).any(axis=0)
+    lo, hi = mean_prob_bounds(margins, bound)
+    out = np.isnan(np.asarray(margins, dtype=np.float64)).reshape(-1, len(lo)).any(axis=0)
     for t in thresholds:
         out |= (lo < t) & (hi >= t)
     return out
