@@ -383,9 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--amp', default='none', choices=tuple(AMP_DTYPES))
     p.add_argument('--backend', default='auto', choices=('auto', *CPU_BACKENDS),
                    help='CPU inference path (timm_inception_pcam.predict), used on CPU without --amp. auto: '
-                        'bf16_checked on AMX CPUs (bf16, with the patches whose decision at the chosen threshold '
-                        'bf16 rounding could flip settled in float32), else channels_last (float32, BatchNorm '
-                        'folded); eager = the model as it is')
+                        'bf16_checked on AMX CPUs (bf16, with float32 for every patch that could change the choice '
+                        'of the threshold or a decision at it), else channels_last (float32, BatchNorm folded); '
+                        'eager = the model as it is')
     p.add_argument('--bootstrap', type=int, default=1000, help='bootstrap resamples for the 95%% CIs')
     p.add_argument('--seed', type=int, default=0, help='bootstrap seed')
     p.add_argument('--limit', type=int, default=None, help='evaluate only the first N patches of each split')
@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = resolve_device(args.device)
     check: DecisionCheck | None = None
     if device.type == 'cpu' and args.amp == 'none':
-        # No per-batch thresholds: the threshold is chosen later; `settle` re-checks the test decisions at it.
+        # No per-batch thresholds: the threshold is chosen later, and `Settler` settles what depends on it.
         predictor = create_predictor(model, args.backend, args.batch_size, mean, std, thresholds=())
         backend, backend_name, check = predictor.logits, predictor.backend, predictor.check
     else:

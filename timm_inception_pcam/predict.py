@@ -41,9 +41,8 @@ from .device import cpu_has_amx
 from .preprocess import batch_slices, check_patches, model_normalization, preprocess_patches
 
 __all__ = ['BACKENDS', 'TORCH_BACKENDS', 'DEFAULT_SAFETY', 'DecisionCheck', 'class1_margin', 'mean_prob_bounds',
-           'undecided',
-           'Predictor', 'create_predictor', 'resolve_backend', 'fold_batchnorm',
-           'model_normalization', 'cpu_has_amx']
+           'undecided', 'Predictor', 'create_predictor', 'resolve_backend', 'fold_batchnorm', 'model_normalization',
+           'cpu_has_amx']
 
 TORCH_BACKENDS = ('eager', 'channels_last', 'bf16', 'bf16_checked', 'compile', 'compile_bf16')
 BACKENDS = TORCH_BACKENDS + ('onnxruntime',)
@@ -176,8 +175,8 @@ class DecisionCheck:
     measurements); each re-checked patch is a further one, so the bound follows the model and the data. A quantile,
     not the maximum: on briefly trained models the largest errors (up to 17 logits, 4 % relative) come from patches
     whose margins are in the hundreds, nowhere near a threshold, and a maximum would send every patch to float32.
-    `exact` is also what the evaluator calls to settle the patches in doubt at a threshold it only knows later
-    (`timm_inception_pcam.evaluate.settle`).
+    `exact` is also what the evaluator calls to settle the patches in doubt at a threshold it only chooses later
+    (`timm_inception_pcam.evaluate.Settler`). Non-finite bf16 logits are always re-run.
     """
 
     def __init__(self, fast: Callable[[torch.Tensor], np.ndarray], exact: Callable[[torch.Tensor], np.ndarray],
