@@ -132,6 +132,15 @@ def test_normalization_follows_pretrained_cfg():
     assert model_normalization(PositionNet()) == (PCAM_MEAN, PCAM_STD)  # no pretrained_cfg
 
 
+def _only_split(pcam_dir, folder, split: str):
+    """A copy of the synthetic PCam folder holding only the files of `split`."""
+    folder.mkdir()
+    for p in pcam_dir.iterdir():
+        if f'_{split}_' in p.name:
+            shutil.copy(p, folder / p.name)
+    return folder
+
+
 def _args(pcam_dir, checkpoint, out, *extra: str) -> list[str]:
     return ['--checkpoint', str(checkpoint), '--data-dir', str(pcam_dir), '--output', str(out), '--workers', '0',
             '--batch-size', str(BATCH), '--bootstrap', '200', '--device', 'cpu', *extra]
@@ -211,11 +220,7 @@ def test_evaluate_tta_threshold_from_valid(pcam_dir, checkpoint, tmp_path, monke
 
 
 def test_evaluate_without_valid_uses_default_threshold(pcam_dir, checkpoint, tmp_path):
-    data = tmp_path / 'no_valid'
-    data.mkdir()
-    for p in pcam_dir.iterdir():
-        if '_test_' in p.name:
-            shutil.copy(p, data / p.name)
+    data = _only_split(pcam_dir, tmp_path / 'no_valid', 'test')
     with pytest.warns(UserWarning, match='no valid split'):
         report = evaluate.main(_args(data, checkpoint, tmp_path / 'eval'))
     assert report['threshold']['value'] == 0.5 and report['threshold']['source'] == 'default'
@@ -308,11 +313,7 @@ def test_evaluate_bf16_checked_counts_float32_decisions(pcam_dir, checkpoint, tm
 
 
 def test_missing_split_file_is_named(pcam_dir, checkpoint, tmp_path):
-    data = tmp_path / 'only_valid'
-    data.mkdir()
-    for p in pcam_dir.iterdir():
-        if '_valid_' in p.name:
-            shutil.copy(p, data / p.name)
+    data = _only_split(pcam_dir, tmp_path / 'only_valid', 'valid')
     with pytest.raises((FileNotFoundError, ValueError), match='camelyonpatch_level_2_split_test'):
         evaluate.main(_args(data, checkpoint, tmp_path / 'eval'))
     assert not (tmp_path / 'eval').exists()

@@ -292,7 +292,7 @@ def test_bf16_checked_matches_float32_decisions(model: nn.Module, reference: np.
     logits = predictor.predict_logits(data[0])
     for t in thresholds:
         assert ((class1_margin(logits) >= np.log(t / (1 - t))) == (fp32 >= np.log(t / (1 - t)))).all()
-    info = predictor.info()['check']
+    info = predictor.check.stats()
     assert info['patches'] == N and 8 <= info['rechecked'] <= N and info['margin_error_median'] > 0
     plain = create_predictor(model, 'bf16', batch_size=8).predict_logits(data[0])
     exact = create_predictor(model, 'channels_last', batch_size=8).predict_logits(data[0])

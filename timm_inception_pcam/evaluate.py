@@ -50,7 +50,7 @@ from .metrics import (
     threshold_metric_bounds,
 )
 from .predict import BACKENDS as CPU_BACKENDS
-from .predict import DecisionCheck, create_predictor, mean_prob_bounds
+from .predict import DecisionCheck, create_predictor, mean_prob_bounds, straddling
 from .preprocess import model_normalization, preprocess_patches
 
 __all__ = ['REPORT_FORMAT', 'TorchBackend', 'Settler', 'predict_probs', 'evaluate_split', 'main']
@@ -204,19 +204,20 @@ class Settler:
             self.exact[idx] = True
         return int(len(idx))
 
-    def bounds(self, plain: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """(lo, hi) of every patch's probability (view 0 if `plain`, else the mean over views); exact if settled."""
+    def bounds(self, plain: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(p, lo, hi): every patch's probability (view 0 if `plain`, else the mean over views) and its bounds,
+        which are p itself once settled."""
         views = self.views[:1] if plain else self.views
         with np.errstate(divide='ignore'):
             margins = np.log(views) - np.log1p(-views)
         lo, hi = mean_prob_bounds(margins, self.check.bound)
         p = views.mean(axis=0)
         lo[self.exact], hi[self.exact] = p[self.exact], p[self.exact]
-        return lo, hi
+        return p, lo, hi
 
     def at(self, threshold: float, plain: bool = False) -> int:
-        lo, hi = self.bounds(plain)
-        return self.rerun((lo < threshold) & (hi >= threshold))
+        _, lo, hi = self.bounds(plain)
+        return self.rerun(straddling(lo, hi, [threshold]))
 
     def choose(self, labels: np.ndarray, method: str, plain: bool = False) -> float:
         """`select_threshold` on float32 probabilities, settling only the patches that could change its choice.
@@ -229,25 +230,16 @@ class Settler:
         maximum: a few percent of valid on a sharp one, most of it on a badly calibrated model.
         """
         while True:
-            p = (self.views[:1] if plain else self.views).mean(axis=0)
+            p, lo, hi = self.bounds(plain)
             choice = select_threshold(labels, p, method)
-            lo, hi = self.bounds(plain)
             floor = threshold_metric_bounds(labels, lo, hi, [choice], method)[0][0]
             candidates = np.unique(np.concatenate([lo, hi]))
             best = threshold_metric_bounds(labels, lo, hi, candidates, method)[1]
             rivals = best >= floor
             promising = best >= max(floor, float(np.median(best[rivals])))
-            if not (self.rerun(self._straddling(candidates[promising], lo, hi))
-                    or self.rerun(self._straddling(candidates[rivals], lo, hi))):
+            if not (self.rerun(straddling(lo, hi, candidates[promising]))
+                    or self.rerun(straddling(lo, hi, candidates[rivals]))):
                 return choice
-
-    @staticmethod
-    def _straddling(thresholds: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-        """Patches whose interval [lo, hi] holds a threshold t with lo < t <= hi (sorted `thresholds`)."""
-        nxt = np.searchsorted(thresholds, lo, side='right')  # the first threshold above each lower bound
-        out = nxt < len(thresholds)
-        out[out] = thresholds[nxt[out]] <= hi[out]
-        return out
 
 
 def _finite(x: Any) -> Any:
@@ -427,11 +419,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     threshold, plain_threshold, valid_n = _threshold(args, predict, (labels, views, settler) if split == 'valid'
                                                      else None, settler_for)
     backend_check = None
-    if settler is not None and check is not None:
+    if settler is not None:
         settler.at(threshold['value'])
         if plain_threshold is not None:
             settler.at(plain_threshold, plain=True)
-        backend_check = {**check.stats(), 'settled': settler.settled, 'settled_at': threshold['value'],
+        backend_check = {**settler.check.stats(), 'settled': settler.settled, 'settled_at': threshold['value'],
                          'valid_settled': threshold.pop('valid_settled', None)}
     result = evaluate_split(labels, views, threshold['value'], plain_threshold, args.bootstrap, args.seed)
 

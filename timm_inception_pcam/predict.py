@@ -41,8 +41,8 @@ from .device import cpu_has_amx
 from .preprocess import batch_slices, check_patches, model_normalization, preprocess_patches
 
 __all__ = ['BACKENDS', 'TORCH_BACKENDS', 'DEFAULT_SAFETY', 'DecisionCheck', 'class1_margin', 'mean_prob_bounds',
-           'undecided', 'Predictor', 'create_predictor', 'resolve_backend', 'fold_batchnorm', 'model_normalization',
-           'cpu_has_amx']
+           'straddling', 'undecided', 'Predictor', 'create_predictor', 'resolve_backend', 'fold_batchnorm',
+           'model_normalization', 'cpu_has_amx']
 
 TORCH_BACKENDS = ('eager', 'channels_last', 'bf16', 'bf16_checked', 'compile', 'compile_bf16')
 BACKENDS = TORCH_BACKENDS + ('onnxruntime',)
@@ -147,6 +147,15 @@ def mean_prob_bounds(margins: np.ndarray, bound: float) -> tuple[np.ndarray, np.
     return _sigmoid(m - bound).mean(axis=0), _sigmoid(m + bound).mean(axis=0)
 
 
+def straddling(lo: np.ndarray, hi: np.ndarray, thresholds: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Which intervals [lo_i, hi_i] hold a threshold t with lo_i < t <= hi_i: whose decision ``p >= t`` is open."""
+    t = np.sort(np.asarray(thresholds, dtype=np.float64).ravel())
+    nxt = np.searchsorted(t, lo, side='right')  # the first threshold above each lower bound
+    out = nxt < len(t)
+    out[out] = t[nxt[out]] <= hi[out]
+    return out
+
+
 def undecided(margins: np.ndarray, thresholds: Sequence[float], bound: float) -> np.ndarray:
     """Which patches an error of up to `bound` in every view's class-1 logit margin could move across a threshold.
 
@@ -154,10 +163,8 @@ def undecided(margins: np.ndarray, thresholds: Sequence[float], bound: float) ->
     evaluator averages test-time-augmentation probabilities). A NaN margin counts as undecided; +-inf as decided.
     """
     lo, hi = mean_prob_bounds(margins, bound)
-    out = np.isnan(np.asarray(margins, dtype=np.float64)).reshape(-1, len(lo)).any(axis=0)
-    for t in thresholds:
-        out |= (lo < t) & (hi >= t)
-    return out
+    nan = np.isnan(np.asarray(margins, dtype=np.float64)).reshape(-1, len(lo)).any(axis=0)
+    return nan | straddling(lo, hi, thresholds)
 
 
 def _check_thresholds(thresholds: Sequence[float]) -> tuple[float, ...]:
@@ -263,11 +270,6 @@ class Predictor:
     def __repr__(self) -> str:
         return (f'Predictor(backend={self.backend!r}, batch_size={self.batch_size}, num_classes={self.num_classes}, '
                 f'mean={self.mean}, std={self.std})')
-
-    def info(self) -> dict[str, Any]:
-        """The backend, and for `bf16_checked` what its check did so far (`DecisionCheck.stats`)."""
-        return {'backend': self.backend, 'batch_size': self.batch_size,
-                **({'check': self.check.stats()} if self.check is not None else {})}
 
     def predict_logits(self, patches: np.ndarray) -> np.ndarray:
         """uint8 (N, 96, 96, 3) patches -> float32 logits (N, num_classes)."""
