@@ -1,5 +1,9 @@
 # The two commands of the README: `make demo` (set-up + main job) and `make test` (set-up + tests).
-PYTHON ?= python
+# Both run in the project's own virtual environment (.venv, made when missing), so a fresh clone installs
+# everything from the declared dependencies and nothing else: what the machine happens to hold does not count.
+BASE_PYTHON ?= python3
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo
 
 .PHONY: setup demo test bench lint
@@ -7,7 +11,11 @@ DEMO_DIR ?= runs/demo
 # System packages for the C++ runtime's core (export/cpp): installed only when missing.
 APT_PACKAGES = cmake g++ libpng-dev nlohmann-json3-dev
 
-setup:
+$(PYTHON):
+	$(BASE_PYTHON) -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+
+setup: $(PYTHON)
 	@dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 || { command -v apt-get >/dev/null && \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; } || \
 		echo "warning: could not install $(APT_PACKAGES); the C++ runtime tests will fail" >&2
@@ -23,5 +31,5 @@ test: setup
 bench: setup
 	$(PYTHON) -m benchmarks.run --output benchmarks/results
 
-lint:
+lint: setup
 	$(PYTHON) -m ruff check .

@@ -21,6 +21,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from timm_inception_pcam.errors import ExportError
 from timm_inception_pcam.io import atomic_path, atomic_write_json, file_sha256
 from timm_inception_pcam.preprocess import batch_slices, preprocess_patches
 
@@ -35,10 +36,6 @@ DEFAULT_TOLERANCE = 1e-4
 DEFAULT_RTOL = 1e-4
 PREPROCESS_PREFIX = 'preprocess_'
 DEFAULT_SPEC = IOSpec()
-
-
-class ExportError(RuntimeError):
-    """An export stage failed; the message says which file and why."""
 
 
 def export_onnx(

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from timm_inception_pcam.errors import ExportError
 from timm_inception_pcam.io import atomic_write_json, file_sha256
 
 from .spec import IOSpec
@@ -19,7 +20,7 @@ FORMAT = 'timm-inception-pcam-engine/1'
 PRECISIONS = ('fp16', 'fp32')
 
 
-class PlanMismatchError(RuntimeError):
+class PlanMismatchError(ExportError):
     """The plan, its sidecar and this machine do not belong together."""
 
 

@@ -14,15 +14,12 @@ import timm
 import torch
 import torch.nn as nn
 
+from .errors import CheckpointError
 from .io import atomic_path
 
 __all__ = ['CheckpointError', 'read_checkpoint', 'load_model', 'save_checkpoint', 'model_kwargs_of']
 
 CHECKPOINT_FORMAT = 'timm-inception-pcam-checkpoint/1'
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: unreadable, corrupt, or for another architecture."""
 
 
 def _to_plain(value: Any) -> Any:

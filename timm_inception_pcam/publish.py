@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .constants import LABEL_NAMES, PCAM_INPUT_SIZE, PCAM_MEAN, PCAM_STD, SPLITS
+from .errors import UsageError
 from .io import atomic_write_json, file_sha256
 from .models._common import PCAM_HUB_ORG
 
@@ -68,7 +69,7 @@ OFFICIAL_HUB_ORG = PCAM_HUB_ORG
 OFFICIAL_REPOS: dict[str, str] = {name: f'{OFFICIAL_HUB_ORG}/{name}' for name in _PAPERS}
 
 
-class PublishError(ValueError):
+class PublishError(UsageError):
     """Input that must not be published (missing / mismatched report, bad weights, unknown model, ...)."""
 
 

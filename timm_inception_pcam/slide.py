@@ -37,6 +37,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .constants import LABEL_NAMES, PCAM_INPUT_SIZE, PCAM_NUM_CLASSES
+from .errors import DataError
 from .io import atomic_path, atomic_write_bytes, atomic_write_json, file_sha256
 
 __all__ = ['SlideError', 'SlideOptions', 'TileGrid', 'WholeSlide', 'open_slide', 'choose_level', 'plan_grid',
@@ -54,7 +55,7 @@ _THUMB_READ_PX = 1 << 23  # level pixels read at once while building the thumbna
 Predictor = Callable[[np.ndarray], np.ndarray]  # uint8 NHWC patches -> (N, num_classes) float probabilities
 
 
-class SlideError(ValueError):
+class SlideError(DataError):
     """A slide that cannot be used (missing, corrupt, unsupported, no resolution) or a run that cannot resume."""
 
 

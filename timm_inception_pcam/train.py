@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from .constants import PCAM_NUM_CLASSES
 from .device import cpu_has_amx
+from .errors import PCamError
 from .io import atomic_path, atomic_write_json
 
 __all__ = ['TrainError', 'build_parser', 'build_optimization', 'main', 'amp_dtype_for', 'cpu_has_amx']
@@ -59,7 +60,7 @@ _RUN_ARGS = (*_SCHEDULE, 'opt', 'opt_eps', 'opt_betas', 'momentum', 'weight_deca
              'val_split')
 
 
-class TrainError(RuntimeError):
+class TrainError(PCamError, RuntimeError):
     """A training run cannot start or continue; the message says what to change."""
 
 

@@ -2,6 +2,7 @@
 from pathlib import Path
 
 from ..constants import SPLITS
+from ..errors import DataError
 
 __all__ = ['PCamFormatError', 'ChecksumError', 'SPLIT_FILE_KEYS', 'META_COLUMNS', 'IMAGE_SHAPE', 'normalize_split',
            'split_file', 'split_paths']
@@ -13,11 +14,11 @@ _ALIASES = {'train': 'train', 'training': 'train', 'valid': 'valid', 'val': 'val
             'test': 'test'}
 
 
-class PCamFormatError(ValueError):
+class PCamFormatError(DataError):
     """A PCam file exists but does not hold what the official layout promises."""
 
 
-class ChecksumError(ValueError):
+class ChecksumError(DataError):
     """A file's checksum differs from the expected one (corrupt, truncated or not the official file)."""
 
 

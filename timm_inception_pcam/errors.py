@@ -1,0 +1,79 @@
+"""One error root for user errors, and the one `cli()` wrapper every command runs under.
+
+A user error (a missing file, a bad value, a folder in use) raises a `PCamError` subclass whose message says what
+was wrong, with which file or value, and what was expected. `cli()` prints it as one line and exits 2; anything else
+is a bug and keeps its traceback. Subclasses also derive from the built-in class that fits (ValueError, OSError,
+RuntimeError) so `except ValueError` callers keep working.
+"""
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = [
+    'PCamError', 'UsageError', 'DataError', 'CheckpointError', 'ExportError', 'InferenceError', 'OutputError',
+    'cli', 'check_range',
+]
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class PCamError(Exception):
+    """Root of every user error the project reports as one line (exit status 2)."""
+
+
+class UsageError(PCamError, ValueError):
+    """A value given on the command line or to an API is out of range or inconsistent."""
+
+
+class DataError(PCamError, ValueError):
+    """A data file or folder is missing, truncated, corrupt or not in the expected layout."""
+
+
+class CheckpointError(PCamError, ValueError):
+    """A checkpoint, weights file or model config cannot be used."""
+
+
+class ExportError(PCamError, RuntimeError):
+    """An export step cannot proceed (missing tool, bad artefact, parity failure)."""
+
+
+class InferenceError(PCamError, RuntimeError):
+    """An inference backend cannot run what it was given."""
+
+
+class OutputError(PCamError, OSError):
+    """An output folder cannot be used: in use by another run, holding a finished run, or not writable."""
+
+
+def check_range(name: str, value: float | int | None, low: float | None = None, high: float | None = None,
+                *, low_open: bool = False) -> None:
+    """Raise UsageError unless low <= value <= high (low < value with `low_open`); None passes."""
+    if value is None:
+        return
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and value > high
+    if too_low or too_high or value != value:  # value != value: NaN
+        lo = '' if low is None else f'{">" if low_open else ">="} {low}'
+        hi = '' if high is None else f'<= {high}'
+        expected = ' and '.join(s for s in (lo, hi) if s)
+        raise UsageError(f'{name} must be {expected}, got {value}')
+
+
+def cli(main: Callable[[Sequence[str] | None], Any], prog: str,
+        argv: Sequence[str] | None = None) -> int:
+    """Run `main(argv)`: a PCamError becomes `prog: error: message` on stderr and exit 2; Ctrl-C exits 130."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format='%(message)s', stream=sys.stderr)
+    try:
+        main(argv)
+    except PCamError as e:
+        message = ' '.join(str(e).split()) or type(e).__name__
+        print(f'{prog}: error: {message}', file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f'{prog}: interrupted; nothing half-written was left visible (rerun to resume or replace)',
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
