@@ -61,7 +61,7 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray) -> 
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-    from timm_inception_pcam.io import atomic_path
+    from timm_inception_pcam.storage import atomic_path
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:

@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = run(quick=args.quick)
     print(result['markdown'])
     if args.output:
-        from timm_inception_pcam.io import atomic_write_json
+        from timm_inception_pcam.storage import atomic_write_json
 
         atomic_write_json(args.output, result)
     print(f'bench_data: ours {result["ours_vs_torchvision_per_item"]:.1f}x torchvision per item, '

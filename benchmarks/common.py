@@ -140,8 +140,8 @@ def trained_model(name: str, sizes: Sizes, workdir: Path, cache_dir: Path | None
 
     from timm_inception_pcam.checkpoint import load_model
     from timm_inception_pcam.data import synthesize_pcam
-    from timm_inception_pcam.io import atomic_path
     from timm_inception_pcam.pipeline import build_parser, train_model
+    from timm_inception_pcam.storage import atomic_path
 
     argv = ['--model', name, '--n-train', str(sizes.n_fit), '--n-eval', str(max(16, sizes.n_fit // 2)),
             '--epochs', str(sizes.fit_epochs), '--batch-size', str(sizes.train_batch), '--workers', '0']

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from timm_inception_pcam.io import atomic_write_bytes, atomic_write_json
+from timm_inception_pcam.storage import atomic_write_bytes, atomic_write_json
 
 from . import backends, gpu, models, training
 from .common import FULL, QUICK, Sizes, fmt, machine_info, synthetic_split

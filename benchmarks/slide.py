@@ -23,9 +23,9 @@ if __package__ in (None, ''):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import FULL, QUICK, create, machine_info  # noqa: E402
-from timm_inception_pcam.io import atomic_write_json  # noqa: E402
 from timm_inception_pcam.predict import create_predictor  # noqa: E402
 from timm_inception_pcam.slide import SlideOptions, run_slide, write_synthetic_slide  # noqa: E402
+from timm_inception_pcam.storage import atomic_write_json  # noqa: E402
 
 BACKENDS = ('eager', 'auto')
 

@@ -22,7 +22,7 @@ import torch
 if __package__ in (None, ''):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from timm_inception_pcam.io import atomic_path, atomic_write_json  # noqa: E402
+from timm_inception_pcam.storage import atomic_path, atomic_write_json  # noqa: E402
 from timm_inception_pcam.train import main as train_main  # noqa: E402
 
 MODELS = ('inception_v4_pcam', 'inception_resnet_v2_pcam')

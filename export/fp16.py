@@ -24,8 +24,8 @@ import onnx
 from onnx import TensorProto, numpy_helper
 from tqdm import tqdm
 
-from timm_inception_pcam.io import atomic_path, atomic_write_json, file_sha256
 from timm_inception_pcam.preprocess import batch_slices
+from timm_inception_pcam.storage import atomic_path, atomic_write_json, file_sha256
 
 from .onnx import PREPROCESS_PREFIX, ExportError, OnnxRunner, check_onnx, load_patches, ort_options, read_onnx_metadata
 from .spec import ONNX_METADATA_KEY, softmax

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from timm_inception_pcam.io import atomic_write_bytes, atomic_write_json, file_sha256
 from timm_inception_pcam.preprocess import batch_slices, preprocess_patches
+from timm_inception_pcam.storage import atomic_write_bytes, atomic_write_json, file_sha256
 
 from .onnx import OnnxRunner, load_patches, run_onnx_stage
 from .spec import IOSpec, softmax

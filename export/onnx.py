@@ -22,8 +22,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from timm_inception_pcam.errors import ExportError
-from timm_inception_pcam.io import atomic_path, atomic_write_json, file_sha256
 from timm_inception_pcam.preprocess import batch_slices, preprocess_patches
+from timm_inception_pcam.storage import atomic_path, atomic_write_json, file_sha256
 
 from .spec import INPUT_NAME, ONNX_METADATA_KEY, OUTPUT_NAME, IOSpec, softmax
 

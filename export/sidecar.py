@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from timm_inception_pcam.errors import ExportError
-from timm_inception_pcam.io import atomic_write_json, file_sha256
+from timm_inception_pcam.storage import atomic_write_json, file_sha256
 
 from .spec import IOSpec
 

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from timm_inception_pcam.io import atomic_path, atomic_write_bytes, file_sha256
+from timm_inception_pcam.storage import atomic_path, atomic_write_bytes, file_sha256
 
 from .fp16 import add_fp16_args, run_fp16_stage
 from .gpu import GpuInfo, probe

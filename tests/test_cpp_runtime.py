@@ -15,8 +15,8 @@ from export.gpu import detect_gpus
 from export.sidecar import DEFAULT_PROFILE, make_sidecar, write_sidecar
 from export.spec import IOSpec
 from timm_inception_pcam.constants import LABEL_NAMES, PCAM_MEAN, PCAM_STD
-from timm_inception_pcam.io import file_sha256
 from timm_inception_pcam.preprocess import preprocess_patches
+from timm_inception_pcam.storage import file_sha256
 
 CPP_DIR = Path(__file__).resolve().parents[1] / 'export' / 'cpp'
 PATCH_SHAPE = (96, 96, 3)

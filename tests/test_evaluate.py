@@ -14,9 +14,9 @@ from timm_inception_pcam import evaluate
 from timm_inception_pcam.checkpoint import CheckpointError, load_model, save_checkpoint
 from timm_inception_pcam.constants import PCAM_MEAN, PCAM_STD
 from timm_inception_pcam.data import PCamDataset, dihedral, synthesize_pcam
-from timm_inception_pcam.io import file_sha256
 from timm_inception_pcam.metrics import compute_metrics, select_threshold
 from timm_inception_pcam.preprocess import model_normalization, preprocess_patches
+from timm_inception_pcam.storage import file_sha256
 
 TINY = {'depths': (1, 1, 1)}
 N_VALID, N_TEST, BATCH = 6, 6, 4  # two batches per split, the last one ragged

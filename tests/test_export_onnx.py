@@ -23,7 +23,7 @@ from export.onnx import (
     torch_logits,
 )
 from export.spec import ONNX_METADATA_KEY, IOSpec
-from timm_inception_pcam.io import file_sha256
+from timm_inception_pcam.storage import file_sha256
 
 TOLERANCE = 1e-4  # max |logit| difference PyTorch vs onnxruntime FP32
 

@@ -21,8 +21,8 @@ from export.sidecar import (
     write_sidecar,
 )
 from export.spec import IOSpec
-from timm_inception_pcam.io import file_sha256
 from timm_inception_pcam.preprocess import preprocess_patches
+from timm_inception_pcam.storage import file_sha256
 
 GOLDEN = Path(__file__).parent / 'golden' / 'export'
 GPU = {'name': 'NVIDIA H100 80GB HBM3', 'compute_capability': '9.0'}

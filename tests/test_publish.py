@@ -22,8 +22,8 @@ from timm.data import resolve_data_config
 import timm_inception_pcam.publish as publish
 from timm_inception_pcam.checkpoint import read_checkpoint, save_checkpoint
 from timm_inception_pcam.constants import LABEL_NAMES, PCAM_MEAN, PCAM_STD
-from timm_inception_pcam.io import file_sha256
 from timm_inception_pcam.publish import OFFICIAL_REPOS, PublishError, main
+from timm_inception_pcam.storage import file_sha256
 
 ORG = 'pcam-test-org'
 # non-default architecture arguments, so that config.json must carry them for the model to load back

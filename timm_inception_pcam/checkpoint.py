@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from .errors import CheckpointError
-from .io import atomic_path
+from .storage import atomic_path
 
 __all__ = ['CheckpointError', 'read_checkpoint', 'load_model', 'save_checkpoint', 'model_kwargs_of']
 

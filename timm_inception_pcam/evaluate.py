@@ -36,7 +36,6 @@ from .checkpoint import CheckpointError, load_model
 from .constants import LABEL_NAMES, PCAM_MEAN, PCAM_NUM_CLASSES, PCAM_STD
 from .data import PCamDataset, dihedral
 from .data.files import normalize_split
-from .io import atomic_path, atomic_write_json, file_sha256
 from .metrics import (
     THRESHOLD_METHODS,
     bootstrap_ci,
@@ -52,6 +51,7 @@ from .metrics import (
 from .predict import BACKENDS as CPU_BACKENDS
 from .predict import DecisionCheck, create_predictor, mean_prob_bounds, straddling
 from .preprocess import model_normalization, preprocess_patches
+from .storage import atomic_path, atomic_write_json, file_sha256
 
 __all__ = ['REPORT_FORMAT', 'TorchBackend', 'Settler', 'predict_probs', 'evaluate_split', 'main']
 

@@ -27,7 +27,7 @@ import numpy as np
 from sklearn import metrics as skm
 
 from .constants import LABEL_NAMES
-from .io import atomic_path
+from .storage import atomic_path
 
 __all__ = [
     'SingleClassWarning', 'THRESHOLD_METHODS', 'ECE_BINS', 'check_inputs', 'confusion_counts', 'compute_metrics',

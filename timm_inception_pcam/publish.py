@@ -27,8 +27,8 @@ from typing import Any
 
 from .constants import LABEL_NAMES, PCAM_INPUT_SIZE, PCAM_MEAN, PCAM_STD, SPLITS
 from .errors import UsageError
-from .io import atomic_write_json, file_sha256
 from .models._common import PCAM_HUB_ORG
+from .storage import atomic_write_json, file_sha256
 
 __all__ = [
     'PublishError', 'OFFICIAL_HUB_ORG', 'OFFICIAL_REPOS', 'unpublished_weights_message', 'read_report',

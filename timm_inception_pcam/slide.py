@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from .constants import LABEL_NAMES, PCAM_INPUT_SIZE, PCAM_NUM_CLASSES
 from .errors import DataError
-from .io import atomic_path, atomic_write_bytes, atomic_write_json, file_sha256
+from .storage import atomic_path, atomic_write_bytes, atomic_write_json, file_sha256
 
 __all__ = ['SlideError', 'SlideOptions', 'TileGrid', 'WholeSlide', 'open_slide', 'choose_level', 'plan_grid',
            'tissue_fractions', 'run_slide', 'build_predictor', 'write_synthetic_slide', 'build_parser', 'main']

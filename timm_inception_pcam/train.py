@@ -42,7 +42,7 @@ from tqdm import tqdm
 from .constants import PCAM_NUM_CLASSES
 from .device import cpu_has_amx
 from .errors import PCamError
-from .io import atomic_path, atomic_write_json
+from .storage import atomic_path, atomic_write_json
 
 __all__ = ['TrainError', 'build_parser', 'build_optimization', 'main', 'amp_dtype_for', 'cpu_has_amx']
 

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..constants import LABEL_NAMES
-from ..io import atomic_path, atomic_write_json
+from ..storage import atomic_path, atomic_write_json
 from .files import PCamFormatError, normalize_split, split_paths
 from .pcam import PCamDataset, check_split_files, read_meta_rows
 

@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from ..io import atomic_path
+from ..storage import atomic_path
 from .files import IMAGE_SHAPE, META_COLUMNS, ChecksumError, PCamFormatError, normalize_split, split_paths
 
 __all__ = ['PCamDataset', 'ensure_decompressed', 'check_split_files', 'read_meta_rows']

@@ -16,7 +16,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..io import atomic_path
+from ..storage import atomic_path
 from .files import META_COLUMNS, SPLIT_FILE_KEYS, split_file
 
 __all__ = ['synthesize_pcam', 'render_patches', 'stamp_banks']
