@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from timm_inception_pcam.constants import LABEL_NAMES, PCAM_INPUT_SIZE, PCAM_MEAN, PCAM_STD
+from timm_inception_pcam.inference.base import softmax
 from timm_inception_pcam.preprocess import check_patches, preprocess_patches
 
 __all__ = ['IOSpec', 'INPUT_NAME', 'OUTPUT_NAME', 'ONNX_METADATA_KEY', 'softmax']
@@ -113,7 +114,3 @@ def _triple(values: Sequence[float], name: str, source: str) -> tuple[float, flo
     return values[0], values[1], values[2]
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)

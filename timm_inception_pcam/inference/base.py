@@ -1,0 +1,52 @@
+"""The runner protocol: raw uint8 NHWC patches in, float32 logits out, with a spec saying what runs and how.
+
+Every engine implements it (one module per engine in this package), and everything that scores patches
+(the evaluator, slide inference, the benchmarks, the export parity checks) talks to runners only.
+"""
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from ..constants import LABEL_NAMES, PCAM_INPUT_SIZE, PCAM_MEAN, PCAM_STD
+
+__all__ = ['Runner', 'RunnerSpec', 'softmax']
+
+
+@dataclass(frozen=True)
+class RunnerSpec:
+    """What a runner runs: its engine (`backend`), numeric precision, input contract and the artefact's origin."""
+    backend: str                       # e.g. 'eager', 'channels_last', 'bf16_checked', 'onnxruntime', 'tensorrt'
+    precision: str                     # canonical name from timm_inception_pcam.precision ('fp32', 'bf16', ...)
+    source: str                        # the file run (checkpoint, .onnx, .plan) or 'module' for an in-memory model
+    device: str = 'cpu'
+    input_size: tuple[int, int, int] = PCAM_INPUT_SIZE
+    mean: tuple[float, float, float] = PCAM_MEAN
+    std: tuple[float, float, float] = PCAM_STD
+    label_names: tuple[str, ...] = LABEL_NAMES
+    extra: dict[str, Any] = field(default_factory=dict)  # engine details worth recording (versions, checks)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """An engine that scores PCam patches."""
+
+    spec: RunnerSpec
+
+    def logits(self, patches: np.ndarray) -> np.ndarray:
+        """uint8 (N, 96, 96, 3) NHWC patches -> float32 (N, num_classes) logits."""
+        ...
+
+    def close(self) -> None:
+        """Release the engine's resources (idempotent)."""
+        ...
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis (class probabilities from logits)."""
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
