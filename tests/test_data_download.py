@@ -22,6 +22,7 @@ from timm_inception_pcam.data import (
 )
 from timm_inception_pcam.data.__main__ import main
 from timm_inception_pcam.data.download import GZ_MD5, H5_MD5
+from timm_inception_pcam.errors import MissingFileError
 
 
 class _Server(http.server.ThreadingHTTPServer):
@@ -149,4 +150,5 @@ def test_decompress_checks_md5_and_crc(tmp_path: Path) -> None:
     assert np.array_equal(PCamDataset(tmp_path, 'test').labels.shape, (4,))
     shutil.rmtree(tmp_path)
     tmp_path.mkdir()
-    assert main(['decompress', '--root', str(tmp_path)]) == 1
+    with pytest.raises(MissingFileError, match=r'no camelyonpatch_level_2_split_\*\.h5\.gz file'):
+        main(['decompress', '--root', str(tmp_path)])

@@ -1,5 +1,6 @@
 """The plugin as unmodified timm scripts see it: start-up hook, opt-out, runner, and timm's own model test suite."""
 import os
+import site
 import subprocess
 import sys
 import tarfile
@@ -33,16 +34,22 @@ def test_autoload_opt_out() -> None:
 
 
 def test_regular_install_in_fresh_venv(tmp_path: Path) -> None:
-    """A non-editable install (wheel built from the repo) in a venv that sees this interpreter's packages."""
+    """A non-editable install (wheel built from the repo) in a venv that sees this interpreter's packages.
+
+    `venv --system-site-packages` run from inside a venv exposes the base interpreter's packages, not this venv's:
+    the new venv gets this interpreter's site-packages as plain path entries instead (their .pth files, such as
+    the editable install of this repo, are not processed, so only the regular install provides the package).
+    """
     pytest.importorskip('hatchling', reason='hatchling (dev extra) is needed to build the wheel offline')
     venv = tmp_path / 'venv'
-    subprocess.run([sys.executable, '-m', 'venv', '--system-site-packages', str(venv)], check=True, timeout=300)
+    subprocess.run([sys.executable, '-m', 'venv', str(venv)], check=True, timeout=300)
     python = venv / 'bin' / 'python'
+    new_site = _run([str(python), '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])']).stdout.strip()
+    (Path(new_site) / '_outer_site_packages.pth').write_text('\n'.join(site.getsitepackages()) + '\n')
     install = _run([str(python), '-m', 'pip', 'install', '--quiet', '--no-deps', '--no-build-isolation',
                     '--no-index', str(REPO)])
     assert install.returncode == 0, install.stderr
-    site = _run([str(python), '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])']).stdout.strip()
-    assert (Path(site) / 'timm_inception_pcam_autoload.pth').is_file()
+    assert (Path(new_site) / 'timm_inception_pcam_autoload.pth').is_file()
     result = _run([str(python), '-c', LIST_PCAM + "; import timm_inception_pcam; print(timm_inception_pcam.__file__)"])
     assert result.returncode == 0, result.stderr
     listed, location = result.stdout.strip().splitlines()

@@ -11,8 +11,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 __all__ = [
-    'PCamError', 'UsageError', 'DataError', 'CheckpointError', 'ExportError', 'InferenceError', 'OutputError',
-    'cli', 'check_range',
+    'PCamError', 'UsageError', 'DataError', 'MissingFileError', 'TransferError', 'CheckpointError', 'ExportError',
+    'InferenceError', 'OutputError', 'OutputExistsError', 'cli', 'check_range',
 ]
 
 EXIT_USAGE = 2
@@ -31,6 +31,14 @@ class DataError(PCamError, ValueError):
     """A data file or folder is missing, truncated, corrupt or not in the expected layout."""
 
 
+class MissingFileError(DataError, FileNotFoundError):
+    """A file or folder the command needs does not exist."""
+
+
+class TransferError(PCamError, OSError):
+    """A download failed (HTTP error, no connection, dropped transfer); partial data is kept for a resume."""
+
+
 class CheckpointError(PCamError, ValueError):
     """A checkpoint, weights file or model config cannot be used."""
 
@@ -45,6 +53,10 @@ class InferenceError(PCamError, RuntimeError):
 
 class OutputError(PCamError, OSError):
     """An output folder cannot be used: in use by another run, holding a finished run, or not writable."""
+
+
+class OutputExistsError(OutputError, FileExistsError):
+    """An output path already holds something this run must not overwrite (another run's outputs, other data)."""
 
 
 def check_range(name: str, value: float | int | None, low: float | None = None, high: float | None = None,

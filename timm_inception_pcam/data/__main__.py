@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..constants import SPLITS
+from ..errors import MissingFileError, UsageError, check_range, cli
 
 __all__ = ['build_parser', 'main']
 
@@ -54,13 +55,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('-j', '--workers', type=int, default=2, help='worker processes (default 2)')
     p.add_argument('--shard-size', type=int, default=4096, help='patches per webdataset shard')
 
-    p = sub.add_parser('info', help='check the files of every split and print counts')
+    p = sub.add_parser('info', help='check the files of every split and print counts and provenance')
     _root(p, 'folder with the official files')
+    p.add_argument('--verify', action='store_true',
+                   help='compute the md5 of unmarked files once, so official files are recorded as PCam')
     return parser
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for name in ('n', 'n_valid', 'n_test'):
+        check_range(f'--{name.replace("_", "-")}', getattr(args, name, None), 1)
+    check_range('--workers', getattr(args, 'workers', None), 1)
+    check_range('--shard-size', getattr(args, 'shard_size', None), 1)
+    root = Path(args.data_dir)
+    if args.command != 'synth' and args.command != 'download' and not root.is_dir():
+        raise MissingFileError(f'{root}: folder not found; expected a folder holding the PCam files')
+    if root.exists() and not root.is_dir():
+        raise UsageError(f'{root}: not a folder; expected a folder for the PCam files')
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _check_args(args)
     start = time.perf_counter()
     root = Path(args.data_dir)
     if args.command == 'synth':
@@ -84,8 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             md5 = None if args.no_md5 else GZ_MD5.get(gz.name)
             done.append(ensure_decompressed(gz.with_suffix(''), md5=md5))
         if not done:
-            print(f'decompress: no camelyonpatch_level_2_split_*.h5.gz file in {root}', file=sys.stderr)
-            return 1
+            raise MissingFileError(f'{root}: no camelyonpatch_level_2_split_*.h5.gz file; expected the official '
+                                   f'compressed files')
         print(f'decompress: {len(done)} files ready in {root} in {time.perf_counter() - start:.1f} s')
     elif args.command == 'convert':
         from .convert import convert_pcam
@@ -97,15 +113,23 @@ def main(argv: Sequence[str] | None = None) -> int:
               f'{record.get("written_now", 0)} written now) in {time.perf_counter() - start:.1f} s')
     elif args.command == 'info':
         from .files import split_paths
-        from .pcam import check_split_files
+        from .pcam import check_split_files, ensure_decompressed
+        from .provenance import folder_provenance, verify_official
 
         for split in SPLITS:
             paths = split_paths(root, split)
+            paths = {k: ensure_decompressed(paths[k]) for k in ('x', 'y')}
             n, labels = check_split_files(paths['x'], paths['y'])
+            if args.verify:
+                for path in paths.values():
+                    verify_official(path)
             print(f'{split}: {n} patches, {int(labels.sum())} metastatic ({labels.mean():.1%})')
-        print(f'info: {root} holds a complete PCam layout')
+        prov = folder_provenance(root)
+        hint = {'synthetic': ' (written by synth: results on it are not PCam results)',
+                'unknown': ' (md5 not verified: run `info --verify` on the official files)'}.get(prov['provenance'], '')
+        print(f'info: {root} holds a complete PCam layout; provenance: {prov["provenance"]}{hint}')
     return 0
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(cli(main, 'python -m timm_inception_pcam.data'))

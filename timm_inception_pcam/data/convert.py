@@ -24,6 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..constants import LABEL_NAMES
+from ..errors import OutputExistsError, UsageError
 from ..storage import atomic_path, atomic_write_json
 from .files import PCamFormatError, normalize_split, split_paths
 from .pcam import PCamDataset, check_split_files, read_meta_rows
@@ -79,7 +80,7 @@ def _folder_job(root: str, split: str, start: int, stop: int, out: str) -> int:
     images, labels = ds.read_batch(np.arange(todo[0], todo[-1] + 1))
     for i in todo:
         k = i - todo[0]
-        with atomic_path(out_dir / CLASS_DIRS[labels[k]] / f'{split}_{i:06d}.png', suffix='.png') as tmp:
+        with atomic_path(out_dir / CLASS_DIRS[labels[k]] / f'{split}_{i:06d}.png') as tmp:
             tmp.write_bytes(_png_bytes(images[k]))
     return len(todo)
 
@@ -97,7 +98,7 @@ def _wds_job(root: str, split: str, start: int, stop: int, out: str, shard: int)
     meta_path = split_paths(root, split)['meta']
     meta = read_meta_rows(meta_path, len(ds)) if meta_path.is_file() else None
     images, labels = ds.read_batch(np.arange(start, stop))
-    with atomic_path(path, suffix='.tar') as tmp, tarfile.open(tmp, 'w', format=tarfile.USTAR_FORMAT) as tar:
+    with atomic_path(path) as tmp, tarfile.open(tmp, 'w', format=tarfile.USTAR_FORMAT) as tar:
         for k, i in enumerate(range(start, stop)):
             key = f'{split}_{i:06d}'
             members = {'png': _png_bytes(images[k]), 'cls': str(int(labels[k])).encode()}
@@ -113,7 +114,7 @@ def _wds_job(root: str, split: str, start: int, stop: int, out: str, shard: int)
 def _verify_folder(out: Path, split: str, labels: np.ndarray) -> dict[str, int]:
     counts = {}
     for c, name in enumerate(CLASS_DIRS):
-        found = sum(1 for p in (out / FOLDER_SPLITS[split] / name).glob('*.png'))
+        found = sum(1 for p in (out / FOLDER_SPLITS[split] / name).glob('[!.]*.png'))  # temporary files start with '.'
         expected = int((labels == c).sum())
         if found != expected:
             raise PCamFormatError(f'{out / FOLDER_SPLITS[split] / name}: {found} PNG files after conversion, expected '
@@ -138,7 +139,7 @@ def _check_marker(out: Path, fmt: str, fingerprint: dict[str, Any]) -> dict[str,
     marker = out / MARKER
     if not marker.is_file():
         if out.is_dir() and any(p.name != MARKER for p in out.iterdir()):
-            raise FileExistsError(f'{out}: not empty and has no {MARKER}; expected an empty folder or one that an '
+            raise OutputExistsError(f'{out}: not empty and has no {MARKER}; expected an empty folder or one that an '
                                   f'earlier `convert` of the same data wrote (to resume)')
         return None
     try:
@@ -146,9 +147,10 @@ def _check_marker(out: Path, fmt: str, fingerprint: dict[str, Any]) -> dict[str,
     except (OSError, ValueError) as e:
         raise PCamFormatError(f'{marker}: unreadable conversion record ({e})') from e
     if found.get('format') != fmt or found.get('source') != fingerprint:
-        raise FileExistsError(f'{out}: already holds a different conversion ({found.get("format")!r} of a source with '
-                              f'splits {sorted(found.get("source", {}))} and fingerprint {found.get("source")}); '
-                              f'expected {fmt!r} of {fingerprint}. Choose another --output or delete it')
+        source = found.get('source', {})
+        raise OutputExistsError(f'{out}: already holds a different conversion ({found.get("format")!r} of a source '
+                                f'with splits {sorted(source)} and fingerprint {source}); '
+                                f'expected {fmt!r} of {fingerprint}. Choose another --output or delete it')
     return found
 
 
@@ -157,7 +159,7 @@ def convert_pcam(root: str | os.PathLike, out: str | os.PathLike, fmt: str = 'fo
                  shard_size: int = 4096, progress: bool = True) -> dict[str, Any]:
     """Convert `splits` of the PCam files in `root` to `out` (format 'folder' or 'wds'); returns the record."""
     if fmt not in FORMATS:
-        raise ValueError(f'unknown convert format {fmt!r}: expected one of {FORMATS}')
+        raise UsageError(f'unknown convert format {fmt!r}: expected one of {FORMATS}')
     root, out = Path(root), Path(out)
     splits = list(dict.fromkeys(normalize_split(s) for s in splits))
     fingerprint = {s: source_fingerprint(root, s) for s in splits}

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..errors import TransferError
 from .files import ChecksumError, normalize_split, split_file
 
 __all__ = ['ZENODO_URL', 'GZ_MD5', 'H5_MD5', 'file_md5', 'download_file', 'download_pcam']
@@ -74,11 +75,11 @@ def download_file(url: str, dest: str | os.PathLike, md5: str | None, progress: 
         response = urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as e:
         if e.code != 416 or not have:  # 416: nothing left to fetch, the part file may already be whole
-            raise OSError(f'{url}: HTTP {e.code} {e.reason} while downloading {dest.name}') from e
+            raise TransferError(f'{url}: HTTP {e.code} {e.reason} while downloading {dest.name}') from e
         response = None
     except urllib.error.URLError as e:
-        raise OSError(f'{url}: cannot connect ({e.reason}) while downloading {dest.name}; partial data kept in '
-                      f'{part.name}, run the command again to resume') from e
+        raise TransferError(f'{url}: cannot connect ({e.reason}) while downloading {dest.name}; partial data kept '
+                            f'in {part.name}, run the command again to resume') from e
     if response is not None:
         with response:
             resumed = have and response.status == 206
@@ -91,12 +92,12 @@ def download_file(url: str, dest: str | os.PathLike, md5: str | None, progress: 
                 try:
                     shutil.copyfileobj(_Progress(response, bar), f, _CHUNK)
                 except (OSError, http.client.HTTPException) as e:
-                    raise OSError(f'{url}: transfer of {dest.name} interrupted ({type(e).__name__}: {e}); partial '
-                                  f'data kept in {part.name}, run the command again to resume') from e
+                    raise TransferError(f'{url}: transfer of {dest.name} interrupted ({type(e).__name__}: {e}); '
+                                        f'partial data kept in {part.name}, run the command again to resume') from e
             size = part.stat().st_size
             if total is not None and size != total:
-                raise OSError(f'{url}: connection closed after {size} of {total} bytes of {dest.name}; partial data '
-                              f'kept in {part.name}, run the command again to resume')
+                raise TransferError(f'{url}: connection closed after {size} of {total} bytes of {dest.name}; '
+                                    f'partial data kept in {part.name}, run the command again to resume')
     if md5 is not None:
         found = file_md5(part, progress=progress)
         if found != md5.lower():

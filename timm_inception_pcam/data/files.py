@@ -2,7 +2,7 @@
 from pathlib import Path
 
 from ..constants import SPLITS
-from ..errors import DataError
+from ..errors import DataError, UsageError
 
 __all__ = ['PCamFormatError', 'ChecksumError', 'SPLIT_FILE_KEYS', 'META_COLUMNS', 'IMAGE_SHAPE', 'normalize_split',
            'split_file', 'split_paths']
@@ -27,7 +27,7 @@ def normalize_split(split: str) -> str:
     try:
         return _ALIASES[str(split).lower()]
     except KeyError:
-        raise ValueError(f"unknown PCam split {split!r}: expected one of {', '.join(SPLITS)} "
+        raise UsageError(f"unknown PCam split {split!r}: expected one of {', '.join(SPLITS)} "
                          f"(or 'val' / 'validation')") from None
 
 
@@ -37,7 +37,7 @@ def split_file(split: str, key: str) -> str:
     if key == 'meta':
         return f'camelyonpatch_level_2_split_{split}_meta.csv'
     if key not in ('x', 'y'):
-        raise ValueError(f"unknown PCam file key {key!r}: expected 'x', 'y' or 'meta'")
+        raise UsageError(f"unknown PCam file key {key!r}: expected 'x', 'y' or 'meta'")
     return f'camelyonpatch_level_2_split_{split}_{key}.h5'
 
 

@@ -16,8 +16,11 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
+from ..errors import MissingFileError
 from ..storage import atomic_path
+from .download import GZ_MD5, H5_MD5
 from .files import IMAGE_SHAPE, META_COLUMNS, ChecksumError, PCamFormatError, normalize_split, split_paths
+from .provenance import record_verified, split_provenance
 
 __all__ = ['PCamDataset', 'ensure_decompressed', 'check_split_files', 'read_meta_rows']
 
@@ -49,7 +52,7 @@ def ensure_decompressed(path: Path, progress: bool = True, md5: str | None = Non
         return path
     gz = path.with_name(path.name + '.gz')
     if not gz.is_file():
-        raise FileNotFoundError(f'{path}: PCam file not found (nor {gz.name}); expected the official file layout '
+        raise MissingFileError(f'{path}: PCam file not found (nor {gz.name}); expected the official file layout '
                                 f'(get it with `python -m timm_inception_pcam.data download --root {path.parent}`)')
     total = gz.stat().st_size
     try:
@@ -64,9 +67,12 @@ def ensure_decompressed(path: Path, progress: bool = True, md5: str | None = Non
             if md5 is not None and reader.md5.hexdigest() != md5.lower():
                 raise ChecksumError(f'{gz}: md5 {reader.md5.hexdigest()}, expected {md5.lower()}; the file is '
                                     f'corrupt or not the official one: delete it and download it again')
+        official = md5 is not None and GZ_MD5.get(gz.name) == md5.lower()
     except (OSError, EOFError, gzip.BadGzipFile) as e:
         raise PCamFormatError(f'{gz}: corrupt or truncated gzip file ({type(e).__name__}: {e}); delete it and '
                               f'download it again') from e
+    if official:  # the official .gz, verified: its content is the official .h5
+        record_verified(path, H5_MD5[path.name])
     return path
 
 
@@ -78,7 +84,8 @@ def _dataset(f: h5py.File, key: str, path: Path) -> h5py.Dataset:
 
 
 def check_split_files(x_path: Path, y_path: Path) -> tuple[int, np.ndarray]:
-    """Validate one split's image and label files; returns (count, int64 labels)."""
+    """Validate one split's image and label files (decompressing `.h5.gz` ones first); returns (count, labels)."""
+    x_path, y_path = ensure_decompressed(Path(x_path)), ensure_decompressed(Path(y_path))
     try:
         with h5py.File(x_path, 'r') as fx:
             x = _dataset(fx, 'x', x_path)
@@ -107,7 +114,7 @@ def check_split_files(x_path: Path, y_path: Path) -> tuple[int, np.ndarray]:
 def read_meta_rows(path: Path, n: int | None = None) -> list[dict[str, Any]]:
     """Rows of a `_meta.csv`: coord_y, coord_x (int), tumor_patch, center_tumor_patch (bool), wsi; `n` rows if given."""
     if not path.is_file():
-        raise FileNotFoundError(f'{path}: meta CSV not found; expected the official {path.name} beside the .h5 files')
+        raise MissingFileError(f'{path}: meta CSV not found; expected the official {path.name} beside the .h5 files')
     try:
         with open(path, newline='') as f:
             reader = csv.DictReader(f)
@@ -167,6 +174,7 @@ class PCamDataset:
             with h5py.File(self.x_path, 'r') as f:
                 self._images = np.asarray(f['x'][...])
         self.meta = read_meta_rows(self.meta_path, self._n) if with_meta else None
+        self.provenance = split_provenance(self.root, self.split)  # 'synthetic', 'pcam' or 'unknown'
         self._file: h5py.File | None = None
         self._ds: h5py.Dataset | None = None
         self._pid: int | None = None

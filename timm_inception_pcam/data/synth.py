@@ -16,12 +16,15 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..storage import atomic_path
+from ..errors import OutputExistsError, UsageError
+from ..storage import atomic_path, atomic_write_json
 from .files import META_COLUMNS, SPLIT_FILE_KEYS, split_file
+from .provenance import SYNTH_INFO, SYNTHETIC, file_provenance, mark_synthetic
 
 __all__ = ['synthesize_pcam', 'render_patches', 'stamp_banks']
 
 SIZE = 96
+GENERATOR = 'timm_inception_pcam.data.synth'
 CENTRE = (32, 64)  # [start, stop) of the label region on both axes
 # Stain vectors (rows: haematoxylin, eosin), optical density per unit concentration, RGB order.
 _H_VEC = np.array([0.650, 0.704, 0.286], dtype=np.float32)
@@ -199,12 +202,14 @@ def _write_split(root: Path, split: str, n: int, rng: np.random.Generator,
     tumour_any = np.zeros(n, dtype=bool)
     with atomic_path(x_path) as tmp_x:
         with h5py.File(tmp_x, 'w') as f:
+            mark_synthetic(f, generator=GENERATOR)
             ds = f.create_dataset('x', shape=(n, SIZE, SIZE, 3), dtype=np.uint8)
             for start in range(0, n, _CHUNK):
                 stop = min(start + _CHUNK, n)
                 ds[start:stop], tumour_any[start:stop] = render_patches(rng, labels[start:stop], banks)
     with atomic_path(y_path) as tmp_y:
         with h5py.File(tmp_y, 'w') as f:
+            mark_synthetic(f, generator=GENERATOR)
             f.create_dataset('y', data=labels.reshape(n, 1, 1, 1))
     # Meta: patches come from a few synthetic slides, with slide coordinates at level 0.
     n_slides = max(1, n // 2048 + 3)
@@ -249,8 +254,16 @@ def synthesize_pcam(root: str | Path, n: int, seed: int = 0, n_valid: int | None
              'test': max(1, n // 8) if n_test is None else n_test}
     for split, count in sizes.items():
         if int(count) < 1:
-            raise ValueError(f'synthesize_pcam: the {split} split needs at least 1 patch, got {count}')
+            raise UsageError(f'synthesize_pcam: the {split} split needs at least 1 patch, got {count}')
     root = Path(root)
+    for split in sizes:
+        for key in ('x', 'y'):
+            existing = root / split_file(split, key)
+            for path in (existing, existing.with_name(existing.name + '.gz')):
+                ours = (root / SYNTH_INFO).is_file() if path.suffix == '.gz' else file_provenance(path) == SYNTHETIC
+                if path.exists() and not ours:
+                    raise OutputExistsError(f'{path}: a PCam file not written by synth is already there; refusing to '
+                                      f'overwrite it (expected an empty folder or an earlier synthetic set)')
     root.mkdir(parents=True, exist_ok=True)
     seq = np.random.SeedSequence(seed)
     bank_seq, *split_seqs = seq.spawn(4)
@@ -263,4 +276,7 @@ def synthesize_pcam(root: str | Path, n: int, seed: int = 0, n_valid: int | None
             if gzip and key != 'meta':
                 path = _gzip_file(path)
             out[f'{split}_{key}'] = path
+    atomic_write_json(root / SYNTH_INFO, {
+        'provenance': SYNTHETIC, 'generator': GENERATOR, 'seed': seed, 'sizes': sizes,
+        'note': 'synthetic H&E-like patches in the PCam file layout; results on them are not PCam results'})
     return out
