@@ -1,0 +1,213 @@
+"""OpenVINO on the CPU: a PCam model converted once, then compiled for float32, bfloat16 or int8 (NNCF).
+
+    runner = OpenVINORunner(model, 'bf16')               # nn.Module: converted, cached on disk, compiled
+    logits = runner.logits(patches)                      # uint8 (N, 96, 96, 3) -> float32 (N, 2)
+
+Converted (and, for int8, quantised) models are cached under `cache_dir` (default
+`$XDG_CACHE_HOME/timm-inception-pcam/openvino`), keyed by the sha256 of the weights, the precision, the OpenVINO
+version and, for int8, the calibration patches, so a second run does not convert or calibrate again. An IR file
+(`.xml` with its `.bin`, as `python -m export.openvino` writes it) is compiled as it is.
+
+On CPUs with AMX or AVX-512 bf16, OpenVINO's default inference precision is bf16: `fp32` sets it to f32 explicitly.
+int8 quantises what NNCF's post-training quantisation selects and runs the rest in f32. Low precisions change a
+few decisions: `inference.check` bounds that error and re-runs the patches in doubt at a higher precision.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..constants import PCAM_INPUT_SIZE, PCAM_MEAN, PCAM_STD
+from ..errors import InferenceError, UsageError
+from ..preprocess import batch_slices, model_normalization, preprocess_patches
+from .base import RunnerSpec
+
+__all__ = ['OV_PRECISIONS', 'OpenVINORunner', 'openvino_version', 'weights_sha256', 'default_cache_dir',
+           'convert_to_openvino']
+
+OV_PRECISIONS = ('fp32', 'bf16', 'int8')
+_HINTS = {'fp32': 'f32', 'bf16': 'bf16', 'int8': 'f32'}
+CACHE_FORMAT = 'timm-inception-pcam-openvino/1'
+
+
+def _openvino():
+    try:
+        import openvino
+    except ImportError as e:
+        raise InferenceError(f'OpenVINO is not installed ({e}); install it with: pip install openvino nncf') from None
+    return openvino
+
+
+def openvino_version() -> str:
+    return _openvino().__version__.split('-')[0]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get('XDG_CACHE_HOME', Path.home() / '.cache')) / 'timm-inception-pcam' / 'openvino'
+
+
+def weights_sha256(model: Any) -> str:
+    """sha256 over the model's state dict (names, dtypes, shapes, bytes): the identity of what is converted."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f'{name}:{t.dtype}:{tuple(t.shape)};'.encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b'')
+    return digest.hexdigest()
+
+
+def _batches(patches: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...], batch_size: int):
+    for s in batch_slices(len(patches), batch_size):
+        yield preprocess_patches(patches[s], mean, std, source=f'calibration patches {s.start}..{s.stop - 1}')
+
+
+def convert_to_openvino(model: Any, precision: str = 'fp32', calibration: np.ndarray | None = None,
+                        mean: tuple[float, ...] = PCAM_MEAN, std: tuple[float, ...] = PCAM_STD) -> Any:
+    """An `openvino.Model` of `model` (dynamic batch); int8 quantised with NNCF on `calibration` uint8 patches."""
+    import torch
+
+    ov = _openvino()
+    c, h, w = PCAM_INPUT_SIZE
+    model = model.eval()
+    with torch.inference_mode():
+        ov_model = ov.convert_model(model, example_input=torch.zeros(1, c, h, w))
+    ov_model.reshape([-1, c, h, w])
+    if precision == 'int8':
+        if calibration is None or len(calibration) == 0:
+            raise UsageError('int8 needs calibration patches: pass uint8 (N, 96, 96, 3) patches (e.g. 512 from the '
+                             'training split)')
+        import nncf
+
+        batches = list(_batches(calibration, mean, std, 64))
+        ov_model = nncf.quantize(ov_model, nncf.Dataset(batches), subset_size=len(batches))  # items are batches
+    return ov_model
+
+
+class OpenVINORunner:
+    """A PCam classifier compiled by OpenVINO for the CPU; a `Runner` (uint8 NHWC patches in, float32 logits out)."""
+
+    def __init__(
+            self,
+            model: Any,
+            precision: str = 'fp32',
+            *,
+            batch_size: int = 64,
+            threads: int | None = None,
+            cache_dir: str | Path | None = None,
+            calibration: np.ndarray | None = None,
+            calibration_info: Mapping[str, Any] | None = None,
+            mean: tuple[float, ...] | None = None,
+            std: tuple[float, ...] | None = None,
+    ) -> None:
+        if precision not in OV_PRECISIONS:
+            raise UsageError(f'OpenVINO precision {precision!r} not supported: expected one of '
+                             f'{", ".join(OV_PRECISIONS)}')
+        if batch_size < 1:
+            raise UsageError(f'batch_size must be >= 1, got {batch_size}')
+        ov = _openvino()
+        self.precision, self.batch_size = precision, batch_size
+        self._core = ov.Core()
+        extra: dict[str, Any] = {'openvino': openvino_version()}
+        if isinstance(model, (str, Path)):
+            xml = Path(model)
+            if not xml.is_file() or not xml.with_suffix('.bin').is_file():
+                raise InferenceError(f'{xml}: OpenVINO IR not found; expected the .xml with its .bin beside it')
+            meta = _read_ir_meta(xml)
+            mean = mean or tuple(meta.get('mean', PCAM_MEAN))
+            std = std or tuple(meta.get('std', PCAM_STD))
+            label_names = tuple(meta.get('label_names', ('normal', 'metastatic')))
+            ir_precision = meta.get('precision', 'fp32')
+            if ir_precision == 'int8' and precision != 'int8':
+                raise UsageError(f'{xml}: an int8 IR runs as int8, not {precision}')
+            ov_model, source = self._core.read_model(str(xml)), str(xml)
+            extra['ir'] = meta
+        else:
+            norm = model_normalization(model)
+            mean, std = mean or norm[0], std or norm[1]
+            label_names = tuple((getattr(model, 'pretrained_cfg', None) or {}).get('label_names',
+                                                                                  ('normal', 'metastatic')))
+            ov_model, cache_info = self._cached_model(model, precision, calibration, calibration_info, mean, std,
+                                                      Path(cache_dir) if cache_dir else default_cache_dir())
+            source = 'module'
+            extra.update(cache_info)
+        config: dict[str, Any] = {'INFERENCE_PRECISION_HINT': _HINTS[precision], 'PERFORMANCE_HINT': 'LATENCY'}
+        if threads:
+            config['INFERENCE_NUM_THREADS'] = int(threads)
+        self._compiled = self._core.compile_model(ov_model, 'CPU', config)
+        self._mean, self._std = tuple(mean), tuple(std)
+        self.spec = RunnerSpec(backend=f'openvino_{precision}', precision=precision, source=source, device='cpu',
+                               mean=self._mean, std=self._std, label_names=label_names, extra=extra)
+
+    def _cached_model(self, model: Any, precision: str, calibration: np.ndarray | None,
+                      calibration_info: Mapping[str, Any] | None, mean: tuple[float, ...], std: tuple[float, ...],
+                      cache_root: Path) -> tuple[Any, dict[str, Any]]:
+        key_parts = {'format': CACHE_FORMAT, 'weights_sha256': weights_sha256(model), 'precision': precision,
+                     'openvino': openvino_version(), 'mean': list(mean), 'std': list(std)}
+        if precision == 'int8' and calibration is not None:
+            key_parts['calibration_sha256'] = hashlib.sha256(np.ascontiguousarray(calibration).tobytes()).hexdigest()
+        key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:32]
+        folder = cache_root / key
+        xml = folder / 'model.xml'
+        info = {'cache': str(folder), 'cache_hit': xml.is_file(), 'weights_sha256': key_parts['weights_sha256']}
+        if xml.is_file():
+            meta = json.loads((folder / 'meta.json').read_text())
+            info['calibration'] = meta.get('calibration')
+            return self._core.read_model(str(xml)), info
+        ov_model = convert_to_openvino(model, precision, calibration, mean, std)
+        calib = None
+        if precision == 'int8':
+            calib = {'n': int(len(calibration)), 'sha256': key_parts['calibration_sha256'],
+                     **dict(calibration_info or {})}
+        cache_root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f'.{key}.', suffix='.partial', dir=cache_root))
+        try:
+            _openvino().save_model(ov_model, str(tmp / 'model.xml'), compress_to_fp16=False)
+            (tmp / 'meta.json').write_text(json.dumps({**key_parts, 'calibration': calib}, indent=2) + '\n')
+            try:
+                os.replace(tmp, folder)  # another process may have filled it meanwhile: theirs is as good
+            except OSError:
+                pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        info['calibration'] = calib
+        return ov_model, info
+
+    def logits(self, patches: np.ndarray) -> np.ndarray:
+        x = preprocess_patches(patches, self._mean, self._std)
+        out = np.empty((len(x), len(self.spec.label_names)), np.float32)
+        for s in batch_slices(len(x), self.batch_size):
+            out[s] = self._compiled(x[s])[0]
+        return out
+
+    def close(self) -> None:
+        self._compiled = None
+
+    def __enter__(self) -> OpenVINORunner:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _read_ir_meta(xml: Path) -> dict[str, Any]:
+    """Preprocessing and labels of an IR: the sidecar `python -m export.openvino` writes beside it, if present."""
+    sidecar = xml.with_name(xml.name + '.json')
+    if not sidecar.is_file():
+        return {}
+    try:
+        data = json.loads(sidecar.read_text())
+    except (OSError, ValueError) as e:
+        raise InferenceError(f'{sidecar}: unreadable sidecar ({e})') from None
+    pre = data.get('preprocessing', {}) if isinstance(data, dict) else {}
+    return {'mean': pre.get('mean', PCAM_MEAN), 'std': pre.get('std', PCAM_STD),
+            'label_names': data.get('label_names', ['normal', 'metastatic']), 'precision': data.get('precision')}
