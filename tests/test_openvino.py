@@ -95,3 +95,65 @@ def test_errors(model, tmp_path: Path) -> None:
         OpenVINORunner(tmp_path / 'missing.xml')
     with pytest.raises(UsageError, match='batch_size must be >= 1'):
         OpenVINORunner(model, 'fp32', cache_dir=tmp_path, batch_size=0)
+
+
+@pytest.fixture(scope='module')
+def exported(model, tmp_path_factory) -> dict:
+    from export.openvino import export_openvino
+
+    out = tmp_path_factory.mktemp('ir')
+    patches = _patches(48, seed=2)[0]
+    return export_openvino(model, out, model_name='inception_v4_pcam', checkpoint=None, precision='fp32',
+                           patches=patches, patch_source='test patches', stem='tiny')
+
+
+def test_ir_export_round_trip_and_parity(exported, model, patches, reference) -> None:
+    import json
+
+    out = exported['xml'].parent
+    assert sorted(p.name for p in out.iterdir()) == ['tiny.bin', 'tiny.xml', 'tiny.xml.json', 'tiny.xml.parity.json']
+    sidecar = json.loads(exported['sidecar'].read_text())
+    assert sidecar['format'] == 'timm-inception-pcam-openvino/1' and sidecar['precision'] == 'fp32'
+    assert sidecar['label_names'] == ['normal', 'metastatic'] and len(sidecar['sha256']['bin']) == 64
+    assert exported['parity']['passed'] and exported['parity']['outputs_vary']
+    runner = OpenVINORunner(exported['xml'])
+    assert runner.spec.source == str(exported['xml'])
+    np.testing.assert_allclose(runner.logits(patches), reference, rtol=1e-3, atol=1e-4 * np.abs(reference).max())
+    bf16 = OpenVINORunner(exported['xml'], 'bf16')  # the same IR compiled in bf16
+    assert (bf16.logits(patches).argmax(1) == reference.argmax(1)).mean() >= 0.95
+
+
+def test_broken_ir_files_are_named(exported, tmp_path: Path) -> None:
+    import shutil
+
+    for name in ('tiny.xml', 'tiny.bin', 'tiny.xml.json'):
+        shutil.copy(exported['xml'].parent / name, tmp_path / name)
+    xml, bin_ = tmp_path / 'tiny.xml', tmp_path / 'tiny.bin'
+    bin_.write_bytes(bin_.read_bytes()[:-16])  # truncated weights
+    with pytest.raises(InferenceError, match=r'tiny.bin: sha256 does not match tiny.xml.json'):
+        OpenVINORunner(xml)
+    (tmp_path / 'tiny.xml.json').unlink()  # without the sidecar, OpenVINO itself notices
+    with pytest.raises(InferenceError, match=r'tiny.xml: not a readable OpenVINO IR'):
+        OpenVINORunner(xml)
+    xml.write_text('<net>garbage')
+    with pytest.raises(InferenceError, match=r'tiny.xml: not a readable OpenVINO IR'):
+        OpenVINORunner(xml)
+    bin_.unlink()
+    with pytest.raises(InferenceError, match=r'tiny.xml: OpenVINO IR not found; expected the .xml with its .bin'):
+        OpenVINORunner(xml)
+
+
+def test_export_cli_user_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from export.openvino import main
+    from timm_inception_pcam.errors import cli
+
+    cases = [
+        (['--model', 'inception_v4_pcam', '--output', str(tmp_path), '--batch-size', '0'], '--batch-size must be >= 1'),
+        (['--checkpoint', str(tmp_path / 'none.pth'), '--output', str(tmp_path)], 'checkpoint file not found'),
+        (['--model', 'inception_v4_pcam', '--output', str(tmp_path), '--bake-preprocessing'], 'applies to ONNX'),
+    ]
+    for argv, expected in cases:
+        assert cli(main, 'python -m export.openvino', argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0] and 'Traceback' not in err[0], err
+    assert not list(tmp_path.iterdir())  # nothing written by a refused run

@@ -28,6 +28,7 @@ import numpy as np
 from ..constants import PCAM_INPUT_SIZE, PCAM_MEAN, PCAM_STD
 from ..errors import InferenceError, UsageError
 from ..preprocess import batch_slices, model_normalization, preprocess_patches
+from ..storage import file_sha256
 from .base import RunnerSpec
 
 __all__ = ['OV_PRECISIONS', 'OpenVINORunner', 'openvino_version', 'weights_sha256', 'default_cache_dir',
@@ -129,7 +130,11 @@ class OpenVINORunner:
             ir_precision = meta.get('precision', 'fp32')
             if ir_precision == 'int8' and precision != 'int8':
                 raise UsageError(f'{xml}: an int8 IR runs as int8, not {precision}')
-            ov_model, source = self._core.read_model(str(xml)), str(xml)
+            try:
+                ov_model, source = self._core.read_model(str(xml)), str(xml)
+            except RuntimeError as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise InferenceError(f'{xml}: not a readable OpenVINO IR ({first})') from None
             extra['ir'] = meta
         else:
             norm = model_normalization(model)
@@ -208,6 +213,13 @@ def _read_ir_meta(xml: Path) -> dict[str, Any]:
         data = json.loads(sidecar.read_text())
     except (OSError, ValueError) as e:
         raise InferenceError(f'{sidecar}: unreadable sidecar ({e})') from None
-    pre = data.get('preprocessing', {}) if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        raise InferenceError(f'{sidecar}: expected a JSON object, found {type(data).__name__}')
+    digests = data.get('sha256') if isinstance(data.get('sha256'), dict) else {}
+    for key, path in (('xml', xml), ('bin', xml.with_suffix('.bin'))):
+        if digests.get(key) is not None and digests[key] != file_sha256(path):
+            raise InferenceError(f'{path}: sha256 does not match {sidecar.name} (sha256.{key}); the file is truncated '
+                                 f'or not the one the sidecar describes: export it again')
+    pre = data.get('preprocessing', {}) if isinstance(data.get('preprocessing'), dict) else {}
     return {'mean': pre.get('mean', PCAM_MEAN), 'std': pre.get('std', PCAM_STD),
             'label_names': data.get('label_names', ['normal', 'metastatic']), 'precision': data.get('precision')}
