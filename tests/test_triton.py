@@ -1,0 +1,161 @@
+"""Triton model repository: layout, configs parsed by Triton's own protobuf schema and checked against the model
+files, TensorRT plans mapped per compute capability, and a client round trip against a KServe v2 stand-in."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip('tritonclient.grpc', reason='tritonclient is a declared dependency (serve extra)')
+
+from kserve_standin import KServeStandIn  # noqa: E402
+
+from export.triton import (  # noqa: E402
+    OUTPUT_NAME,
+    TritonOptions,
+    build_repository,
+    model_config,
+    validate_model_config,
+)
+from timm_inception_pcam.errors import ExportError, InferenceError, OutputExistsError, UsageError, cli  # noqa: E402
+from timm_inception_pcam.preprocess import preprocess_patches  # noqa: E402
+
+
+def _patches(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(n) % 2)
+    x = rng.normal(200, 25, (n, 96, 96, 3))
+    yy, xx = np.mgrid[:96, :96]
+    for i in np.flatnonzero(labels):
+        cy, cx, r = rng.uniform(38, 58, 2).tolist() + [rng.uniform(5, 12)]
+        x[i][(yy - cy) ** 2 + (xx - cx) ** 2 < r ** 2] -= rng.uniform(60, 120)
+    return np.clip(x, 0, 255).astype(np.uint8), labels
+
+
+@pytest.fixture(scope='module')
+def model() -> torch.nn.Module:
+    from export.golden import train_tiny_model
+
+    return train_tiny_model(*_patches(64, seed=0), steps=80)
+
+
+@pytest.fixture(scope='module')
+def repository(model, tmp_path_factory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp('triton') / 'repo'
+    result = build_repository(model, root, model_name='tiny', checkpoint=None, formats=['onnx', 'openvino', 'tensorrt'])
+    return root, result
+
+
+def test_layout_and_configs_validate(repository) -> None:
+    from tritonclient.grpc import model_config_pb2 as pb2
+
+    root, result = repository
+    assert result['models'] == {'tiny_onnx': 'onnx', 'tiny_openvino': 'openvino'}
+    assert 'export.trt --fp16 --from-onnx' in result['skipped']['tiny_tensorrt']
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith('.')) == ['tiny_onnx', 'tiny_openvino']
+    assert (root / 'tiny_onnx' / '1' / 'model.onnx').is_file()
+    assert all((root / 'tiny_openvino' / '1' / f).is_file() for f in ('model.xml', 'model.bin'))
+    for name, kind in (('tiny_onnx', 'onnxruntime_onnx'), ('tiny_openvino', 'openvino')):
+        folder = root / name
+        assert (folder / 'labels.txt').read_text() == 'normal\nmetastatic\n'
+        config = validate_model_config((folder / 'config.pbtxt').read_text(), name)
+        assert kind in (config.platform, config.backend) and config.max_batch_size == 256
+        assert list(config.dynamic_batching.preferred_batch_size) == [64, 256]
+        assert config.instance_group[0].kind == pb2.ModelInstanceGroup.KIND_CPU
+        assert (config.input[0].name, pb2.DataType.Name(config.input[0].data_type), list(config.input[0].dims)) \
+            == ('input', 'TYPE_UINT8', [96, 96, 3])
+        assert (config.output[0].name, list(config.output[0].dims)) == (OUTPUT_NAME, [2])
+    assert not [p for p in root.parent.iterdir() if p.name.endswith('.partial')]
+
+
+def test_config_validation_catches_mistakes() -> None:
+    good = model_config('m', 'onnx', 2, TritonOptions())
+    io = {'inputs': {'input': ('uint8', [96, 96, 3])}, 'outputs': {OUTPUT_NAME: ('float32', [2])}}
+    validate_model_config(good, 'm', io)
+    with pytest.raises(ExportError, match='not a valid Triton model configuration'):
+        validate_model_config(good.replace('max_batch_size', 'max_batch'), 'm')
+    with pytest.raises(ExportError, match="declared outputs .* do not match the model file's"):
+        validate_model_config(good, 'm', {**io, 'outputs': {'logits': ('float32', [2])}})
+    with pytest.raises(ExportError, match='declared inputs'):
+        validate_model_config(good, 'm', {**io, 'inputs': {'input': ('float32', [3, 96, 96])}})
+
+
+def test_served_models_return_the_model_probabilities(repository, model) -> None:
+    import onnxruntime as ort
+    import openvino as ov
+
+    root, _ = repository
+    patches, _ = _patches(20, seed=3)
+    with torch.inference_mode():
+        expected = torch.softmax(model(torch.from_numpy(preprocess_patches(patches))), 1).numpy()
+    assert expected[:, 1].std() > 0.05  # probabilities vary: the comparison means something
+    onnx_out = ort.InferenceSession(str(root / 'tiny_onnx' / '1' / 'model.onnx')).run(None, {'input': patches})[0]
+    np.testing.assert_allclose(onnx_out, expected, atol=1e-4)
+    compiled = ov.Core().compile_model(str(root / 'tiny_openvino' / '1' / 'model.xml'), 'CPU',
+                                       {'INFERENCE_PRECISION_HINT': 'f32'})
+    np.testing.assert_allclose(compiled(patches)[0], expected, atol=1e-4)
+
+
+def test_tensorrt_plans_map_per_compute_capability(model, repository, tmp_path: Path) -> None:
+    from export.sidecar import Profile, make_sidecar, write_sidecar
+    from export.spec import IOSpec
+    from timm_inception_pcam.storage import file_sha256
+
+    def plan(name: str, cc: str, output: str) -> Path:
+        path = tmp_path / name
+        path.write_bytes(f'fake plan for {cc}'.encode())
+        write_sidecar(path, make_sidecar(
+            model='tiny', tensorrt_version='11.1.0', gpu={'name': f'GPU {cc}', 'compute_capability': cc},
+            precision='fp16', spec=IOSpec(baked_in=True, output_name=output), profile=Profile(),
+            checkpoint_sha256=None, onnx_sha256='0' * 64, plan_sha256=file_sha256(path)))
+        return path
+
+    plans = [plan('a.plan', '9.0', OUTPUT_NAME), plan('b.plan', '8.9', OUTPUT_NAME)]
+    out = tmp_path / 'repo'
+    result = build_repository(model, out, model_name='tiny', checkpoint=None, formats=['tensorrt'], plans=plans)
+    assert result['models'] == {'tiny_tensorrt': 'tensorrt'}
+    config = validate_model_config((out / 'tiny_tensorrt' / 'config.pbtxt').read_text(), 'trt')
+    assert config.platform == 'tensorrt_plan' and dict(config.cc_model_filenames) == {
+        '8.9': 'model_sm89.plan', '9.0': 'model_sm90.plan'}
+    assert (out / 'tiny_tensorrt' / '1' / 'model_sm90.plan').read_bytes() == b'fake plan for 9.0'
+    assert not (out / 'tiny_onnx').exists()  # only the formats asked for
+    with pytest.raises(OutputExistsError, match='pass --overwrite'):
+        build_repository(model, out, model_name='tiny', checkpoint=None, formats=['tensorrt'], plans=plans)
+    with pytest.raises(UsageError, match="built from another ONNX .*output 'logits'"):
+        build_repository(model, tmp_path / 'r2', model_name='tiny', checkpoint=None, formats=['tensorrt'],
+                         plans=[plan('c.plan', '9.0', 'logits')])
+    plans[0].write_bytes(b'truncated')
+    with pytest.raises(ExportError, match='does not match'):
+        build_repository(model, out, model_name='tiny', checkpoint=None, formats=['tensorrt'], plans=plans,
+                         overwrite=True)
+    assert (out / 'tiny_tensorrt' / '1' / 'model_sm90.plan').read_bytes() == b'fake plan for 9.0'  # old one kept
+
+
+def test_client_round_trip_against_kserve_standin(repository, model, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    from timm_inception_pcam.serve_client import infer_patches, main
+
+    root, _ = repository
+    patches, _ = _patches(70, seed=4)
+    with torch.inference_mode():
+        expected = torch.softmax(model(torch.from_numpy(preprocess_patches(patches))), 1).numpy()
+    with KServeStandIn(root) as server:
+        probs = infer_patches(server.url, 'tiny_onnx', patches, batch_size=32)
+        assert server.requests == 3  # 32 + 32 + 6
+        np.testing.assert_allclose(probs, expected, atol=1e-4)
+        with pytest.raises(InferenceError, match="model 'nope' is not ready"):
+            infer_patches(server.url, 'nope', patches[:2])
+        np.save(tmp_path / 'p.npy', patches[:3])
+        printed = main(['--url', server.url, '--model', 'tiny_onnx', str(tmp_path / 'p.npy')])
+        out = capsys.readouterr().out.splitlines()
+        assert out[0] == 'index,normal,metastatic' and len(out) == 4
+        np.testing.assert_allclose(printed, expected[:3], atol=1e-4)
+        assert cli(main, 'serve_client', ['--url', server.url, '--model', 'tiny_onnx', str(tmp_path / 'x.npy')]) == 2
+        assert 'x.npy: file not found' in capsys.readouterr().err
+
+
+def test_unreachable_server_is_one_line(tmp_path: Path) -> None:
+    from timm_inception_pcam.serve_client import infer_patches
+
+    with pytest.raises(InferenceError, match='127.0.0.1:9: cannot reach the server'):
+        infer_patches('127.0.0.1:9', 'm', np.zeros((1, 96, 96, 3), np.uint8), timeout=2)
