@@ -11,7 +11,8 @@ import pytest
 tomllib = pytest.importorskip('tomllib', reason='tomllib is in the standard library from Python 3.11')
 
 REPO = Path(__file__).resolve().parents[1]
-LOCAL = {'timm_inception_pcam', 'export', 'benchmarks', 'tests', '_timm_inception_pcam_autoload', 'conftest'}
+LOCAL = {'timm_inception_pcam', 'export', 'benchmarks', 'tests', '_timm_inception_pcam_autoload'} | {
+    p.stem for p in (REPO / 'tests').glob('*.py')}  # helper modules beside the tests
 # Modules whose distribution is named otherwise and may not be installed here (GPU-only extras).
 KNOWN = {'tensorrt': 'tensorrt', 'pycuda': 'pycuda', 'cuda': 'cuda-python', 'PIL': 'pillow',
          'sklearn': 'scikit-learn', 'openslide': 'openslide-python', 'yaml': 'pyyaml'}
