@@ -567,9 +567,22 @@ def test_upload_of_a_non_pcam_result_is_refused_unless_allowed(provenance: dict 
     assert card.data.eval_results is None and not card.data.datasets
 
 
+@pytest.mark.parametrize('data,training,allowed', [
+    ('pcam', 'pcam', True), ('pcam', 'unknown', True), ('pcam', 'synthetic', False), ('synthetic', 'pcam', False),
+    ('unknown', 'unknown', False), ('synthetic', 'synthetic', False),
+])
+def test_upload_needs_a_pcam_report_and_no_synthetic_training(data: str, training: str, allowed: bool) -> None:
+    if allowed:
+        hub.check_upload_allowed(data, training, allow_synthetic=False, folder='f')
+    else:
+        with pytest.raises(PublishError, match='not uploading f: .*not PCam results.*--allow-synthetic'):
+            hub.check_upload_allowed(data, training, allow_synthetic=False, folder='f')
+    hub.check_upload_allowed(data, training, allow_synthetic=True, folder='f')  # the flag lets any through
+
+
 def test_official_repo_never_takes_a_non_pcam_result(runs: dict, tmp_path: Path) -> None:
     base = _synthetic_run(runs['inception_v4_pcam'], tmp_path / 'eval', {'provenance': 'synthetic'})
-    with pytest.raises(PublishError, match='official repo .* only takes weights evaluated on PCam'):
+    with pytest.raises(PublishError, match='official repo .* only takes weights evaluated on PCam .*report: synth'):
         main([*base, '--repo-id', OFFICIAL_REPOS['inception_v4_pcam'], '--output', str(tmp_path / 'o'),
               '--allow-synthetic', '--dry-run'], api=FakeHfApi(tmp_path / 'd'))
 
@@ -651,7 +664,8 @@ def test_onnx_external_data_linked_out_of_its_folder_is_refused(runs: dict, tmp_
 # ------------------------------------------------------------------------------ user errors: exit 2, one line
 
 
-@pytest.mark.parametrize('case', ['no-report', 'bad-repo-id', 'missing-checkpoint', 'absolute-plot', 'bad-json'])
+@pytest.mark.parametrize('case', ['no-report', 'bad-repo-id', 'missing-checkpoint', 'absolute-plot', 'bad-json',
+                                  'output-is-a-file'])
 def test_user_errors_exit_2_with_one_line(case: str, runs: dict, tmp_path: Path,
                                           capsys: pytest.CaptureFixture) -> None:
     run = runs['inception_v4_pcam']
@@ -667,6 +681,8 @@ def test_user_errors_exit_2_with_one_line(case: str, runs: dict, tmp_path: Path,
         report.write_text('{not json' if case == 'bad-json' else
                           json.dumps(dict(run['report_data'], plots={'roc': '/etc/passwd', 'pr': 'pr.png'})))
         argv[3] = str(report)
+    elif case == 'output-is-a-file':
+        (tmp_path / 'out').write_text('a file')
     assert errors.cli(main, 'publish', argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith('publish: error: ') and 'Traceback' not in err[0]

@@ -348,6 +348,15 @@ def test_absurd_grids_are_refused_before_allocating(mpp, match, synthetic, tmp_p
     assert len(err) == 1 and 'synthetic.tif' in err[0] and '--mpp' in err[0]
 
 
+def test_an_output_path_that_is_a_file_exits_2_with_one_line(synthetic, tmp_path, capsys):
+    (tmp_path / 'taken').write_text('a file, not a folder')
+    with pytest.raises(errors.OutputError, match='taken: cannot use as the output folder'):
+        wsi.run_slide(synthetic['path'], Recording(), tmp_path / 'taken', options(), progress=False)
+    with pytest.raises(errors.OutputError, match='cannot use as the output folder'):
+        wsi.run_slide(synthetic['path'], Recording(), tmp_path / 'taken' / 'below', options(), progress=False)
+    assert (tmp_path / 'taken').read_text() == 'a file, not a folder'
+
+
 @pytest.mark.parametrize('module', ['timm_inception_pcam.slide', 'timm_inception_pcam.wsi'])
 def test_module_commands_exit_2_without_traceback(module, tmp_path):
     import subprocess

@@ -83,10 +83,11 @@ def main(argv: Sequence[str] | None = None, *, api: Any = None) -> dict[str, Any
     result['upload_command'] = upload_command(result['folder'], args.repo_id, message, args.private)
     result['uploaded'] = False
     official = args.repo_id == OFFICIAL_REPOS.get(result['model'])
-    if official and 'pcam' != result['data_provenance']:
+    if official and (result['data_provenance'] != 'pcam' or result['training_data_provenance'] == 'synthetic'):
         raise PublishError(f'{args.repo_id} is the official repo of the {result["model"]}.pcam tag: it only takes '
-                           f'weights evaluated on PCam, but the report records {result["data_provenance"]} data; '
-                           f'publish to another --repo-id')
+                           f'weights evaluated on PCam and not trained on synthetic data (report: '
+                           f'{result["data_provenance"]}, checkpoint: {result["training_data_provenance"]}); publish '
+                           f'to another --repo-id')
     if args.dry_run:
         print('[5/5] dry run: nothing uploaded')
         print(f'upload with: {result["upload_command"]}')

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..constants import LABEL_NAMES, PCAM_INPUT_SIZE, PCAM_MEAN, PCAM_STD
+from ..errors import OutputError
 from ..storage import atomic_write_json, file_sha256
 from .card import DEFAULT_DATASET_ID, render_card, training_description
 from .report import (
@@ -241,7 +242,11 @@ def build_hub_folder(cfg: FolderConfig, log: Callable[[str], None] = print) -> d
                   if k not in ('drop_rate', 'drop_path_rate', 'drop_block_rate', 'pretrained')}
     target = cfg.output / cfg.name
     _check_target(target)
-    cfg.output.mkdir(parents=True, exist_ok=True)
+    try:
+        cfg.output.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f'{cfg.output}: cannot use as --output ({e.strerror or e}); expected a writable '
+                          f'folder') from e
 
     log(f'[3/5] writing {target}')
     tmp = Path(tempfile.mkdtemp(prefix=f'.{cfg.name}.', suffix='.partial', dir=cfg.output))

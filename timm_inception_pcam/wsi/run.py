@@ -15,7 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..constants import LABEL_NAMES, PCAM_NUM_CLASSES
-from ..errors import InferenceError
+from ..errors import InferenceError, OutputError
 from ..storage import atomic_path, file_sha256
 from .grid import TileGrid, plan_grid, read_row, tissue_fractions
 from .options import SlideOptions
@@ -110,6 +110,11 @@ def run_slide(
     run_info = dict(run_info or {})
     out = Path(out_dir)
     grid, mpp_source = plan_grid(slide, options)  # refuses absurd grids before the maps below are allocated
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f'{out}: cannot use as the output folder ({e.strerror or e}); expected a writable '
+                          f'folder') from e
     fingerprint = _fingerprint(slide, grid, options, run_info)
     progress_path = out / PROGRESS_NAME
     prob = np.full((grid.rows, grid.cols), np.nan, dtype=np.float32)
