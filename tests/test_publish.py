@@ -19,10 +19,12 @@ from PIL import Image
 from safetensors.torch import load_file
 from timm.data import resolve_data_config
 
-import timm_inception_pcam.publish as publish
+from timm_inception_pcam import errors, hub
 from timm_inception_pcam.checkpoint import read_checkpoint, save_checkpoint
 from timm_inception_pcam.constants import LABEL_NAMES, PCAM_MEAN, PCAM_STD
-from timm_inception_pcam.publish import OFFICIAL_REPOS, PublishError, main
+from timm_inception_pcam.hub import OFFICIAL_REPOS, PublishError, main
+from timm_inception_pcam.hub.card import render_card
+from timm_inception_pcam.hub.report import path_inside, provenance_of, report_provenance
 from timm_inception_pcam.storage import file_sha256
 
 ORG = 'pcam-test-org'
@@ -67,6 +69,7 @@ def _make_run(root: Path, arch: str, seed: int) -> dict[str, Any]:
         'ci95': {'roc_auc': [metrics['roc_auc'] - 0.02, metrics['roc_auc'] + 0.01]},
         'tta_gain': None, 'plots': {'roc': 'roc.png', 'pr': 'pr.png', 'confusion': 'confusion.png'},
         'normalization': {'mean': list(PCAM_MEAN), 'std': list(PCAM_STD)}, 'use_ema': False,
+        'data': {'provenance': 'pcam'},  # as evaluate records it for the real PCam files
     }
     (root / 'report.json').write_text(json.dumps(report))
     return {'arch': arch, 'dir': root, 'checkpoint': ckpt, 'report': root / 'report.json', 'report_data': report,
@@ -132,7 +135,7 @@ def test_dry_run_writes_hub_folder(arch: str, runs: dict, published: dict) -> No
     assert cfg['label_names'] == list(LABEL_NAMES)
     # the pooled grid is measured: 96 px with the stride-1 stem ends on 6x6, the stride-2 stems on 3x3
     assert cfg['pool_size'] == ([6, 6] if MODEL_KWARGS[arch].get('stem_stride') == 1 else [3, 3])
-    provenance = config[publish.PROVENANCE_KEY]
+    provenance = config[hub.PROVENANCE_KEY]
     assert provenance['checkpoint_sha256'] == file_sha256(run['checkpoint'])
     assert provenance['report_sha256'] == file_sha256(run['report'])
     assert provenance['weights_sha256'] == file_sha256(folder / 'model.safetensors')
@@ -148,7 +151,7 @@ def test_model_card_front_matter_and_sections(arch: str, runs: dict, published: 
     text = (Path(published[arch]['folder']) / 'README.md').read_text()
     card = ModelCard(text)
     assert card.data.library_name == 'timm' and card.data.pipeline_tag == 'image-classification'
-    assert card.data.license == 'apache-2.0' and card.data.datasets == [publish.DEFAULT_DATASET_ID]
+    assert card.data.license == 'apache-2.0' and card.data.datasets == [hub.DEFAULT_DATASET_ID]
     assert {'timm', 'pathology', 'patchcamelyon'} <= set(card.data.tags)
     results = {r.metric_type: r for r in card.data.eval_results}
     assert set(results) == {'accuracy', 'roc_auc', 'f1', 'balanced_accuracy'}
@@ -249,7 +252,9 @@ def test_pcam_tag_refuses_until_published(arch: str) -> None:
         timm.create_model(f'{arch}.pcam', pretrained=True)
     message = str(e.value)
     assert OFFICIAL_REPOS[arch] in message and f'{arch}.tf_in1k' in message and 'train' in message
-    assert OFFICIAL_REPOS[arch] in publish.unpublished_weights_message(arch)
+    from timm_inception_pcam.models import _common
+    assert not hasattr(_common, 'PCAM_WEIGHTS_PUBLISHED')  # no flag in source to edit once published
+    assert timm.models.get_pretrained_cfg(f'{arch}.pcam').hf_hub_id == OFFICIAL_REPOS[arch]
 
 
 # ------------------------------------------------------------------------------------------------- refusals
@@ -326,7 +331,7 @@ def test_cli_reports_refusal_in_one_line(runs: dict, tmp_path: Path, monkeypatch
     argv = ['--checkpoint', str(runs['inception_v4_pcam']['checkpoint']), '--repo-id', f'{ORG}/x', '--output',
             str(tmp_path), '--dry-run']
     monkeypatch.setattr(sys, 'argv', ['publish', *argv])
-    assert publish._cli() == 2
+    assert errors.cli(main, 'publish') == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith('publish: error: no evaluation report')
 
@@ -343,7 +348,7 @@ def test_failed_rebuild_keeps_previous_folder(runs: dict, published: dict, tmp_p
         assert {'model.safetensors', 'README.md', 'config.json'} <= {p.name for p in folder.iterdir()}
         raise PublishError('simulated failure')
 
-    monkeypatch.setattr(publish, '_verify_loads_back', fail)
+    monkeypatch.setattr(hub.folder, '_verify_loads_back', fail)
     with pytest.raises(PublishError, match='simulated failure'):
         main(_argv(runs['inception_resnet_v2_pcam'], tmp_path, f'{ORG}/x', '--dry-run'))
     assert {p.name: p.read_bytes() for p in (tmp_path / 'x').iterdir()} == before
@@ -431,11 +436,11 @@ def test_republishing_same_checkpoint_makes_no_commit(runs: dict, published: dic
     api.files[repo].update({'model.onnx': b'old', 'model.onnx.data': b'old', 'pytorch_model.bin': b'pickle',
                             'NOTES.md': b'kept'})  # left by an earlier publish, or by hand
     other = published['inception_resnet_v2_pcam']  # another checkpoint to the same repo: a new commit
-    third = publish.upload_folder(other['folder'], repo, commit_message='retrained', api=api)
+    third = hub.upload_folder(other['folder'], repo, commit_message='retrained', api=api)
     assert third['uploaded'] and len(api.commits) == 2
     assert set(api.files[repo]) == set(other['files']) | {'NOTES.md'}  # no stale weights beside the new ones
     remote_config = json.loads(api.files[repo]['config.json'])
-    assert remote_config[publish.PROVENANCE_KEY]['checkpoint_sha256'] == other['checkpoint_sha256']
+    assert remote_config[hub.PROVENANCE_KEY]['checkpoint_sha256'] == other['checkpoint_sha256']
 
 
 def test_upload_without_token_refuses_and_never_shows_one(published: dict, tmp_path: Path,
@@ -448,13 +453,244 @@ def test_upload_without_token_refuses_and_never_shows_one(published: dict, tmp_p
     monkeypatch.setattr(hf_constants, 'HF_TOKEN_PATH', str(tmp_path / 'no-token'))
     folder = published['inception_v4_pcam']['folder']
     with pytest.raises(PublishError, match=f'no Hugging Face token.*ready, upload it later with: hf upload {ORG}/x'):
-        publish.upload_folder(folder, f'{ORG}/x', commit_message='m')
+        hub.upload_folder(folder, f'{ORG}/x', commit_message='m')
 
     secret = 'hf_' + 'Zq' * 17  # a token the (offline) upload attempt must not reveal anywhere
     monkeypatch.setenv('HF_TOKEN', secret)
     monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', True)
     with pytest.raises(PublishError, match=f'upload to {ORG}/x failed') as e:
-        publish.upload_folder(folder, f'{ORG}/x', commit_message='m')
+        hub.upload_folder(folder, f'{ORG}/x', commit_message='m')
     captured = capsys.readouterr()
     assert secret not in str(e.value) and secret not in captured.out and secret not in captured.err
     assert all(secret.encode() not in p.read_bytes() for p in Path(folder).rglob('*') if p.is_file())
+
+
+# ------------------------------------------------------------------------- data provenance (synthetic != PCam)
+
+NOT_PCAM_REPORTS = {  # report variants whose numbers must never be presented as PatchCamelyon results
+    'synthetic': {'data': {'provenance': 'synthetic'}},
+    'synthetic-upper': {'data': {'provenance': 'Synthetic'}},
+    'no-data-key': {},
+    'data-null': {'data': None},
+    'data-a-string': {'data': 'pcam'},  # not the recorded layout: unknown, not trusted
+    'provenance-null': {'data': {'provenance': None}},
+    'provenance-other': {'data': {'provenance': 'camelyon17'}},
+}
+
+
+def _variant(report: dict, extra: dict) -> dict:
+    out = {k: v for k, v in report.items() if k != 'data'}
+    out.update(extra)
+    return out
+
+
+def _card(report: dict, training: str = 'unknown') -> tuple[str, Any]:
+    provenance = report_provenance(report)
+    text = render_card(
+        repo_id=f'{ORG}/x', arch='inception_v4_pcam', report=report, provenance=provenance, training=training,
+        meta={}, train_args={}, model_args={}, data_cfg={'input_size': (3, 96, 96), 'mean': PCAM_MEAN,
+                                                         'std': PCAM_STD},
+        plots={'roc': 'roc.png'}, onnx_info=None, num_params=1000,
+        hashes={k: 'h' for k in ('checkpoint_sha256', 'report_sha256', 'weights_sha256', 'timm_version',
+                                 'package_version')},
+        dataset_id=hub.DEFAULT_DATASET_ID, license_id='apache-2.0', base_model=None)
+    return text, ModelCard(text)
+
+
+@pytest.mark.parametrize('variant', list(NOT_PCAM_REPORTS))
+def test_a_report_not_on_pcam_never_gives_a_pcam_model_index(variant: str, runs: dict) -> None:
+    report = _variant(runs['inception_v4_pcam']['report_data'], NOT_PCAM_REPORTS[variant])
+    assert report_provenance(report) != 'pcam'
+    text, card = _card(report)
+    front = text.split('\n---\n', 1)[0]
+    assert card.data.eval_results is None and 'model-index' not in front
+    assert not card.data.datasets and hub.DEFAULT_DATASET_ID not in text
+    assert not {'patchcamelyon', 'pcam'} & set(card.data.tags)
+    assert 'Results on the PCam' not in text
+    body = text.split('\n---\n', 1)[1]
+    heading = next(line for line in body.splitlines() if line.startswith('## Results'))
+    title = next(line for line in body.splitlines() if line.startswith('# '))
+    if 'synthetic' in variant:
+        assert 'synthetic data (not pcam)' in heading.lower()
+    else:
+        assert 'unrecorded provenance' in heading and 'not a PCam result' in body
+        assert '**Data of unrecorded provenance.**' in body
+    if 'synthetic' in variant:  # at every number: title, summary box, heading, table caption, plot captions
+        assert 'synthetic' in title and '**Synthetic data.**' in body and '**Synthetic data:** measured' in body
+        assert '![roc curve (synthetic data)](roc.png)' in body
+
+
+def test_a_checkpoint_trained_on_synthetic_data_is_labelled_even_with_a_pcam_report(runs: dict) -> None:
+    report = runs['inception_v4_pcam']['report_data']
+    text, card = _card(report, training='synthetic')
+    assert card.data.eval_results is None and 'synthetic-data' in card.data.tags
+    assert 'trained on synthetic PCam-format patches' in text and 'Results on the PCam' not in text
+    text, card = _card(report, training='pcam')  # the real thing: a PCam model-index on the PCam dataset
+    assert [r.dataset_type for r in card.data.eval_results] == [hub.DEFAULT_DATASET_ID] * 4
+    assert 'trained on PatchCamelyon (PCam)' in text
+
+
+@pytest.mark.parametrize('value,expected', [
+    ('pcam', 'pcam'), ('synthetic', 'synthetic'), (' PCam ', 'pcam'), ({'provenance': 'synthetic'}, 'synthetic'),
+    ('{"provenance": "pcam"}', 'pcam'), (None, 'unknown'), ('', 'unknown'), (3, 'unknown'), ('{broken', 'unknown'),
+    ({'kind': 'synthetic'}, 'synthetic'), ({'other': 'pcam'}, 'unknown'),
+])
+def test_provenance_of_reads_what_checkpoints_and_reports_record(value: Any, expected: str) -> None:
+    assert provenance_of(value) == expected
+
+
+def _synthetic_run(run: dict, root: Path, provenance: dict | None) -> list[str]:
+    root.mkdir(parents=True, exist_ok=True)
+    report = _variant(run['report_data'], {} if provenance is None else {'data': provenance})
+    (root / 'report.json').write_text(json.dumps(report))
+    return ['--checkpoint', str(run['checkpoint']), '--report', str(root / 'report.json'), '--plots-dir',
+            str(run['dir'])]
+
+
+@pytest.mark.parametrize('provenance', [{'provenance': 'synthetic'}, None], ids=['synthetic', 'unrecorded'])
+def test_upload_of_a_non_pcam_result_is_refused_unless_allowed(provenance: dict | None, runs: dict,
+                                                               tmp_path: Path) -> None:
+    api = FakeHfApi(tmp_path / 'downloads')
+    base = _synthetic_run(runs['inception_v4_pcam'], tmp_path / 'eval', provenance)
+    repo = f'{ORG}/synthetic'
+    word = 'synthetic' if provenance else 'unknown'
+    with pytest.raises(PublishError, match=f'not uploading .*records {word} data.*--allow-synthetic'):
+        main([*base, '--repo-id', repo, '--output', str(tmp_path / 'a')], api=api)
+    assert api.commits == [] and repo not in api.files
+    dry = main([*base, '--repo-id', repo, '--output', str(tmp_path / 'b'), '--dry-run'])  # a dry run is fine
+    assert dry['data_provenance'] == word and not dry['uploaded']
+    assert json.loads(Path(dry['folder'], 'config.json').read_text())[hub.PROVENANCE_KEY]['data_provenance'] == word
+
+    done = main([*base, '--repo-id', repo, '--output', str(tmp_path / 'c'), '--allow-synthetic'], api=api)
+    assert done['uploaded'] and len(api.commits) == 1 and f'on {word} data' in api.commits[0][1]
+    card = ModelCard(api.files[repo]['README.md'].decode())
+    assert card.data.eval_results is None and not card.data.datasets
+
+
+@pytest.mark.parametrize('data,training,allowed', [
+    ('pcam', 'pcam', True), ('pcam', 'unknown', True), ('pcam', 'synthetic', False), ('synthetic', 'pcam', False),
+    ('unknown', 'unknown', False), ('synthetic', 'synthetic', False),
+])
+def test_upload_needs_a_pcam_report_and_no_synthetic_training(data: str, training: str, allowed: bool) -> None:
+    if allowed:
+        hub.check_upload_allowed(data, training, allow_synthetic=False, folder='f')
+    else:
+        with pytest.raises(PublishError, match='not uploading f: .*not PCam results.*--allow-synthetic'):
+            hub.check_upload_allowed(data, training, allow_synthetic=False, folder='f')
+    hub.check_upload_allowed(data, training, allow_synthetic=True, folder='f')  # the flag lets any through
+
+
+def test_official_repo_never_takes_a_non_pcam_result(runs: dict, tmp_path: Path) -> None:
+    base = _synthetic_run(runs['inception_v4_pcam'], tmp_path / 'eval', {'provenance': 'synthetic'})
+    with pytest.raises(PublishError, match='official repo .* only takes weights evaluated on PCam .*report: synth'):
+        main([*base, '--repo-id', OFFICIAL_REPOS['inception_v4_pcam'], '--output', str(tmp_path / 'o'),
+              '--allow-synthetic', '--dry-run'], api=FakeHfApi(tmp_path / 'd'))
+
+
+def test_pcam_tag_loads_once_the_official_repo_holds_the_weights(runs: dict, published: dict,
+                                                                 offline_cache: Path) -> None:
+    arch = 'inception_v4_pcam'
+    _hf_cache(offline_cache, OFFICIAL_REPOS[arch], Path(published[arch]['folder']))
+    model = timm.create_model(f'{arch}.pcam', pretrained=True, **MODEL_KWARGS[arch])
+    _same_weights(model.state_dict(), runs[arch]['model'].state_dict())
+
+
+# ------------------------------------------------------------------------------- paths read from files are data
+
+
+def _outside_file(tmp_path: Path) -> Path:
+    outside = tmp_path / 'elsewhere' / 'roc.png'
+    outside.parent.mkdir(parents=True, exist_ok=True)
+    Image.new('RGB', (4, 4), (1, 2, 3)).save(outside)
+    return outside
+
+
+@pytest.mark.parametrize('case', ['absolute', 'dotdot', 'symlink-out', 'hf-token', 'home-tilde', 'dotdot-token'])
+def test_report_paths_outside_the_report_folder_are_refused(case: str, runs: dict, tmp_path: Path) -> None:
+    run = runs['inception_v4_pcam']
+    eval_dir = tmp_path / 'eval'
+    shutil.copytree(run['dir'], eval_dir, ignore=shutil.ignore_patterns('*.pth'))
+    outside = _outside_file(tmp_path)
+    name = {
+        'absolute': str(outside),
+        'dotdot': '../elsewhere/roc.png',
+        'symlink-out': 'roc.png',
+        'hf-token': str(Path.home() / '.cache' / 'huggingface' / 'token'),
+        'home-tilde': '~/.cache/huggingface/token',
+        'dotdot-token': '../../../../../../../../../../root/.cache/huggingface/token',
+    }[case]
+    if case == 'symlink-out':
+        (eval_dir / 'roc.png').unlink()
+        (eval_dir / 'roc.png').symlink_to(outside)
+    report = dict(run['report_data'], plots={**run['report_data']['plots'], 'roc': name})
+    (eval_dir / 'report.json').write_text(json.dumps(report))
+    argv = ['--checkpoint', str(run['checkpoint']), '--report', str(eval_dir / 'report.json'), '--repo-id',
+            f'{ORG}/x', '--output', str(tmp_path / 'out'), '--dry-run']
+    _assert_refused(argv, tmp_path / 'out', 'plots.roc .*(not a plain relative path|leads out of)')
+
+
+def test_path_inside_accepts_files_and_links_within_the_folder(tmp_path: Path) -> None:
+    (tmp_path / 'sub').mkdir()
+    (tmp_path / 'sub' / 'a.png').write_bytes(b'x')
+    (tmp_path / 'link.png').symlink_to(tmp_path / 'sub' / 'a.png')
+    assert path_inside(tmp_path, 'sub/a.png', what='w', source='s') == tmp_path / 'sub' / 'a.png'
+    assert path_inside(tmp_path, 'link.png', what='w', source='s') == tmp_path / 'link.png'
+    for bad in ('', None, 7, '/etc/passwd', 'sub/../../x', '~/x', 'a\0b'):
+        with pytest.raises(PublishError):
+            path_inside(tmp_path, bad, what='w', source='s')
+
+
+def test_onnx_external_data_linked_out_of_its_folder_is_refused(runs: dict, tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((3, 2), dtype=np.float32), 'w')
+    graph = helper.make_graph(
+        [helper.make_node('MatMul', ['input', 'w'], ['logits'])], 'g',
+        [helper.make_tensor_value_info('input', TensorProto.FLOAT, ['batch', 3])],
+        [helper.make_tensor_value_info('logits', TensorProto.FLOAT, ['batch', 2])], [weight])
+    src = tmp_path / 'export'
+    src.mkdir()
+    onnx.save_model(helper.make_model(graph), str(src / 'tiny.onnx'), save_as_external_data=True,
+                    location='tiny.onnx.data', size_threshold=0)
+    secret = tmp_path / 'secret.data'
+    (src / 'tiny.onnx.data').rename(secret)
+    (src / 'tiny.onnx.data').symlink_to(secret)
+    argv = _argv(runs['inception_v4_pcam'], tmp_path / 'out', f'{ORG}/x', '--dry-run', '--onnx',
+                 str(src / 'tiny.onnx'))
+    _assert_refused(argv, tmp_path / 'out', 'external data location .* leads out of')
+
+
+# ------------------------------------------------------------------------------ user errors: exit 2, one line
+
+
+@pytest.mark.parametrize('case', ['no-report', 'bad-repo-id', 'missing-checkpoint', 'absolute-plot', 'bad-json',
+                                  'output-is-a-file'])
+def test_user_errors_exit_2_with_one_line(case: str, runs: dict, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture) -> None:
+    run = runs['inception_v4_pcam']
+    argv = _argv(run, tmp_path / 'out', f'{ORG}/x', '--dry-run')
+    if case == 'no-report':
+        argv = argv[:2] + argv[4:]
+    elif case == 'bad-repo-id':
+        argv[5] = 'no-slash'
+    elif case == 'missing-checkpoint':
+        argv[1] = str(tmp_path / 'missing.pth')
+    elif case in ('absolute-plot', 'bad-json'):
+        report = tmp_path / 'report.json'
+        report.write_text('{not json' if case == 'bad-json' else
+                          json.dumps(dict(run['report_data'], plots={'roc': '/etc/passwd', 'pr': 'pr.png'})))
+        argv[3] = str(report)
+    elif case == 'output-is-a-file':
+        (tmp_path / 'out').write_text('a file')
+    assert errors.cli(main, 'publish', argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('publish: error: ') and 'Traceback' not in err[0]
+
+
+def test_module_command_runs_through_the_shim(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, '-m', 'timm_inception_pcam.publish', '--checkpoint',
+                           str(tmp_path / 'none.pth'), '--repo-id', 'a/b', '--output', str(tmp_path), '--dry-run'],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith('publish: error: no evaluation report')

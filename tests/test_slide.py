@@ -10,7 +10,10 @@ import tifffile
 import torch
 from PIL import Image
 
-from timm_inception_pcam import slide as wsi
+from timm_inception_pcam import errors, wsi
+from timm_inception_pcam.data.synth_slide import write_synthetic_slide
+from timm_inception_pcam.wsi.cli import main
+from timm_inception_pcam.wsi.run import _make_runner
 
 pytest.importorskip('openslide', reason='whole-slide reading needs openslide-bin + openslide-python')
 
@@ -61,7 +64,7 @@ def options(**kw) -> wsi.SlideOptions:
 @pytest.fixture(scope='module')
 def synthetic(tmp_path_factory) -> dict:
     """Levels at 0.486 / 0.972 / 1.944 um/px; tissue and tumour blocks painted at 0.972 (level 1)."""
-    return wsi.write_synthetic_slide(tmp_path_factory.mktemp('slide') / 'synthetic.tif', TISSUE, TUMOUR, seed=1)
+    return write_synthetic_slide(tmp_path_factory.mktemp('slide') / 'synthetic.tif', TISSUE, TUMOUR, seed=1)
 
 
 @torch.no_grad()
@@ -110,7 +113,7 @@ def probe_checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = fit_probe(timm.create_model('inception_v4_pcam', num_classes=2, depths=(1, 1, 1)), patches, labels)
     return save_checkpoint(tmp_path_factory.mktemp('probe') / 'probe.pth', model, arch='inception_v4_pcam',
-                           model_kwargs={'depths': (1, 1, 1)})
+                           model_kwargs={'depths': (1, 1, 1)}, data_provenance='synthetic')
 
 
 def test_choose_level_uses_a_matching_level_or_resamples_from_a_finer_one():
@@ -126,9 +129,10 @@ def test_choose_level_uses_a_matching_level_or_resamples_from_a_finer_one():
 
 def test_heatmap_finds_planted_tumour(synthetic, probe_checkpoint, tmp_path):
     out = tmp_path / 'run'
-    summary = wsi.main([str(synthetic['path']), '--model', 'inception_v4_pcam', '--checkpoint', str(probe_checkpoint),
-                        '--out', str(out), '--batch-size', '32', '--thumbnail-size', str(THUMB), '--no-progress'])
+    summary = main([str(synthetic['path']), '--model', 'inception_v4_pcam', '--checkpoint', str(probe_checkpoint),
+                    '--out', str(out), '--batch-size', '32', '--thumbnail-size', str(THUMB), '--no-progress'])
     assert summary['level'] == 1 and summary['resample'] == 1.0 and summary['mpp_source'] == 'metadata'
+    assert summary['data_provenance'] == 'synthetic'  # the probe was fitted on synthetic patches, and says so
     prob = np.load(out / 'probability.npy')
     assert prob.shape == TISSUE.shape == tuple(summary['grid'])
     np.testing.assert_array_equal(np.isfinite(prob), TISSUE)
@@ -154,7 +158,8 @@ def test_heatmap_finds_planted_tumour(synthetic, probe_checkpoint, tmp_path):
     assert ring[0] == ring[-1] and ring[2][0] - ring[0][0] == block
     with Image.open(out / 'heatmap.png') as im:
         assert im.size[0] > THUMB // 2 and im.mode in ('RGB', 'RGBA')
-    assert json.loads((out / 'summary.json').read_text())['tiles_over_threshold'] == len(rows)
+    saved = json.loads((out / 'summary.json').read_text())
+    assert saved['tiles_over_threshold'] == len(rows) and saved['data_provenance'] == 'synthetic'
 
 
 def test_background_is_never_classified(synthetic, tmp_path):
@@ -167,7 +172,7 @@ def test_background_is_never_classified(synthetic, tmp_path):
     prob = np.load(tmp_path / 'probability.npy')
     np.testing.assert_array_equal(np.isfinite(prob), TISSUE)
 
-    blank = wsi.write_synthetic_slide(tmp_path / 'blank.tif', np.zeros((3, 4), bool), np.zeros((3, 4), bool))
+    blank = write_synthetic_slide(tmp_path / 'blank.tif', np.zeros((3, 4), bool), np.zeros((3, 4), bool))
     rec = Recording()
     summary = wsi.run_slide(blank['path'], rec, tmp_path / 'blank', options(), progress=False)
     assert rec.calls == 0 and summary['tissue_tiles'] == 0 and summary['max_probability'] is None
@@ -222,7 +227,7 @@ def test_corrupt_or_unsupported_slide_gets_a_clear_error(synthetic, tmp_path, ca
     with pytest.raises(wsi.SlideError, match=r'damaged\.tif: cannot read level .* corrupt or truncated'):
         wsi.run_slide(tmp_path / 'damaged.tif', Recording(), tmp_path / 'out', options(), progress=False)
 
-    code = wsi.cli([str(junk), '--model', 'inception_v4_pcam', '--out', str(tmp_path / 'cli')])
+    code = errors.cli(main, 'slide', [str(junk), '--model', 'inception_v4_pcam', '--out', str(tmp_path / 'cli')])
     assert code == 2 and 'junk.tif' in capsys.readouterr().err
     assert not (tmp_path / 'cli' / 'summary.json').exists()
 
@@ -232,13 +237,13 @@ def test_resampling_and_mpp_override(synthetic, tmp_path):
     ref_prob = np.load(tmp_path / 'ref' / 'probability.npy')
 
     # One level at 0.486 um/px: every tile is resampled 2:1 from level 0 (the painting, upsampled 2x, comes back).
-    flat = wsi.write_synthetic_slide(tmp_path / 'flat.tif', TISSUE, TUMOUR, seed=1, levels=1)
+    flat = write_synthetic_slide(tmp_path / 'flat.tif', TISSUE, TUMOUR, seed=1, levels=1)
     summary = wsi.run_slide(flat['path'], Recording(), tmp_path / 'flat', options(), progress=False)
     assert (summary['level'], summary['resample'], summary['grid']) == (0, 2.0, ref['grid'])
     np.testing.assert_array_equal(np.load(tmp_path / 'flat' / 'probability.npy'), ref_prob)
 
     # No resolution in the file: refused, unless --mpp gives it.
-    bare = wsi.write_synthetic_slide(tmp_path / 'bare.tif', TISSUE, TUMOUR, seed=1, write_resolution=False)
+    bare = write_synthetic_slide(tmp_path / 'bare.tif', TISSUE, TUMOUR, seed=1, write_resolution=False)
     with pytest.raises(wsi.SlideError, match='no physical resolution.*--mpp'):
         wsi.run_slide(bare['path'], Recording(), tmp_path / 'bare', options(), progress=False)
     summary = wsi.run_slide(bare['path'], Recording(), tmp_path / 'bare', options(mpp=0.486), progress=False)
@@ -258,7 +263,7 @@ def test_resampling_and_mpp_override(synthetic, tmp_path):
 
 def test_svs_and_overlapping_stride(synthetic, tmp_path):
     ref = wsi.run_slide(synthetic['path'], Recording(), tmp_path / 'ref', options(), progress=False)
-    svs = wsi.write_synthetic_slide(tmp_path / 'synthetic.svs', TISSUE, TUMOUR, seed=1, aperio=True)
+    svs = write_synthetic_slide(tmp_path / 'synthetic.svs', TISSUE, TUMOUR, seed=1, aperio=True)
     summary = wsi.run_slide(svs['path'], Recording(), tmp_path / 'svs', options(), progress=False)
     assert (summary['vendor'], summary['mpp'], summary['level']) == ('aperio', pytest.approx(0.486), 1)
     np.testing.assert_array_equal(np.load(tmp_path / 'svs' / 'probability.npy'),
@@ -286,7 +291,82 @@ def test_bf16_checked_keeps_float32_decisions_at_the_listing_threshold(probe_che
     from contextlib import ExitStack
 
     with ExitStack() as stack:
-        predictor, info = wsi.build_predictor(stack, None, str(probe_checkpoint), 'bf16_checked', 16,
-                                              thresholds=(0.5, 0.3, 1.0))
+        predictor, info = _make_runner(stack, None, str(probe_checkpoint), 'bf16_checked', 16,
+                                       thresholds=(0.5, 0.3, 1.0))
     assert info['backend'] == 'bf16_checked' and predictor.check is not None
+    assert info['data_provenance'] == 'synthetic'
     assert sorted(predictor.check.thresholds) == [0.3, 0.5]  # 1.0 decides nothing: no check needed
+
+
+def test_model_provenance_is_unknown_unless_the_checkpoint_records_it(tmp_path):
+    import timm
+
+    from timm_inception_pcam.checkpoint import save_checkpoint
+    from timm_inception_pcam.wsi.run import _checkpoint_provenance
+
+    model = timm.create_model('inception_v4_pcam', num_classes=2, depths=(1, 1, 1))
+    for name, extra, expected in (('plain.pth', {}, 'unknown'), ('pcam.pth', {'data_provenance': 'pcam'}, 'pcam'),
+                                  ('dict.pth', {'data_provenance': {'provenance': 'synthetic'}}, 'synthetic'),
+                                  ('meta.safetensors', {'data_provenance': 'synthetic'}, 'synthetic')):
+        path = save_checkpoint(tmp_path / name, model, arch='inception_v4_pcam', model_kwargs={'depths': (1, 1, 1)},
+                               **extra)
+        assert _checkpoint_provenance(str(path)) == expected, name
+    (tmp_path / 'm.onnx').write_bytes(b'x')
+    assert _checkpoint_provenance(str(tmp_path / 'm.onnx')) == 'unknown'
+    assert _checkpoint_provenance(None) == 'unknown' == _checkpoint_provenance('hf-hub:org/name')
+
+
+BAD_VALUES = [
+    (['--mpp', '1e-9'], '--mpp'), (['--mpp', '1e9'], '--mpp'), (['--target-mpp', '0'], '--target-mpp'),
+    (['--stride', '-1'], '--stride'), (['--stride', '0'], '--stride'), (['--stride', '100000'], '--stride'),
+    (['--batch-size', '0'], '--batch-size'), (['--batch-size', '1000000'], '--batch-size'),
+    (['--threshold', '1.5'], '--threshold'), (['--min-tissue', '-0.1'], '--min-tissue'),
+    (['--tissue-threshold', 'nan'], '--tissue-threshold'), (['--thumbnail-size', '1000000000'], '--thumbnail-size'),
+    (['--save-every', '-1'], '--save-every'), (['--mpp-tolerance', '-0.5'], '--mpp-tolerance'),
+]
+
+
+@pytest.mark.parametrize('extra,option', BAD_VALUES, ids=[' '.join(a) for a, _ in BAD_VALUES])
+def test_out_of_range_values_exit_2_with_one_line(extra, option, synthetic, tmp_path, capsys):
+    argv = [str(synthetic['path']), '--model', 'inception_v4_pcam', '--out', str(tmp_path / 'out'), *extra]
+    assert errors.cli(main, 'slide', argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f'slide: error: {option} must be') and 'Traceback' not in err[0]
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('mpp,match', [(1e-3, 'square read of level'), (1e3, 'tile grid would need')])
+def test_absurd_grids_are_refused_before_allocating(mpp, match, synthetic, tmp_path, capsys, monkeypatch):
+    allocated, real_full = [], np.full
+    monkeypatch.setattr(np, 'full', lambda *a, **k: allocated.append(a) or real_full(*a, **k))
+    with pytest.raises(wsi.SlideError, match=match):
+        wsi.run_slide(synthetic['path'], Recording(), tmp_path / 'run', options(mpp=mpp), progress=False)
+    assert allocated == [] and not (tmp_path / 'run').exists()
+    argv = [str(synthetic['path']), '--model', 'inception_v4_pcam', '--out', str(tmp_path / 'cli'), '--mpp', str(mpp)]
+    assert errors.cli(main, 'slide', argv) == 2  # before any model is loaded
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'synthetic.tif' in err[0] and '--mpp' in err[0]
+
+
+def test_an_output_path_that_is_a_file_exits_2_with_one_line(synthetic, tmp_path, capsys):
+    (tmp_path / 'taken').write_text('a file, not a folder')
+    with pytest.raises(errors.OutputError, match='taken: cannot use as the output folder'):
+        wsi.run_slide(synthetic['path'], Recording(), tmp_path / 'taken', options(), progress=False)
+    with pytest.raises(errors.OutputError, match='cannot use as the output folder'):
+        wsi.run_slide(synthetic['path'], Recording(), tmp_path / 'taken' / 'below', options(), progress=False)
+    assert (tmp_path / 'taken').read_text() == 'a file, not a folder'
+
+
+@pytest.mark.parametrize('module', ['timm_inception_pcam.slide', 'timm_inception_pcam.wsi'])
+def test_module_commands_exit_2_without_traceback(module, tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, '-m', module, str(tmp_path / 'missing.svs'), '--out', str(tmp_path / 'o'),
+                           '--batch-size', '-3'], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr
+    assert proc.stderr.strip().splitlines() == ['slide: error: --batch-size must be >= 1 and <= 8192, got -3']
+    proc = subprocess.run([sys.executable, '-m', module, str(tmp_path / 'missing.svs'), '--out', str(tmp_path / 'o')],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f'slide: error: {tmp_path / "missing.svs"}: slide file not found']

@@ -8,9 +8,8 @@ from timm.layers import ConvNormAct
 
 from ..constants import LABEL_NAMES, PCAM_INPUT_SIZE, PCAM_MEAN, PCAM_NUM_CLASSES, PCAM_STD
 
-# Where PCam-trained weights will be published. Until they are, the `.pcam` tags refuse `pretrained=True`.
+# Where PCam-trained weights are published: the `.pcam` tags' pretrained_cfg names `<org>/<model>` as hf_hub_id.
 PCAM_HUB_ORG = 'timm-inception-pcam'
-PCAM_WEIGHTS_PUBLISHED: dict[str, bool] = {'inception_v4_pcam': False, 'inception_resnet_v2_pcam': False}
 
 
 def make_conv_block(
@@ -83,13 +82,21 @@ def adapt_head_filter(classifier: str):
 
 
 def check_pretrained_available(variant: str, pretrained: bool, kwargs: dict[str, Any]) -> None:
-    """Refuse `pretrained=True` on a `.pcam` tag whose weights are not published yet, saying what to do instead."""
+    """Refuse `pretrained=True` on a `.pcam` tag whose Hub repo (its pretrained_cfg's hf_hub_id) cannot be reached,
+    saying what to use instead. No flag to edit: once the repo holds the weights, they load."""
     tag = kwargs.get('pretrained_cfg')
     overlay = kwargs.get('pretrained_cfg_overlay') or {}
-    own_weights = bool(overlay.get('file') or overlay.get('state_dict'))
-    if not pretrained or tag != 'pcam' or own_weights or PCAM_WEIGHTS_PUBLISHED.get(variant, False):
+    if not pretrained or tag != 'pcam' or overlay.get('file') or overlay.get('state_dict'):
         return
-    raise RuntimeError(
-        f'{variant}.pcam: PCam-trained weights are not published yet (they will live at '
-        f'hf-hub:{PCAM_HUB_ORG}/{variant}). Use `{variant}.tf_in1k` (ImageNet initialisation, the default for '
-        f'pretrained=True) to fine-tune, or train your own: python -m timm_inception_pcam.train --model {variant}')
+    from huggingface_hub import hf_hub_download
+    from timm.models import get_pretrained_cfg
+
+    repo = get_pretrained_cfg(f'{variant}.pcam').hf_hub_id
+    try:
+        hf_hub_download(repo, 'config.json')
+    except Exception as e:  # not found, offline, no network: all mean "cannot load the PCam weights here"
+        raise RuntimeError(
+            f'{variant}.pcam: PCam-trained weights are not published yet or not reachable at hf-hub:{repo} '
+            f'({type(e).__name__}). Use `{variant}.tf_in1k` (ImageNet initialisation, the default for '
+            f'pretrained=True) to fine-tune, or train your own: python -m timm_inception_pcam.train --model {variant}'
+        ) from e

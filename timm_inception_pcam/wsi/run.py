@@ -1,0 +1,273 @@
+"""The slide loop: read tissue tiles row by row, score them in batches, save progress, write the outputs."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from ..constants import LABEL_NAMES, PCAM_NUM_CLASSES
+from ..errors import InferenceError, OutputError
+from ..storage import atomic_path, file_sha256
+from .grid import TileGrid, plan_grid, read_row, tissue_fractions
+from .options import SlideOptions
+from .outputs import FILES, PROGRESS_NAME, fmt, write_outputs
+from .reader import SlideError, WholeSlide, open_slide
+
+__all__ = ['SUMMARY_FORMAT', 'Predictor', 'run_slide']
+
+SUMMARY_FORMAT = 'timm-inception-pcam-slide/1'
+Predictor = Callable[[np.ndarray], np.ndarray]  # uint8 NHWC patches -> (N, num_classes) float probabilities
+
+
+# ----------------------------------------------------------------------------------------------- progress
+
+
+def _slide_identity(slide: WholeSlide) -> dict[str, Any]:
+    stat = slide.path.stat()
+    quickhash = slide.properties.get('openslide.quickhash-1')
+    return {'name': slide.path.name, 'size': stat.st_size, 'quickhash': quickhash,
+            'mtime_ns': None if quickhash else stat.st_mtime_ns}
+
+
+def _fingerprint(slide: WholeSlide, grid: TileGrid, options: SlideOptions, run_info: dict[str, Any]) -> dict[str, Any]:
+    """What the probability map depends on: a resume must match it exactly."""
+    return {'slide': _slide_identity(slide), 'grid': asdict(grid), 'tissue_threshold': options.tissue_threshold,
+            'min_tissue': options.min_tissue,
+            'predictor': {k: run_info.get(k) for k in ('model', 'checkpoint_sha256', 'backend', 'use_ema')}}
+
+
+def _save_progress(path: Path, prob: np.ndarray, tissue: np.ndarray, rows_done: int, fingerprint: dict) -> None:
+    with atomic_path(path, suffix='.npz') as tmp:
+        with open(tmp, 'wb') as f:
+            np.savez(f, probability=prob, tissue=tissue, rows_done=np.int64(rows_done),
+                     fingerprint=np.array(json.dumps(fingerprint, sort_keys=True)))
+
+
+def _load_progress(path: Path, fingerprint: dict) -> tuple[np.ndarray, np.ndarray, int]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            found = json.loads(str(z['fingerprint']))
+            prob, tissue, rows_done = z['probability'], z['tissue'], int(z['rows_done'])
+    except (OSError, ValueError, KeyError) as e:
+        raise SlideError(f'{path}: unreadable progress file ({e}); delete it or run without --resume') from e
+    expected = json.loads(json.dumps(fingerprint, sort_keys=True))
+    if found != expected:
+        diffs = [k for k in sorted(set(found) | set(expected)) if found.get(k) != expected.get(k)]
+        detail = '; '.join(f'{k}: saved {found.get(k)!r}, now {expected.get(k)!r}' for k in diffs)
+        raise SlideError(f'{path}: the saved progress was made with other settings ({detail}); run without '
+                         f'--resume to start over')
+    shape = tuple(fingerprint['grid'][k] for k in ('rows', 'cols'))
+    if prob.shape != shape or tissue.shape != shape or not 0 <= rows_done <= shape[0]:
+        raise SlideError(f'{path}: progress arrays {prob.shape} / row {rows_done} do not fit the {shape} grid; '
+                         f'delete it or run without --resume')
+    return prob, tissue, rows_done
+
+
+# ----------------------------------------------------------------------------------------------- inference
+
+
+def _class1(probs: Any, n: int) -> np.ndarray:
+    probs = np.asarray(probs, dtype=np.float32)
+    if probs.ndim != 2 or probs.shape[0] != n or probs.shape[1] != PCAM_NUM_CLASSES:
+        raise InferenceError(f'predictor returned shape {tuple(probs.shape)} for {n} patches, expected ({n}, '
+                             f'{PCAM_NUM_CLASSES}) probabilities ({", ".join(LABEL_NAMES)})')
+    if not np.isfinite(probs).all() or probs.min() < -1e-4 or probs.max() > 1 + 1e-4:
+        raise InferenceError('predictor returned values outside [0, 1] or non-finite: expected softmax probabilities')
+    return np.clip(probs[:, 1], 0.0, 1.0)
+
+
+def run_slide(
+        slide: WholeSlide | str | os.PathLike,
+        predict: Predictor,
+        out_dir: str | os.PathLike,
+        options: SlideOptions | None = None,
+        *,
+        resume: bool = False,
+        run_info: dict[str, Any] | None = None,
+        progress: bool | None = None,
+) -> dict[str, Any]:
+    """Classify every tissue tile of a slide with `predict` and write the outputs; returns the summary.
+
+    `run_info` (model, checkpoint, checkpoint_sha256, backend, data_provenance, ...) goes into the summary and into
+    the fingerprint a resume is checked against.
+    """
+    options = (options or SlideOptions()).check()
+    if not isinstance(slide, WholeSlide):
+        opened = open_slide(slide)
+        try:
+            return run_slide(opened, predict, out_dir, options, resume=resume, run_info=run_info, progress=progress)
+        finally:
+            opened.close()
+    run_info = dict(run_info or {})
+    out = Path(out_dir)
+    grid, mpp_source = plan_grid(slide, options)  # refuses absurd grids before the maps below are allocated
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f'{out}: cannot use as the output folder ({e.strerror or e}); expected a writable '
+                          f'folder') from e
+    fingerprint = _fingerprint(slide, grid, options, run_info)
+    progress_path = out / PROGRESS_NAME
+    prob = np.full((grid.rows, grid.cols), np.nan, dtype=np.float32)
+    tissue = np.full((grid.rows, grid.cols), np.nan, dtype=np.float32)
+    rows_done = 0
+    if resume and progress_path.exists():
+        prob, tissue, rows_done = _load_progress(progress_path, fingerprint)
+        prob[rows_done:], tissue[rows_done:] = np.nan, np.nan  # rows after the last complete one are redone
+        tqdm.write(f'slide: resuming {slide.path.name} at row {rows_done} of {grid.rows}')
+    elif progress_path.exists():
+        tqdm.write(f'slide: {progress_path} exists: starting over (pass --resume to continue it)')
+    (out / FILES['summary']).unlink(missing_ok=True)  # present only once every output is complete
+    start_row = rows_done
+
+    classified = 0
+    t0 = time.perf_counter()
+    pending: list[tuple[int, int, np.ndarray]] = []  # (row, col, patch) waiting for a batch
+    appended = rows_done  # rows whose tissue tiles are all in `pending` or classified
+
+    def flush(limit: int) -> None:
+        nonlocal classified
+        while len(pending) >= limit and pending:
+            batch = pending[:options.batch_size]
+            p = _class1(predict(np.stack([t[2] for t in batch])), len(batch))
+            rows = np.fromiter((t[0] for t in batch), np.int64, len(batch))
+            cols = np.fromiter((t[1] for t in batch), np.int64, len(batch))
+            prob[rows, cols] = p
+            del pending[:len(batch)]
+            classified += len(batch)
+
+    def complete_rows() -> int:
+        return min(pending[0][0], appended) if pending else appended
+
+    bar = tqdm(total=grid.rows * grid.cols, initial=rows_done * grid.cols, unit='tile', desc=slide.path.name,
+               disable=(not progress) if progress is not None else None, dynamic_ncols=True)
+    saved_rows, last_save = rows_done, time.monotonic()
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix='slide-read') as pool:
+            future: Future | None = pool.submit(read_row, slide, grid, rows_done) if rows_done < grid.rows else None
+            for r in range(rows_done, grid.rows):
+                strip = future.result()
+                future = pool.submit(read_row, slide, grid, r + 1) if r + 1 < grid.rows else None
+                frac = tissue_fractions(strip, grid, options.tissue_threshold)
+                tissue[r] = frac
+                for c in np.flatnonzero(frac >= options.min_tissue):
+                    x = int(c) * grid.stride
+                    pending.append((r, int(c), strip[:, x:x + grid.tile].copy()))  # no strip outlives its row
+                appended = r + 1
+                flush(options.batch_size)
+                bar.update(grid.cols)
+                bar.set_postfix(tissue=classified + len(pending), refresh=False)
+                if time.monotonic() - last_save >= options.save_every and r + 1 < grid.rows:
+                    flush(1)
+                    _save_progress(progress_path, prob, tissue, complete_rows(), fingerprint)
+                    saved_rows, last_save = complete_rows(), time.monotonic()
+            flush(1)
+    except BaseException:
+        if complete_rows() > saved_rows:  # keep what is finished, then let the interruption through
+            _save_progress(progress_path, prob, tissue, complete_rows(), fingerprint)
+        raise
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    _save_progress(progress_path, prob, tissue, grid.rows, fingerprint)
+
+    summary = {
+        'format': SUMMARY_FORMAT,
+        'slide': str(slide.path),
+        'vendor': slide.vendor,
+        'dimensions': list(slide.dimensions),
+        'mpp': grid.mpp0,
+        'mpp_source': mpp_source,
+        'level': grid.level,
+        'level_mpp': grid.mpp0 * grid.level_downsample,
+        'resample': grid.resample,
+        'tile_mpp': grid.tile_mpp,
+        'tile_size': grid.tile,
+        'stride': grid.stride,
+        'grid': [grid.rows, grid.cols],
+        **{k: getattr(options, k) for k in ('target_mpp', 'tissue_threshold', 'min_tissue', 'threshold')},
+        **run_info,
+        'resumed_from_row': start_row if start_row else None,
+        'classified_this_run': classified,
+        'seconds': round(seconds, 3),
+        'tiles_per_second': round(classified / seconds, 3) if classified and seconds > 0 else None,
+    }
+    summary.update(write_outputs(slide, grid, prob, tissue, out, options, summary))
+    caveat = ' (model trained on synthetic data)' if summary.get('data_provenance') == 'synthetic' else ''
+    tqdm.write(f"slide: {slide.path.name}: {summary['tissue_tiles']} tissue tiles of {grid.rows * grid.cols} at "
+               f"{grid.tile_mpp:.3f} um/px (level {grid.level}"
+               f"{f', resampled x{grid.resample:.3f}' if grid.resample != 1.0 else ''}), max P(metastatic) "
+               f"{fmt(summary['max_probability'])}{caveat}, {summary['tiles_over_threshold']} tiles >= "
+               f"{options.threshold} ({summary['area_over_threshold_mm2']:.4f} mm2), "
+               f"{fmt(summary['tiles_per_second'], '.1f')} tiles/s -> {out}")
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------- the model
+
+
+def _checkpoint_provenance(checkpoint: str | None) -> str:
+    """'synthetic' | 'pcam' | 'unknown': the training data a checkpoint file records (none for .onnx / .plan)."""
+    from ..hub.report import provenance_of
+
+    if not checkpoint or not Path(checkpoint).is_file() or Path(checkpoint).suffix.lower() in (
+            '.onnx', '.plan', '.engine'):
+        return 'unknown'
+    from ..checkpoint import read_checkpoint
+
+    try:
+        return provenance_of(read_checkpoint(checkpoint).get('data_provenance'))
+    except Exception:  # an unreadable file fails properly, with its own message, in the loader below
+        return 'unknown'
+
+
+def _make_runner(stack: ExitStack, model_name: str | None, checkpoint: str | None, backend: str = 'auto',
+                 batch_size: int = 64, use_ema: bool = False, model_kwargs: dict[str, Any] | None = None,
+                 thresholds: tuple[float, ...] = (0.5,)) -> tuple[Predictor, dict[str, Any]]:
+    """The predictor for a checkpoint (PyTorch, ONNX, or a TensorRT plan with its sidecar) and its run info.
+
+    `backend` is 'tensorrt' or a `timm_inception_pcam.predict` backend ('auto', 'eager', 'bf16', 'onnxruntime', ...).
+    `thresholds`: the tile probabilities at which `bf16_checked` (auto on AMX CPUs) keeps float32's decisions.
+    The one place the slide command builds its engine (to be replaced by `inference.create_runner`).
+    """
+    from ..predict import create_predictor
+
+    suffix = Path(checkpoint).suffix.lower() if checkpoint else ''
+    is_file = bool(checkpoint) and Path(str(checkpoint)).is_file()
+    info: dict[str, Any] = {'model': model_name, 'checkpoint': checkpoint, 'backend': backend, 'use_ema': use_ema,
+                            'checkpoint_sha256': file_sha256(checkpoint) if is_file else None,
+                            'data_provenance': _checkpoint_provenance(checkpoint)}
+    if backend == 'tensorrt' or suffix in ('.plan', '.engine'):
+        if suffix not in ('.plan', '.engine'):
+            raise SlideError(f'--backend tensorrt needs --checkpoint ENGINE.plan (built by export.trt, with its '
+                             f'.json sidecar), got {checkpoint!r}')
+        try:
+            from export.runtime import TrtRunner
+        except ImportError as e:
+            raise InferenceError(f'--backend tensorrt needs TensorRT and pycuda ({e})') from e
+        runner = stack.enter_context(TrtRunner(checkpoint))
+        info.update(backend='tensorrt', model=model_name or runner.sidecar.model)
+        return runner.predict, info
+    if suffix == '.onnx':
+        predictor = create_predictor(checkpoint, backend=backend, batch_size=batch_size)
+    else:
+        from ..checkpoint import load_model
+
+        model = load_model(model_name, checkpoint, use_ema=use_ema, **(model_kwargs or {}))
+        if getattr(model, 'num_classes', PCAM_NUM_CLASSES) != PCAM_NUM_CLASSES:
+            raise SlideError(f'{checkpoint}: model has {model.num_classes} classes, expected {PCAM_NUM_CLASSES} '
+                             f'({", ".join(LABEL_NAMES)})')
+        info['model'] = model_name or (getattr(model, 'pretrained_cfg', None) or {}).get('architecture')
+        predictor = create_predictor(model, backend=backend, batch_size=batch_size,
+                                     thresholds=tuple(t for t in thresholds if 0.0 < t < 1.0))
+    info['backend'] = predictor.backend
+    return predictor, info
