@@ -22,9 +22,10 @@ from timm.data import resolve_data_config
 from timm_inception_pcam import errors, hub
 from timm_inception_pcam.checkpoint import read_checkpoint, save_checkpoint
 from timm_inception_pcam.constants import LABEL_NAMES, PCAM_MEAN, PCAM_STD
+from timm_inception_pcam.data.provenance import provenance_of
 from timm_inception_pcam.hub import OFFICIAL_REPOS, PublishError, main
 from timm_inception_pcam.hub.card import render_card
-from timm_inception_pcam.hub.report import path_inside, provenance_of, report_provenance
+from timm_inception_pcam.hub.report import path_inside, report_provenance
 from timm_inception_pcam.storage import file_sha256
 
 ORG = 'pcam-test-org'

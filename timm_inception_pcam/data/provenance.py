@@ -7,6 +7,7 @@ a later change of the file voids it). Checkpoints, reports, benchmark results an
 and the Hub folder never presents a result on synthetic data as a PCam result.
 """
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,12 @@ from ..storage import atomic_write_json
 from .download import GZ_MD5, H5_MD5, file_md5
 from .files import normalize_split, split_paths
 
-__all__ = ['SYNTHETIC', 'PCAM', 'UNKNOWN', 'PROVENANCE_ATTR', 'SYNTH_INFO', 'VERIFIED_RECORD', 'mark_synthetic',
-           'file_provenance', 'split_provenance', 'folder_provenance', 'record_verified', 'verify_official']
+__all__ = ['SYNTHETIC', 'PCAM', 'UNKNOWN', 'PROVENANCES', 'PROVENANCE_ATTR', 'SYNTH_INFO', 'VERIFIED_RECORD',
+           'provenance_of', 'mark_synthetic', 'file_provenance', 'split_provenance', 'folder_provenance',
+           'record_verified', 'verify_official']
 
 SYNTHETIC, PCAM, UNKNOWN = 'synthetic', 'pcam', 'unknown'
+PROVENANCES = (PCAM, SYNTHETIC, UNKNOWN)
 PROVENANCE_ATTR = 'timm_inception_pcam_provenance'
 SYNTH_INFO = 'synthetic_pcam.json'
 VERIFIED_RECORD = '.pcam_verified.json'
@@ -103,3 +106,16 @@ def folder_provenance(root: str | Path, splits: tuple[str, ...] = ('train', 'val
     present = [s for s in splits if split_paths(root, s)['x'].is_file()]
     per_split = {s: split_provenance(root, s) for s in present}
     return {'provenance': _combine(list(per_split.values())), 'splits': per_split}
+
+
+def provenance_of(value: Any) -> str:
+    """'pcam' | 'synthetic' | 'unknown' from a recorded provenance (a string, a JSON string or a mapping)."""
+    if isinstance(value, str) and value.strip().startswith('{'):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return UNKNOWN
+    if isinstance(value, Mapping):
+        value = value.get('provenance', value.get('kind'))
+    value = value.strip().lower() if isinstance(value, str) else None
+    return value if value in PROVENANCES else UNKNOWN

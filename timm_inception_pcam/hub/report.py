@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..constants import SPLITS
+from ..data.provenance import PROVENANCES, provenance_of
 from ..errors import UsageError
 
 __all__ = [
@@ -18,7 +19,6 @@ __all__ = [
     'check_finite', 'check_model_name', 'plot_paths', 'inspect_onnx', 'finite_number',
 ]
 
-PROVENANCES = ('pcam', 'synthetic', 'unknown')
 WEIGHTS_NAME = 'model.safetensors'
 ONNX_NAME = 'model.onnx'
 # (report key, model-index metric type, display name): the metrics the model card's front matter carries.
@@ -43,19 +43,6 @@ class PublishError(UsageError):
 
 def finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def provenance_of(value: Any) -> str:
-    """'pcam' | 'synthetic' | 'unknown' from a recorded data provenance (a string, a JSON string or a mapping)."""
-    if isinstance(value, str) and value.strip().startswith('{'):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            return 'unknown'
-    if isinstance(value, Mapping):
-        value = value.get('provenance', value.get('kind'))
-    value = value.strip().lower() if isinstance(value, str) else None
-    return value if value in PROVENANCES else 'unknown'
 
 
 def report_provenance(report: Mapping[str, Any]) -> str:

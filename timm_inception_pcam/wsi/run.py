@@ -217,7 +217,7 @@ def run_slide(
 
 def _checkpoint_provenance(checkpoint: str | None) -> str:
     """'synthetic' | 'pcam' | 'unknown': the training data a checkpoint file records (none for .onnx / .plan)."""
-    from ..hub.report import provenance_of
+    from ..data.provenance import provenance_of
 
     if not checkpoint or not Path(checkpoint).is_file() or Path(checkpoint).suffix.lower() in (
             '.onnx', '.plan', '.engine'):
