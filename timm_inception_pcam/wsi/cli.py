@@ -27,7 +27,7 @@ from .options import PCAM_MPP, TILE, SlideOptions
 from .reader import open_slide
 from .run import _make_runner, run_slide
 
-__all__ = ['PROG', 'build_parser', 'main']
+__all__ = ['PROG', 'build_parser', 'add_slide_options', 'slide_options_from_args', 'main']
 
 PROG = 'python -m timm_inception_pcam.slide'
 
@@ -48,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--backend', default='auto', choices=('auto', *BACKENDS, 'tensorrt'),
                    help='auto: the fastest CPU path (predict.py); tensorrt: a .plan on an NVIDIA GPU')
     p.add_argument('--out', '--output', dest='out', required=True, help='output folder for this slide')
+    add_slide_options(p)
+    p.add_argument('--resume', action='store_true', help='continue from <out>/progress.npz (same settings)')
+    p.add_argument('--no-progress', action='store_true', help='no progress bar')
+    return p
+
+
+def add_slide_options(p: argparse.ArgumentParser) -> None:
+    """The options of `SlideOptions` (shared by the slide and cohort commands)."""
     p.add_argument('--mpp', type=float, default=None, help='level-0 um/px, overriding the slide metadata')
     p.add_argument('--target-mpp', type=float, default=PCAM_MPP, help='tile resolution (PCam: 0.972 um/px)')
     p.add_argument('--mpp-tolerance', type=float, default=0.1,
@@ -57,20 +65,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--tissue-threshold', type=float, default=0.07, help='HSV saturation of tissue pixels')
     p.add_argument('--min-tissue', type=float, default=0.25, help='fraction of tissue pixels a tile needs')
     p.add_argument('--threshold', type=float, default=0.5, help='probability listed in tiles.csv/.geojson')
-    p.add_argument('--resume', action='store_true', help='continue from <out>/progress.npz (same settings)')
     p.add_argument('--save-every', type=float, default=30.0, help='seconds between progress saves')
     p.add_argument('--thumbnail-size', type=int, default=2048, help='longer side of the heatmap background')
-    p.add_argument('--no-progress', action='store_true', help='no progress bar')
-    return p
+
+
+def slide_options_from_args(args: argparse.Namespace) -> SlideOptions:
+    """`SlideOptions` from the parsed `add_slide_options` arguments, range-checked."""
+    return SlideOptions(target_mpp=args.target_mpp, mpp=args.mpp, mpp_tolerance=args.mpp_tolerance,
+                        stride=args.stride, batch_size=args.batch_size, tissue_threshold=args.tissue_threshold,
+                        min_tissue=args.min_tissue, threshold=args.threshold, save_every=args.save_every,
+                        thumbnail_size=args.thumbnail_size).check()
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run whole-slide inference; returns the summary (also written to <out>/summary.json)."""
     args = build_parser().parse_args(argv)
-    options = SlideOptions(target_mpp=args.target_mpp, mpp=args.mpp, mpp_tolerance=args.mpp_tolerance,
-                           stride=args.stride, batch_size=args.batch_size, tissue_threshold=args.tissue_threshold,
-                           min_tissue=args.min_tissue, threshold=args.threshold, save_every=args.save_every,
-                           thumbnail_size=args.thumbnail_size).check()
+    options = slide_options_from_args(args)
     slide = open_slide(args.slide)  # a bad slide fails before any model is loaded
     with ExitStack() as stack:
         stack.callback(slide.close)

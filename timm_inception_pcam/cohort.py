@@ -1,0 +1,368 @@
+"""Whole-slide inference over a cohort of slides: Ray across cores or a cluster, or shards for a batch scheduler.
+
+    python -m timm_inception_pcam.cohort 'slides/*.tif' --checkpoint model_best.pth --out runs/cohort --workers 2
+    python -m timm_inception_pcam.cohort cohort.csv --checkpoint ... --out DIR --ray-address auto   # a Ray cluster
+    python -m timm_inception_pcam.cohort cohort.csv --checkpoint ... --out DIR --executor local \\
+        --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT                                         # a SLURM array
+    python -m timm_inception_pcam.cohort --merge --out DIR                                           # join shards
+
+Slides are given as paths, globs, or CSV files with a `path` column (and optionally `slide_id`; relative paths are
+read from the CSV's folder). Each slide runs through the single-slide loop (`wsi.run_slide`, the same code as
+`python -m timm_inception_pcam.slide`) into `DIR/<slide id>/`. One predictor per worker process, loaded once; slides
+are scheduled largest first so that workers stay busy when slide sizes differ. A slide whose `summary.json` exists is
+skipped; one with a progress file resumes from it; a slide that fails (corrupt, unsupported) is recorded with its error
+and the others go on. `DIR/cohort.csv` and `cohort.json` (or `cohort.shard-K-of-N.*` with `--shard`) list every slide;
+the exit status is 2 when any slide failed, after all others finished.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable, Sequence
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import PCamError, UsageError, check_range, cli
+from .storage import atomic_write_bytes, atomic_write_json
+
+__all__ = ['SlideJob', 'CohortConfig', 'CohortError', 'collect_slides', 'shard_of', 'run_cohort', 'merge_shards',
+           'COLUMNS', 'main']
+
+log = logging.getLogger(__name__)
+COLUMNS = ('slide_id', 'path', 'status', 'error', 'tissue_tiles', 'tissue_area_mm2', 'max_probability', 'max_x',
+           'max_y', 'area_over_threshold_mm2', 'seconds', 'backend', 'data_provenance')
+TABLE_FORMAT = 'timm-inception-pcam-cohort/1'
+
+
+class CohortError(PCamError):
+    """Some slides of the cohort failed (each is listed with its error in the cohort table)."""
+
+
+@dataclass(frozen=True)
+class SlideJob:
+    slide_id: str
+    path: str
+    size: int = 0
+
+
+@dataclass(frozen=True)
+class CohortConfig:
+    """Everything a worker needs to build its predictor and run slides (picklable, sent to Ray workers)."""
+    out: str
+    model: str | None = None
+    checkpoint: str | None = None
+    backend: str = 'auto'
+    use_ema: bool = False
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    options: Any = None  # wsi.SlideOptions
+    threads: int = 1  # torch threads per worker
+
+
+def _slide_id(path: Path) -> str:
+    name = path.name
+    for suffix in ('.ome.tiff', '.ome.tif'):
+        if name.lower().endswith(suffix):
+            return name[:-len(suffix)]
+    return path.stem
+
+
+def collect_slides(inputs: Sequence[str]) -> list[SlideJob]:
+    """Slides from paths, globs and CSV files; ids must be unique (they name the output folders)."""
+    jobs: list[SlideJob] = []
+    for item in inputs:
+        if item.lower().endswith('.csv'):
+            jobs += _read_cohort_csv(Path(item))
+            continue
+        matches = sorted(glob.glob(item)) if glob.has_magic(item) else [item]
+        if not matches:
+            raise UsageError(f'{item}: no slide matches this pattern')
+        for m in matches:
+            p = Path(m)
+            jobs.append(SlideJob(_slide_id(p), str(p), p.stat().st_size if p.is_file() else 0))
+    if not jobs:
+        raise UsageError('no slides given: expected slide paths, globs or a CSV with a path column')
+    seen: dict[str, str] = {}
+    for job in jobs:
+        if job.slide_id in seen:
+            raise UsageError(f'slide id {job.slide_id!r} names two slides ({seen[job.slide_id]} and {job.path}); '
+                             f'give unique ids in a CSV slide_id column')
+        if not job.slide_id or job.slide_id.startswith('.') or '/' in job.slide_id or '\\' in job.slide_id:
+            raise UsageError(f'slide id {job.slide_id!r} of {job.path} cannot name a folder')
+        seen[job.slide_id] = job.path
+    return jobs
+
+
+def _read_cohort_csv(path: Path) -> list[SlideJob]:
+    if not path.is_file():
+        raise UsageError(f'{path}: cohort CSV not found')
+    try:
+        rows = list(csv.DictReader(path.read_text().splitlines()))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise UsageError(f'{path}: unreadable cohort CSV ({e})') from None
+    if not rows or 'path' not in rows[0]:
+        raise UsageError(f'{path}: expected a header with a "path" column (and optionally "slide_id")')
+    jobs = []
+    for i, row in enumerate(rows, start=2):
+        if not row.get('path'):
+            raise UsageError(f'{path}: line {i} has no path')
+        p = Path(row['path']) if Path(row['path']).is_absolute() else path.parent / row['path']
+        jobs.append(SlideJob(row.get('slide_id') or _slide_id(p), str(p), p.stat().st_size if p.is_file() else 0))
+    return jobs
+
+
+def shard_of(slide_id: str, n: int) -> int:
+    """The shard (0..n-1) a slide belongs to: a hash of its id, stable across runs, machines and cohort order."""
+    return int.from_bytes(hashlib.sha256(slide_id.encode()).digest()[:8], 'big') % n
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    k, sep, n = text.partition('/')
+    try:
+        k_i, n_i = int(k), int(n)
+    except ValueError:
+        raise UsageError(f'--shard {text!r}: expected K/N with integers, e.g. 0/4') from None
+    if not sep or n_i < 1 or not 0 <= k_i < n_i:
+        raise UsageError(f'--shard {text!r}: expected K/N with 0 <= K < N (SLURM: $SLURM_ARRAY_TASK_ID/'
+                         f'$SLURM_ARRAY_TASK_COUNT with an array of 0..N-1)')
+    return k_i, n_i
+
+
+# ------------------------------------------------------------------------------------------------ one slide
+
+
+def _row(job: SlideJob, status: str, summary: dict[str, Any] | None = None, error: str = '',
+         seconds: float | None = None, backend: str | None = None) -> dict[str, Any]:
+    s = summary or {}
+    loc = s.get('max_location') or {}
+    return {'slide_id': job.slide_id, 'path': job.path, 'status': status, 'error': error,
+            'tissue_tiles': s.get('tissue_tiles'), 'tissue_area_mm2': s.get('tissue_area_mm2'),
+            'max_probability': s.get('max_probability'), 'max_x': loc.get('x'), 'max_y': loc.get('y'),
+            'area_over_threshold_mm2': s.get('area_over_threshold_mm2'),
+            'seconds': round(seconds, 3) if seconds is not None else s.get('seconds'),
+            'backend': s.get('backend', backend), 'data_provenance': s.get('data_provenance')}
+
+
+def run_one(job: SlideJob, predict: Any, info: dict[str, Any], cfg: CohortConfig) -> dict[str, Any]:
+    """Run (or skip, or resume) one slide; never raises for a slide's own failure: it becomes the row's error."""
+    from .wsi import FILES, run_slide
+
+    out = Path(cfg.out) / job.slide_id
+    summary_path = out / FILES['summary']
+    if summary_path.is_file():
+        try:
+            return _row(job, 'skipped', json.loads(summary_path.read_text()))
+        except (OSError, ValueError):
+            pass  # an unreadable summary: run the slide again
+    t0 = time.perf_counter()
+    try:
+        summary = run_slide(job.path, predict, out, cfg.options, resume=(out / FILES['progress']).is_file(),
+                            run_info=info, progress=False)
+    except PCamError as e:
+        return _row(job, 'failed', error=' '.join(str(e).split()), seconds=time.perf_counter() - t0,
+                    backend=info.get('backend'))
+    except Exception as e:  # noqa: BLE001  one slide's bug must not stop a cohort: recorded with its type
+        log.exception('slide %s failed', job.slide_id)
+        return _row(job, 'failed', error=f'{type(e).__name__}: {e}', seconds=time.perf_counter() - t0,
+                    backend=info.get('backend'))
+    return _row(job, 'done', summary, seconds=time.perf_counter() - t0)
+
+
+class _Worker:
+    """A predictor built once, then reused for every slide this process runs."""
+
+    def __init__(self, cfg: CohortConfig) -> None:
+        import torch
+
+        from .wsi.run import _make_runner
+
+        torch.set_num_threads(max(1, cfg.threads))
+        self.cfg = cfg
+        self.stack = ExitStack()
+        self.predict, self.info = _make_runner(self.stack, cfg.model, cfg.checkpoint, cfg.backend,
+                                               cfg.options.batch_size, cfg.use_ema, cfg.model_kwargs,
+                                               thresholds=tuple({0.5, cfg.options.threshold}))
+
+    def run(self, job: SlideJob) -> dict[str, Any]:
+        return run_one(job, self.predict, self.info, self.cfg)
+
+
+# ------------------------------------------------------------------------------------------------ the cohort
+
+
+def run_cohort(jobs: Sequence[SlideJob], cfg: CohortConfig, *, executor: str = 'ray', workers: int = 2,
+               ray_address: str | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """Run every job; rows in the order of `jobs`. Largest slides are started first."""
+    from tqdm import tqdm
+
+    order = sorted(jobs, key=lambda j: (-j.size, j.slide_id))
+    rows: dict[str, dict[str, Any]] = {}
+    bar = tqdm(total=len(order), unit='slide', desc='cohort', disable=not progress)
+    try:
+        if executor == 'local':
+            worker = _Worker(cfg)
+            try:
+                for job in order:
+                    rows[job.slide_id] = worker.run(job)
+                    _advance(bar, rows)
+            finally:
+                worker.stack.close()
+        else:
+            for row in _ray_rows(order, cfg, workers, ray_address):
+                rows[row['slide_id']] = row
+                _advance(bar, rows)
+    finally:
+        bar.close()
+    return [rows[j.slide_id] for j in jobs]
+
+
+def _advance(bar: Any, rows: dict[str, dict[str, Any]]) -> None:
+    bar.update(1)
+    bar.set_postfix(tiles=sum(r['tissue_tiles'] or 0 for r in rows.values()),
+                    failed=sum(r['status'] == 'failed' for r in rows.values()), refresh=False)
+
+
+def _ray_rows(order: Sequence[SlideJob], cfg: CohortConfig, workers: int, address: str | None) -> Iterable[dict]:
+    try:
+        import ray
+        from ray.util import ActorPool
+    except ImportError as e:
+        raise UsageError(f"Ray is not installed ({e}): pip install 'timm-inception-pcam[cohort]', or run with "
+                         f'--executor local') from None
+    started = not ray.is_initialized()
+    if started:
+        kwargs: dict[str, Any] = {'address': address} if address else {'num_cpus': workers * cfg.threads}
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kwargs)
+    try:
+        # A worker that dies mid-slide is restarted and the slide retried: it resumes from its progress file.
+        actor = ray.remote(num_cpus=cfg.threads, max_restarts=2, max_task_retries=2)(_Worker)
+        pool = ActorPool([actor.remote(cfg) for _ in range(min(workers, len(order)))])
+        yield from pool.map_unordered(lambda a, job: a.run.remote(job), list(order))
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def table_name(shard: tuple[int, int] | None) -> str:
+    return 'cohort' if shard is None else f'cohort.shard-{shard[0]}-of-{shard[1]}'
+
+
+def write_table(out: Path, rows: Sequence[dict[str, Any]], name: str, meta: dict[str, Any]) -> tuple[Path, Path]:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator='\n')
+    writer.writeheader()
+    writer.writerows({k: ('' if r.get(k) is None else r[k]) for k in COLUMNS} for r in rows)
+    csv_path = atomic_write_bytes(out / f'{name}.csv', buf.getvalue().encode())
+    counts = {s: sum(r['status'] == s for r in rows) for s in ('done', 'skipped', 'failed')}
+    json_path = atomic_write_json(out / f'{name}.json', {'format': TABLE_FORMAT, **meta, 'counts': counts,
+                                                        'slides': list(rows)})
+    return csv_path, json_path
+
+
+def merge_shards(out: Path) -> list[dict[str, Any]]:
+    """Join the shard tables in `out` into `cohort.csv` / `cohort.json`; refuses overlapping or mixed shard sets."""
+    tables = sorted(out.glob('cohort.shard-*-of-*.json'))
+    if not tables:
+        raise UsageError(f'{out}: no cohort.shard-K-of-N.json tables to merge')
+    rows: dict[str, dict[str, Any]] = {}
+    counts = set()
+    shards = set()
+    for path in tables:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise UsageError(f'{path}: unreadable shard table ({e})') from None
+        if not isinstance(data, dict) or data.get('format') != TABLE_FORMAT:
+            raise UsageError(f'{path}: not a cohort table (format {TABLE_FORMAT!r} expected)')
+        shards.add(tuple(data['shard']))
+        counts.add(data['shard'][1])
+        for row in data['slides']:
+            if row['slide_id'] in rows:
+                raise UsageError(f'{path}: slide {row["slide_id"]!r} is also in another shard table')
+            rows[row['slide_id']] = row
+    if len(counts) != 1:
+        raise UsageError(f'{out}: shard tables of different shard counts {sorted(counts)}; remove the stale ones')
+    (n,) = counts
+    missing = sorted(set(range(n)) - {k for k, _ in shards})
+    merged = [rows[k] for k in sorted(rows)]
+    write_table(out, merged, 'cohort', {'shards_merged': len(shards), 'shards_missing': missing})
+    if missing:
+        log.warning('merged %d of %d shards; missing shards %s', len(shards), n, missing)
+    return merged
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from timm.utils import ParseKwargs
+
+    from .wsi.cli import add_slide_options
+
+    p = argparse.ArgumentParser(prog='python -m timm_inception_pcam.cohort', description=__doc__.split('\n')[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument('slides', nargs='*', metavar='SLIDE_OR_GLOB_OR_CSV')
+    p.add_argument('--out', '--output', dest='out', required=True, help='cohort folder (one sub-folder per slide)')
+    p.add_argument('--model', default=None)
+    p.add_argument('--checkpoint', default=None, help='checkpoint, .onnx or TensorRT .plan (as for the slide command)')
+    p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs)
+    p.add_argument('--use-ema', action='store_true')
+    p.add_argument('--backend', default='auto', help='inference backend (as for the slide command)')
+    p.add_argument('--executor', choices=('ray', 'local'), default='ray',
+                   help='ray: workers in a Ray cluster (local by default); local: this process, slide after slide')
+    p.add_argument('--ray-address', default=None, help='auto or HOST:PORT of a running Ray cluster')
+    p.add_argument('--workers', type=int, default=2, help='worker processes (one predictor each)')
+    p.add_argument('--threads', type=int, default=1, help='CPU threads per worker')
+    p.add_argument('--shard', default=None, metavar='K/N', help='run only the slides of shard K of N (0 <= K < N)')
+    p.add_argument('--merge', action='store_true', help='join the shard tables in --out into cohort.csv/.json')
+    p.add_argument('--no-progress', action='store_true')
+    add_slide_options(p)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    from .wsi.cli import slide_options_from_args
+
+    args = build_parser().parse_args(argv)
+    out = Path(args.out)
+    if args.merge:
+        if args.slides:
+            raise UsageError('--merge joins the shard tables in --out; give no slides with it')
+        rows = merge_shards(out)
+    else:
+        check_range('--workers', args.workers, 1)
+        check_range('--threads', args.threads, 1, os.cpu_count() or 1)
+        options = slide_options_from_args(args)
+        jobs = collect_slides(args.slides)
+        shard = parse_shard(args.shard) if args.shard else None
+        if shard is not None:
+            jobs = [j for j in jobs if shard_of(j.slide_id, shard[1]) == shard[0]]
+        out.mkdir(parents=True, exist_ok=True)
+        cfg = CohortConfig(out=str(out), model=args.model, checkpoint=args.checkpoint, backend=args.backend,
+                           use_ema=args.use_ema, model_kwargs=dict(args.model_kwargs), options=options,
+                           threads=args.threads)
+        t0 = time.perf_counter()
+        rows = run_cohort(jobs, cfg, executor=args.executor, workers=args.workers, ray_address=args.ray_address,
+                          progress=not args.no_progress) if jobs else []
+        meta = {'executor': args.executor, 'workers': args.workers, 'shard': list(shard) if shard else None,
+                'seconds': round(time.perf_counter() - t0, 3),
+                'config': {k: v for k, v in asdict(cfg).items() if k != 'options'},
+                'options': asdict(options)}
+        csv_path, _ = write_table(out, rows, table_name(shard), meta)
+        print(f'cohort: {sum(r["status"] == "done" for r in rows)} done, '
+              f'{sum(r["status"] == "skipped" for r in rows)} skipped, '
+              f'{sum(r["status"] == "failed" for r in rows)} failed of {len(rows)} slides -> {csv_path}')
+    failed = [r['slide_id'] for r in rows if r['status'] == 'failed']
+    if failed:
+        raise CohortError(f'{len(failed)} of {len(rows)} slides failed ({", ".join(failed[:5])}'
+                          f'{", ..." if len(failed) > 5 else ""}); their errors are in {out}/cohort*.csv')
+    return rows
+
+
+if __name__ == '__main__':
+    raise SystemExit(cli(main, 'python -m timm_inception_pcam.cohort'))
