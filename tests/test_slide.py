@@ -70,8 +70,7 @@ def fit_probe(model: torch.nn.Module, patches: np.ndarray, labels: np.ndarray) -
     frozen features: a model trained in seconds whose outputs follow the synthetic tumour cells."""
     from sklearn.linear_model import LogisticRegression
 
-    from timm_inception_pcam.predict import model_normalization
-    from timm_inception_pcam.preprocess import batch_slices, preprocess_patches
+    from timm_inception_pcam.preprocess import batch_slices, model_normalization, preprocess_patches
 
     for m in model.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
@@ -288,5 +287,6 @@ def test_bf16_checked_keeps_float32_decisions_at_the_listing_threshold(probe_che
     with ExitStack() as stack:
         predictor, info = wsi.build_predictor(stack, None, str(probe_checkpoint), 'bf16_checked', 16,
                                               thresholds=(0.5, 0.3, 1.0))
-    assert info['backend'] == 'bf16_checked' and predictor.check is not None
-    assert sorted(predictor.check.thresholds) == [0.3, 0.5]  # 1.0 decides nothing: no check needed
+    checked = predictor.args[0]  # functools.partial(probabilities, runner)
+    assert info['backend'] == 'bf16_checked' and checked.spec.backend == 'bf16_checked'
+    assert sorted(checked.thresholds) == [0.3, 0.5]  # 1.0 decides nothing: no check needed
