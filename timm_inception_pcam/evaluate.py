@@ -282,7 +282,14 @@ def _load(cfg: EvalConfig):
                              'file (its weights and architecture are fixed)')
         return cfg.checkpoint, kind
     model = load_model(cfg.model, cfg.checkpoint, use_ema=cfg.use_ema, **cfg.model_kwargs)
+    _check_classes(cfg, int(getattr(model, 'num_classes', PCAM_NUM_CLASSES)))
     return model, kind
+
+
+def _check_classes(cfg: EvalConfig, n_classes: int) -> None:
+    if n_classes != PCAM_NUM_CLASSES:
+        raise CheckpointError(f'{cfg.checkpoint}: model has {n_classes} classes, expected {PCAM_NUM_CLASSES} '
+                              f'({", ".join(LABEL_NAMES)})')
 
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
@@ -306,10 +313,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 def _evaluate(cfg: EvalConfig, split: str, dataset: PCamDataset, runner: Any, artefact: Any, kind: str,
               t0: float) -> dict[str, Any]:
     spec = runner.spec
-    n_classes = len(spec.label_names)
-    if n_classes != PCAM_NUM_CLASSES:
-        raise CheckpointError(f'{cfg.checkpoint}: model has {n_classes} classes, expected {PCAM_NUM_CLASSES} '
-                              f'({", ".join(LABEL_NAMES)})')
+    _check_classes(cfg, len(spec.label_names))
     model_name = (model_name_of(artefact) if kind == 'checkpoint' else spec.extra.get('model')) or cfg.model
     check = runner if isinstance(runner, DecisionCheck) else None
 
