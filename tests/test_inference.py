@@ -375,3 +375,26 @@ def test_bf16_checked_matches_float32_decisions(model: nn.Module, reference: np.
     assert kept.sum() + info['rechecked'] == N
     with pytest.raises(ValueError, match='checks binary decisions'):
         create_runner(timm.create_model('inception_v4_pcam', depths=(1, 1, 1), num_classes=3), 'bf16_checked')
+
+
+def test_plans_go_to_the_tensorrt_runner(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import export.runtime
+
+    plan = tmp_path / 'model.plan'
+    with pytest.raises(UsageError, match='runs on an NVIDIA GPU: use device cuda'):
+        create_runner(plan, device='cpu')
+    with pytest.raises(CheckpointError, match='model.plan: no such TensorRT plan'):
+        create_runner(plan, device='auto')
+    plan.write_bytes(b'engine')
+    opened = []
+
+    class FakeTrt(_TableRunner):
+        def __init__(self, path: Path):
+            opened.append(path)
+            super().__init__('tensorrt', np.zeros(1), np.zeros(1))
+
+    monkeypatch.setattr(export.runtime, 'TrtRunner', FakeTrt)
+    runner = create_runner(plan, device='auto')
+    assert isinstance(runner, FakeTrt) and opened == [plan]
+    with pytest.raises(UsageError, match='runs at precision fp32, but fp16 was asked'):
+        create_runner(plan, device='cuda', precision='fp16')

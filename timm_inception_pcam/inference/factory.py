@@ -27,7 +27,7 @@ from typing import Any
 import torch.nn as nn
 
 from ..device import cpu_has_amx
-from ..errors import UsageError
+from ..errors import CheckpointError, UsageError
 from ..precision import PRECISIONS, parse_precision
 from .base import Runner
 from .check import DEFAULT_SAFETY, DecisionCheck
@@ -166,7 +166,7 @@ def _file_runner(path: Path, kind: str, device: str, batch_size: int, threads: i
     if device == 'cpu':
         raise UsageError(f'{path}: a TensorRT plan runs on an NVIDIA GPU: use device cuda (or auto)')
     if not path.is_file():
-        raise UsageError(f'{path}: no such TensorRT plan')
+        raise CheckpointError(f'{path}: no such TensorRT plan')
     from export.runtime import TrtRunner  # the [trt] extra; moves into this package later
 
     return TrtRunner(path)
