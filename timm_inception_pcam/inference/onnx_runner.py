@@ -6,7 +6,7 @@ fp16 for a converted model; its inputs and outputs stay float32).
 """
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -15,10 +15,13 @@ from ..errors import CheckpointError, ExportError, UsageError
 from ..preprocess import batch_slices
 from .base import RunnerSpec, collect_logits
 
+if TYPE_CHECKING:
+    from export.spec import IOSpec
+
 __all__ = ['OnnxRunner', 'read_onnx_metadata', 'ort_options']
 
 
-def read_onnx_metadata(model: str | Path | onnx.ModelProto, source: str | None = None) -> tuple[Any, dict]:
+def read_onnx_metadata(model: str | Path | onnx.ModelProto, source: str | None = None) -> tuple['IOSpec', dict]:
     """(IOSpec, the whole metadata dict: model, checkpoint sha256, precision, ...) stored by `export_onnx`."""
     from export.spec import ONNX_METADATA_KEY, IOSpec
 
