@@ -1,12 +1,13 @@
 """CPU inference backends for our models, side by side: throughput and the accuracy cost of each path.
 
-Every backend is a `timm_inception_pcam.predict` predictor timed end to end (uint8 patches in, logits out, so
+Every backend is a runner of `timm_inception_pcam.inference` timed end to end (uint8 patches in, logits out, so
 preprocessing is included) on the same batches, round-robin. The model is trained as the main job trains it
 (`common.trained_model`), or given as a `--checkpoint`. The accuracy cost is measured against eager float32 on
 labelled synthetic patches: decision agreement (argmax), ROC AUC change, largest probability difference.
 """
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from pathlib import Path
@@ -17,8 +18,12 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from timm_inception_pcam.predict import Predictor, cpu_has_amx, create_predictor, model_normalization, resolve_backend
-from timm_inception_pcam.preprocess import batch_slices, preprocess_patches
+from timm_inception_pcam.device import cpu_has_amx
+from timm_inception_pcam.inference import Runner, create_runner
+from timm_inception_pcam.inference.check import DecisionCheck
+from timm_inception_pcam.inference.factory import resolve_backend
+from timm_inception_pcam.inference.torch_runner import TorchRunner
+from timm_inception_pcam.preprocess import batch_slices, model_normalization, preprocess_patches
 
 from .common import Sizes, summarize, trained_model
 
@@ -61,6 +66,7 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray) -> 
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
+    from export.spec import ONNX_METADATA_KEY
     from timm_inception_pcam.storage import atomic_path
 
     class Reader(CalibrationDataReader):
@@ -76,21 +82,26 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray) -> 
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         model = onnx.load_model(str(tmp))
         props = {p.key: p.value for p in onnx.load_model(str(fp32_path), load_external_data=False).metadata_props}
+        meta = json.loads(props[ONNX_METADATA_KEY])
+        props[ONNX_METADATA_KEY] = json.dumps({**meta, 'precision': 'int8'}, sort_keys=True)
         onnx.helper.set_model_props(model, props)
         onnx.save_model(model, str(tmp))
     return int8_path
 
 
-def _noise_floor(eager: Predictor, patches: np.ndarray, reference: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+@torch.inference_mode()
+def _noise_floor(eager: TorchRunner, patches: np.ndarray, reference: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     """How much eager float32 itself moves under imperceptible input noise (uniform +-0.5 grey level, below the 8-bit
     quantisation of the patches): a low-precision path cannot be judged more finely than the model's own sensitivity.
+    The noise lies between uint8 levels, so the eager runner's module is fed the noisy normalised batches directly.
     """
     g = torch.Generator().manual_seed(0)
-    x = torch.from_numpy(preprocess_patches(patches, eager.mean, eager.std))
-    scale = 1.0 / (255.0 * torch.tensor(eager.std, dtype=torch.float32).view(1, 3, 1, 1))
+    x = torch.from_numpy(preprocess_patches(patches, eager.spec.mean, eager.spec.std))
+    scale = 1.0 / (255.0 * torch.tensor(eager.spec.std, dtype=torch.float32).view(1, 3, 1, 1))
     noisy = x + (torch.rand(x.shape, generator=g) - 0.5) * scale
+    logits = np.concatenate([eager.model(noisy[s]).float().numpy() for s in batch_slices(len(x), eager.batch_size)])
     n = len(patches)
-    return accuracy_cost(reference[:n], eager.logits(noisy), labels[:n])
+    return accuracy_cost(reference[:n], logits, labels[:n])
 
 
 def _candidates(name: str, sizes: Sizes) -> dict[str, str | None]:
@@ -121,9 +132,9 @@ def _model_for(name: str, sizes: Sizes, workdir: Path, checkpoints: list[str], c
 
 
 def _build(backend: str, name: str, model: nn.Module, sizes: Sizes, workdir: Path,
-           calibration_patches: np.ndarray) -> Predictor:
+           calibration_patches: np.ndarray) -> Runner:
     if not backend.startswith('onnxruntime'):
-        return create_predictor(model, backend, batch_size=sizes.batch)
+        return create_runner(model, backend, batch_size=sizes.batch)
     from export.onnx import export_onnx
     from export.spec import IOSpec
 
@@ -135,7 +146,7 @@ def _build(backend: str, name: str, model: nn.Module, sizes: Sizes, workdir: Pat
     if backend == 'onnxruntime_int8':
         calibration = preprocess_patches(calibration_patches, mean, std, 'calibration patches')
         path = quantize_int8(fp32, fp32.with_suffix('.int8.onnx'), calibration)
-    return create_predictor(path, 'onnxruntime', batch_size=sizes.batch)
+    return create_runner(path, 'onnxruntime', batch_size=sizes.batch)
 
 
 def bench_model(name: str, sizes: Sizes, workdir: Path, data: dict[str, tuple[np.ndarray, np.ndarray]],
@@ -144,7 +155,7 @@ def bench_model(name: str, sizes: Sizes, workdir: Path, data: dict[str, tuple[np
     model, source = _model_for(name, sizes, workdir, checkpoints or [], cache_dir, progress)
     patches, labels = data['eval']
     fit_patches = data['fit'][0]
-    predictors: dict[str, Predictor] = {}
+    predictors: dict[str, Runner] = {}
     rows: dict[str, dict[str, Any]] = {}
     first = slice(0, min(sizes.batch, len(patches)))
     for backend, skip in _candidates(name, sizes).items():
@@ -154,7 +165,7 @@ def bench_model(name: str, sizes: Sizes, workdir: Path, data: dict[str, tuple[np
         t0 = time.perf_counter()
         try:
             predictor = _build(backend, name, model, sizes, workdir, fit_patches[:64])
-            predictor.predict_logits(patches[first])  # warm-up; triggers compilation
+            predictor.logits(patches[first])  # warm-up; triggers compilation
         except Exception as e:  # one broken backend must not hide the others
             rows[backend] = {'status': 'error', 'reason': f'{type(e).__name__}: {e}'}
             continue
@@ -172,7 +183,7 @@ def bench_model(name: str, sizes: Sizes, workdir: Path, data: dict[str, tuple[np
                 if i >= sizes.repeats and backend != 'eager' and backend not in LOW_PRECISION:
                     continue
                 t0 = time.perf_counter()
-                logits[backend][s] = predictor.predict_logits(patches[s])
+                logits[backend][s] = predictor.logits(patches[s])
                 if s.stop - s.start == sizes.batch:
                     times[backend][i] = time.perf_counter() - t0
                 bar.update(1)
@@ -190,8 +201,10 @@ def bench_model(name: str, sizes: Sizes, workdir: Path, data: dict[str, tuple[np
         row['speedup_vs_eager'] = eager_time / med if eager_time and med else None
         done = ~np.isnan(logits[backend][:, 0])
         row['accuracy'] = accuracy_cost(logits['eager'][done], logits[backend][done], labels[done])
-        if predictors[backend].check is not None:  # what bf16_checked re-ran in float32 (warm-up batch included)
-            row['check'] = predictors[backend].check.stats()
+        if isinstance(predictors[backend], DecisionCheck):  # what bf16_checked re-ran in float32 (warm-up included)
+            row['check'] = predictors[backend].stats()
+    for predictor in predictors.values():
+        predictor.close()
     ok = {b: r for b, r in rows.items() if r['status'] == 'ok' and r['patches_per_s']}
     correct = {b: r for b, r in ok.items() if r['accuracy']['decision_agreement'] >= AGREEMENT_TARGET
                and not b.startswith('compile')}

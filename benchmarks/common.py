@@ -63,7 +63,7 @@ def machine_info() -> dict[str, Any]:
     import onnxruntime
     import timm
 
-    from timm_inception_pcam.predict import cpu_has_amx
+    from timm_inception_pcam.device import cpu_has_amx
 
     try:
         load = [round(v, 2) for v in os.getloadavg()]

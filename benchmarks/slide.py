@@ -10,6 +10,7 @@ the weights, so the models are randomly initialised (their heatmap is flat); wit
 from __future__ import annotations
 
 import argparse
+import functools
 import shutil
 import sys
 import tempfile
@@ -23,9 +24,10 @@ if __package__ in (None, ''):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import FULL, QUICK, create, machine_info  # noqa: E402
-from timm_inception_pcam.predict import create_predictor  # noqa: E402
-from timm_inception_pcam.slide import SlideOptions, run_slide, write_synthetic_slide  # noqa: E402
+from timm_inception_pcam.data.synth_slide import write_synthetic_slide  # noqa: E402
+from timm_inception_pcam.inference import create_runner, probabilities  # noqa: E402
 from timm_inception_pcam.storage import atomic_write_json  # noqa: E402
+from timm_inception_pcam.wsi import SlideOptions, run_slide  # noqa: E402
 
 BACKENDS = ('eager', 'auto')
 
@@ -61,10 +63,12 @@ def benchmark_slide(quick: bool = True, output: str | Path | None = None) -> dic
         for name in sizes.backend_models:
             model = create(name, sizes)
             for backend in BACKENDS:
-                predictor = create_predictor(model, backend=backend, batch_size=options.batch_size)
-                predictor(np.zeros((options.batch_size, 96, 96, 3), dtype=np.uint8))  # warm-up: first-call set-up
-                summary = run_slide(slide['path'], predictor, tmp / f'{name}-{backend}', options, progress=False)
-                results['runs'].append({'model': name, 'depths': sizes.depths, 'backend': predictor.backend,
+                runner = create_runner(model, backend=backend, batch_size=options.batch_size)
+                runner.logits(np.zeros((options.batch_size, 96, 96, 3), dtype=np.uint8))  # warm-up: first-call set-up
+                summary = run_slide(slide['path'], functools.partial(probabilities, runner),
+                                    tmp / f'{name}-{backend}', options, progress=False)
+                runner.close()
+                results['runs'].append({'model': name, 'depths': sizes.depths, 'backend': runner.spec.backend,
                                         'tiles_per_second': summary['tiles_per_second'],
                                         'seconds': summary['seconds']})
             if output is not None and name == sizes.backend_models[0]:  # the command's outputs, for a look

@@ -24,10 +24,11 @@ import onnx
 from onnx import TensorProto, numpy_helper
 from tqdm import tqdm
 
+from timm_inception_pcam.inference.onnx_runner import OnnxRunner, ort_options, read_onnx_metadata
 from timm_inception_pcam.preprocess import batch_slices
 from timm_inception_pcam.storage import atomic_path, atomic_write_json, file_sha256
 
-from .onnx import PREPROCESS_PREFIX, ExportError, OnnxRunner, check_onnx, load_patches, ort_options, read_onnx_metadata
+from .onnx import PREPROCESS_PREFIX, ExportError, check_onnx, load_patches
 from .spec import ONNX_METADATA_KEY, softmax
 
 __all__ = ['FP16_MAX', 'DEFAULT_DATA_MAX', 'TARGETS', 'value_ranges', 'fp32_nodes', 'drop_fp16_round_trips',

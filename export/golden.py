@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from timm_inception_pcam.inference import probabilities
 from timm_inception_pcam.preprocess import batch_slices, preprocess_patches
 from timm_inception_pcam.storage import atomic_write_bytes, atomic_write_json, file_sha256
 
@@ -77,7 +78,7 @@ def write_golden(output: Path, *, n_train: int = 96, n_patches: int = 64, seed: 
     fp16_stage = run_fp16_stage(onnx_stage['onnx'], data_dir=str(data_dir), calib_split='train', calib_samples=32,
                                 parity_split='valid', parity_samples=64, batch_size=32)
     logits32 = OnnxRunner(onnx_stage['onnx']).logits(patches)
-    probs16 = OnnxRunner(fp16_stage['fp16_onnx']).predict(patches)
+    probs16 = probabilities(OnnxRunner(fp16_stage['fp16_onnx']), patches)
     patches_path = atomic_write_bytes(output / 'patches.bin', np.ascontiguousarray(patches).tobytes())
     expected = {
         'format': EXPECTED_FORMAT, 'model': TINY_MODEL, 'model_kwargs': {'depths': list(TINY_KWARGS['depths'])},

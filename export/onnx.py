@@ -10,7 +10,6 @@ that clients feed raw uint8 NHWC patches.
 """
 import argparse
 import ast
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,13 +21,16 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from timm_inception_pcam.errors import ExportError
-from timm_inception_pcam.preprocess import batch_slices, preprocess_patches
+from timm_inception_pcam.inference.onnx_runner import OnnxRunner, ort_options, read_onnx_metadata
+from timm_inception_pcam.inference.torch_runner import TorchRunner
 from timm_inception_pcam.storage import atomic_path, atomic_write_json, file_sha256
 
 from .spec import INPUT_NAME, ONNX_METADATA_KEY, OUTPUT_NAME, IOSpec, softmax
 
+# OnnxRunner, read_onnx_metadata and ort_options live in timm_inception_pcam.inference.onnx_runner (the runtime
+# side); they are imported here for the build stages that check what they built.
 __all__ = ['ExportError', 'export_onnx', 'bake_preprocessing', 'check_onnx', 'read_onnx_metadata', 'OnnxRunner',
-           'torch_logits', 'parity_report', 'load_patches', 'load_export_model', 'main']
+           'ort_options', 'torch_logits', 'parity_report', 'load_patches', 'load_export_model', 'main']
 
 MIN_OPSET = 18
 DEFAULT_TOLERANCE = 1e-4
@@ -172,61 +174,14 @@ def _check_io(values: Sequence[onnx.ValueInfoProto], expected: dict[str, Any], k
             f'expected {expected["name"]!r} {expected["dtype"]} {expected["shape"]} with a dynamic (named) batch')
 
 
-def read_onnx_metadata(model: str | Path | onnx.ModelProto, source: str | None = None) -> tuple[IOSpec, dict]:
-    """The IOSpec and the rest of the metadata (model, checkpoint sha256, precision) stored by `export_onnx`."""
-    if not isinstance(model, onnx.ModelProto):
-        source = source or str(model)
-        model = onnx.load_model(str(model), load_external_data=False)
-    source = source or 'ONNX model'
-    props = {p.key: p.value for p in model.metadata_props}
-    if ONNX_METADATA_KEY not in props:
-        raise ExportError(f'{source}: no {ONNX_METADATA_KEY!r} metadata; expected a model written by export.onnx')
-    meta = json.loads(props[ONNX_METADATA_KEY])
-    return IOSpec.from_dict(meta, source), meta
-
-
-def ort_options(threads: int | None = None):
-    """Session options for shared CPUs: no busy-waiting worker threads."""
-    import onnxruntime as ort
-    options = ort.SessionOptions()
-    options.add_session_config_entry('session.intra_op.allow_spinning', '0')
-    if threads:
-        options.intra_op_num_threads = threads
-    return options
-
-
-class OnnxRunner:
-    """onnxruntime (CPU) runner taking raw uint8 NHWC patches; preprocessing and batching as in the TensorRT runner."""
-
-    def __init__(self, path: str | Path | onnx.ModelProto, batch_size: int = 64, threads: int | None = None,
-                 name: str | None = None):
-        import onnxruntime as ort
-        in_memory = isinstance(path, onnx.ModelProto)
-        self.path = Path(name or ('<in-memory model>' if in_memory else path))
-        self.spec, self.metadata = read_onnx_metadata(path, str(self.path))
-        options = ort_options(threads)
-        source = path.SerializeToString() if in_memory else str(path)
-        self.session = ort.InferenceSession(source, options, providers=['CPUExecutionProvider'])
-        self.batch_size = batch_size
-
-    def logits(self, patches: np.ndarray) -> np.ndarray:
-        x = self.spec.prepare(patches, source=str(self.path))
-        out = [self.session.run([self.spec.output_name], {self.spec.input_name: x[s]})[0]
-               for s in batch_slices(len(x), self.batch_size)]
-        return np.concatenate(out).astype(np.float32)
-
-    def predict(self, patches: np.ndarray) -> np.ndarray:
-        """Class probabilities (N, 2)."""
-        return softmax(self.logits(patches))
-
-
-@torch.no_grad()
 def torch_logits(model: torch.nn.Module, patches: np.ndarray, spec: IOSpec = DEFAULT_SPEC,
                  batch_size: int = 64) -> np.ndarray:
-    x = preprocess_patches(patches, spec.mean, spec.std)
-    model = model.eval()
-    return np.concatenate([model(torch.from_numpy(x[s])).float().numpy()
-                           for s in batch_slices(len(x), batch_size)])
+    """The PyTorch reference of the parity checks: eager float32 on the CPU with `spec`'s preprocessing."""
+    runner = TorchRunner(model, 'eager', batch_size=batch_size, mean=spec.mean, std=spec.std)
+    try:
+        return runner.logits(patches)
+    finally:
+        runner.close()
 
 
 def parity_report(reference: np.ndarray, candidate: np.ndarray, tolerance: float, *, reference_name: str,

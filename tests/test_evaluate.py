@@ -3,6 +3,8 @@ import csv
 import json
 import math
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,6 +16,10 @@ from timm_inception_pcam import evaluate
 from timm_inception_pcam.checkpoint import CheckpointError, load_model, save_checkpoint
 from timm_inception_pcam.constants import PCAM_MEAN, PCAM_STD
 from timm_inception_pcam.data import PCamDataset, dihedral, synthesize_pcam
+from timm_inception_pcam.errors import InferenceError, UsageError, cli
+from timm_inception_pcam.inference import Runner, RunnerSpec, create_runner
+from timm_inception_pcam.inference.check import DecisionCheck, Settler
+from timm_inception_pcam.inference.tta import view_probabilities
 from timm_inception_pcam.metrics import compute_metrics, select_threshold
 from timm_inception_pcam.preprocess import model_normalization, preprocess_patches
 from timm_inception_pcam.storage import file_sha256
@@ -79,10 +85,13 @@ def _patches(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(n, 96, 96, 3), dtype=np.uint8)
 
 
-def test_predict_probs_averages_dihedral_views():
+def _eager(model: torch.nn.Module) -> Runner:
+    return create_runner(model, 'eager', batch_size=64)
+
+
+def test_view_probabilities_averages_dihedral_views():
     patches, model = _patches(10), PositionNet()
-    views = evaluate.predict_probs(model, patches, batch_size=4, tta=8, mean=PCAM_MEAN, std=PCAM_STD,
-                                   return_views=True, progress=False)
+    views = view_probabilities(_eager(model), patches, batch_size=4, tta=8, progress=False)
     assert views.shape == (8, 10)
     assert len(model.calls) == 8 * 3 and sum(c.shape[0] for c in model.calls) == 8 * 10  # 3 batches x 8 views
     x = torch.from_numpy(preprocess_patches(patches, PCAM_MEAN, PCAM_STD))
@@ -93,36 +102,47 @@ def test_predict_probs_averages_dihedral_views():
             np.testing.assert_allclose(views[k], expected, rtol=1e-6)
     assert np.unique(views[:, 0].round(9)).size == 8  # eight different views, not one view eight times
     model.calls.clear()
-    avg = evaluate.predict_probs(model, patches, batch_size=4, tta=8, mean=PCAM_MEAN, std=PCAM_STD, progress=False)
-    np.testing.assert_allclose(avg, views.mean(axis=0))
+    again = view_probabilities(_eager(model), patches, batch_size=4, tta=8, progress=False)
+    np.testing.assert_allclose(again.mean(axis=0), views.mean(axis=0))
     model.calls.clear()
-    plain = evaluate.predict_probs(model, patches, batch_size=32, tta=1, mean=PCAM_MEAN, std=PCAM_STD, progress=False)
-    assert len(model.calls) == 1 and plain.shape == (10,)
-    np.testing.assert_allclose(plain, views[0], rtol=1e-6)
+    plain = view_probabilities(_eager(model), patches, batch_size=32, tta=1, progress=False)
+    assert len(model.calls) == 1 and plain.shape == (1, 10)
+    np.testing.assert_allclose(plain[0], views[0], rtol=1e-6)
 
 
-def test_predict_probs_backend_is_swappable():
-    patches, model = _patches(6, seed=1), PositionNet()
-    ref = evaluate.predict_probs(model, patches, batch_size=4, tta=2, mean=PCAM_MEAN, std=PCAM_STD, progress=False)
-    seen = []
+class NumpyRunner:
+    """Any engine with the Runner protocol (uint8 NHWC in, logits out) can be evaluated with TTA."""
 
-    def numpy_backend(x: torch.Tensor) -> np.ndarray:  # e.g. an onnxruntime session: numpy in, numpy out
-        seen.append(x.dtype)
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.seen = model, []
+        self.spec = RunnerSpec(backend='numpy', precision='fp32', source='test')
+
+    def logits(self, patches: np.ndarray) -> np.ndarray:
+        self.seen.append(patches.dtype)
         with torch.no_grad():
-            return model(x).numpy()
+            return self.model(torch.from_numpy(preprocess_patches(patches, PCAM_MEAN, PCAM_STD))).numpy()
 
-    got = evaluate.predict_probs(numpy_backend, patches, batch_size=4, tta=2, progress=False)  # PCam stats default
+    def close(self) -> None:
+        pass
+
+
+def test_view_probabilities_runner_is_swappable():
+    patches, model = _patches(6, seed=1), PositionNet()
+    ref = view_probabilities(_eager(model), patches, batch_size=4, tta=2, progress=False)
+    runner = NumpyRunner(model)
+    assert isinstance(runner, Runner)
+    got = view_probabilities(runner, patches, batch_size=4, tta=2, progress=False)
     np.testing.assert_allclose(got, ref, rtol=1e-6)
-    assert seen == [torch.float32] * 4
+    assert runner.seen == [np.dtype(np.uint8)] * 4  # 2 batches x 2 views, raw patches
 
 
-def test_predict_probs_bad_input():
-    with pytest.raises(ValueError, match='tta must be between 1 and 8'):
-        evaluate.predict_probs(PositionNet(), _patches(2), tta=9)
-    with pytest.raises(ValueError, match=r'model output has shape \(2, 3\).*expected \(2, 2\)'):
-        evaluate.predict_probs(PositionNet(num_classes=3), _patches(2), progress=False)
+def test_view_probabilities_bad_input():
+    with pytest.raises(UsageError, match='tta must be between 1 and 8'):
+        view_probabilities(_eager(PositionNet()), _patches(2), tta=9)
+    with pytest.raises(InferenceError, match=r'logits of shape \(2, 3\).*expected \(2, 2\)'):
+        view_probabilities(_eager(PositionNet(num_classes=3)), _patches(2), progress=False)
     with pytest.raises(ValueError, match='uint8'):
-        evaluate.predict_probs(PositionNet(), _patches(2).astype(np.float32), progress=False)
+        view_probabilities(_eager(PositionNet()), _patches(2).astype(np.float32), progress=False)
 
 
 def test_normalization_follows_pretrained_cfg():
@@ -244,27 +264,32 @@ def test_evaluate_valid_split_predicts_once(pcam_dir, checkpoint, tmp_path, monk
     assert report['threshold']['valid_n'] == N_VALID
 
 
-def _checked_views(n: int, tta: int):
-    """A bf16_checked stand-in: float32 = a position-weighted score, fast = that plus a patch-dependent error."""
-    from timm_inception_pcam.predict import DecisionCheck
+class _ScoreRunner:
+    """A bf16_checked stand-in: exact = a position-weighted score, fast = that plus a patch-dependent error."""
 
-    net = PositionNet().eval()
+    def __init__(self, error: bool):
+        self.net, self.error = PositionNet().eval(), error
+        self.spec = RunnerSpec(backend='fast' if error else 'exact', precision='fp32', source='test')
 
-    def exact(x: torch.Tensor) -> np.ndarray:  # margins about -14..10 on these random patches
-        with torch.no_grad():
-            return 150 * net(x).numpy() + np.array([0.0, 243.75], dtype=np.float32)
-
-    def fast(x: torch.Tensor) -> np.ndarray:  # margin error up to 0.1, depending only on the patch
-        logits = exact(x)
-        logits[:, 1] += (0.05 * x[:, 1, 0, 0].numpy()).astype(np.float32)
+    def logits(self, patches: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(preprocess_patches(patches, PCAM_MEAN, PCAM_STD))
+        with torch.no_grad():  # margins about -14..10 on these random patches
+            logits = 150 * self.net(x).numpy() + np.array([0.0, 243.75], dtype=np.float32)
+        if self.error:  # margin error up to 0.1, depending only on the patch
+            logits[:, 1] += (0.05 * x[:, 1, 0, 0].numpy()).astype(np.float32)
         return logits
 
+    def close(self) -> None:
+        pass
+
+
+def _checked_views(n: int, tta: int):
     patches = _patches(n, seed=3)
-    check = DecisionCheck(fast, exact, thresholds=())
-    views = evaluate.predict_probs(check, patches, batch_size=8, tta=tta, return_views=True, progress=False)
-    reference = evaluate.predict_probs(exact, patches, batch_size=8, tta=tta, return_views=True, progress=False)
+    check = DecisionCheck(_ScoreRunner(error=True), _ScoreRunner(error=False), thresholds=())
+    views = view_probabilities(check, patches, batch_size=8, tta=tta, progress=False)
+    reference = view_probabilities(check.exact, patches, batch_size=8, tta=tta, progress=False)
     assert check.rechecked == 8  # the first batch, once
-    return evaluate.Settler(check, patches, views, 8, PCAM_MEAN, PCAM_STD), views, reference
+    return Settler(check, patches, views, 8), views, reference
 
 
 def test_settler_recomputes_the_decisions_in_doubt():
@@ -298,7 +323,7 @@ def test_evaluate_bf16_checked_counts_float32_decisions(pcam_dir, checkpoint, tm
     assert exact['backend_check'] is None
     check = report['backend_check']
     assert report['backend'] == 'bf16_checked' and check['settled_at'] == report['threshold']['value']
-    assert check['margin_error_max'] > 0 and check['rechecked'] >= BATCH and 0 <= check['settled'] <= N_TEST
+    assert check['margin_error_max'] > 0 and check['rechecked'] >= BATCH
 
     def probs(folder) -> np.ndarray:
         with open(folder / 'predictions.csv', newline='') as f:
@@ -306,6 +331,9 @@ def test_evaluate_bf16_checked_counts_float32_decisions(pcam_dir, checkpoint, tm
 
     t = report['threshold']['value']
     np.testing.assert_array_equal(probs(tmp_path / 'checked') >= t, probs(tmp_path / 'fp32') >= t)
+    # every settled patch carries float32's probability (the printed 6 decimals), so at most that many agree
+    same = int((np.abs(probs(tmp_path / 'checked') - probs(tmp_path / 'fp32')) <= 2e-6).sum())
+    assert check['settled'] <= same
     # the valid patches around the chosen threshold were settled too, so it is float32's own choice
     assert check['valid_settled'] >= 1 and 'valid_settled' not in report['threshold']
     assert t == pytest.approx(exact['threshold']['value'], abs=1e-6)
@@ -350,7 +378,75 @@ def test_bad_checkpoints_surface_cleanly(case, match, pcam_dir, checkpoint, thre
         evaluate.main(argv)
     if case != 'unknown_model':
         assert str(ckpt) in str(info.value)
-    assert evaluate.cli(argv) == 2
+    assert cli(evaluate.main, 'evaluate', argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith('evaluate: error:') and len(err.splitlines()) == 1 and 'Traceback' not in err
+    assert not (tmp_path / 'eval').exists()
+
+
+@pytest.fixture(scope='module')
+def onnx_files(tmp_path_factory, pcam_dir, checkpoint):
+    """The checkpoint exported with export.onnx, and its FP16 conversion by export.fp16."""
+    from export.fp16 import convert_fp16
+    from export.onnx import export_onnx
+
+    folder = tmp_path_factory.mktemp('onnx')
+    model = load_model(None, checkpoint)
+    fp32 = export_onnx(model, folder / 'tiny.onnx', metadata={'model': 'inception_v4_pcam',
+                                                              'checkpoint_sha256': file_sha256(checkpoint)})
+    calibration, _ = PCamDataset(pcam_dir, 'train').read_batch(np.arange(8))
+    fp16 = folder / 'tiny.fp16.onnx'
+    convert_fp16(fp32, fp16, calibration)
+    return fp32, fp16
+
+
+def test_evaluate_scores_onnx_and_fp16_onnx_like_the_checkpoint(pcam_dir, checkpoint, onnx_files, tmp_path):
+    reference = evaluate.main(_args(pcam_dir, checkpoint, tmp_path / 'ckpt', '--tta', '2', '--backend', 'eager'))
+    assert reference['artefact']['kind'] == 'checkpoint' and reference['artefact']['precision'] == 'fp32'
+    for path, precision, tolerance in ((onnx_files[0], 'fp32', 1e-5), (onnx_files[1], 'fp16', 1e-3)):
+        report = evaluate.main(_args(pcam_dir, path, tmp_path / precision, '--tta', '2'))
+        artefact = report['artefact']
+        assert (artefact['path'], artefact['sha256']) == (str(path), file_sha256(path))
+        assert (artefact['kind'], artefact['backend'], artefact['precision']) == ('onnx', 'onnxruntime', precision)
+        assert artefact['source_checkpoint_sha256'] == file_sha256(checkpoint)
+        assert report['backend'] == 'onnxruntime' and report['precision'] == precision
+        assert report['model'] == 'inception_v4_pcam' and report['checkpoint_sha256'] == file_sha256(path)
+        assert set(report['metrics']) == set(reference['metrics']) and set(report['ci95']) == set(reference['ci95'])
+        assert report['n'] == reference['n'] and report['tta_gain'] is not None
+        assert report['metrics']['roc_auc'] == pytest.approx(reference['metrics']['roc_auc'], abs=tolerance * 10)
+        assert report['threshold']['value'] == pytest.approx(reference['threshold']['value'], abs=tolerance)
+        for name in ('predictions.csv', 'report.json', 'roc.png'):
+            assert (tmp_path / precision / name).is_file()
+    with pytest.raises(UsageError, match='apply to checkpoints, not to a onnx file'):
+        evaluate.main(_args(pcam_dir, onnx_files[0], tmp_path / 'ema', '--use-ema'))
+
+
+def test_precision_option_and_deprecated_amp(pcam_dir, checkpoint):
+    def config(*extra: str) -> evaluate.EvalConfig:
+        return evaluate.config_from_args(evaluate.build_parser().parse_args(
+            ['--checkpoint', str(checkpoint), '--data-dir', str(pcam_dir), *extra]))
+
+    assert config().precision == 'auto'
+    assert config('--precision', 'bfloat16').precision == 'bf16'
+    with pytest.warns(DeprecationWarning, match='--amp is deprecated'):
+        assert config('--amp', 'none').precision == 'fp32'
+    with pytest.warns(DeprecationWarning):
+        assert config('--amp', 'fp16', '--precision', 'float16').precision == 'fp16'
+    with pytest.raises(UsageError, match='--amp bf16 and --precision fp32 disagree'):
+        config('--amp', 'bf16', '--precision', 'fp32')
+    with pytest.raises(UsageError, match="--precision 'fp8' not supported"):
+        config('--precision', 'fp8')
+    with pytest.raises(UsageError, match='--batch-size must be >= 1'):
+        config('--batch-size', '0')
+
+
+def test_command_line_user_error_is_one_line(pcam_dir, tmp_path):
+    missing = tmp_path / 'missing.pth.tar'
+    result = subprocess.run([sys.executable, '-m', 'timm_inception_pcam.evaluate', '--checkpoint', str(missing),
+                             '--data-dir', str(pcam_dir), '--output', str(tmp_path / 'eval'), '--workers', '0'],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'Traceback' not in result.stderr, result.stderr
+    assert lines[0].startswith('evaluate: error:') and 'missing.pth.tar' in lines[0]
     assert not (tmp_path / 'eval').exists()

@@ -23,6 +23,7 @@ from export.onnx import (
     torch_logits,
 )
 from export.spec import ONNX_METADATA_KEY, IOSpec
+from timm_inception_pcam.inference import probabilities
 from timm_inception_pcam.storage import file_sha256
 
 TOLERANCE = 1e-4  # max |logit| difference PyTorch vs onnxruntime FP32
@@ -106,8 +107,8 @@ def test_baked_preprocessing_takes_raw_patches(exported: dict, trained: SimpleNa
     record = convert_fp16(baked, tmp_path / 'baked.fp16.onnx', patches[:8])
     assert {n for n in record['fp32_nodes'] if n.startswith('preprocess_')} == \
         {'preprocess_cast', 'preprocess_transpose', 'preprocess_mul', 'preprocess_sub'}
-    np.testing.assert_allclose(OnnxRunner(tmp_path / 'baked.fp16.onnx').predict(patches),
-                               OnnxRunner(baked).predict(patches), atol=1e-2)
+    np.testing.assert_allclose(probabilities(OnnxRunner(tmp_path / 'baked.fp16.onnx'), patches),
+                               probabilities(OnnxRunner(baked), patches), atol=1e-2)
 
 
 def test_trt_fp16_without_gpu_writes_onnx_artefacts_and_exits_nonzero(

@@ -73,8 +73,7 @@ def fit_probe(model: torch.nn.Module, patches: np.ndarray, labels: np.ndarray) -
     frozen features: a model trained in seconds whose outputs follow the synthetic tumour cells."""
     from sklearn.linear_model import LogisticRegression
 
-    from timm_inception_pcam.predict import model_normalization
-    from timm_inception_pcam.preprocess import batch_slices, preprocess_patches
+    from timm_inception_pcam.preprocess import batch_slices, model_normalization, preprocess_patches
 
     for m in model.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
@@ -293,9 +292,10 @@ def test_bf16_checked_keeps_float32_decisions_at_the_listing_threshold(probe_che
     with ExitStack() as stack:
         predictor, info = _make_runner(stack, None, str(probe_checkpoint), 'bf16_checked', 16,
                                        thresholds=(0.5, 0.3, 1.0))
-    assert info['backend'] == 'bf16_checked' and predictor.check is not None
+    checked = predictor.args[0]  # functools.partial(probabilities, runner)
+    assert info['backend'] == 'bf16_checked' and checked.spec.backend == 'bf16_checked'
     assert info['data_provenance'] == 'synthetic'
-    assert sorted(predictor.check.thresholds) == [0.3, 0.5]  # 1.0 decides nothing: no check needed
+    assert sorted(checked.thresholds) == [0.3, 0.5]  # 1.0 decides nothing: no check needed
 
 
 def test_model_provenance_is_unknown_unless_the_checkpoint_records_it(tmp_path):

@@ -1,8 +1,10 @@
 """Evaluate a PCam classifier on one split: metrics with bootstrap CIs, curves, plots and a JSON report.
 
-    python -m timm_inception_pcam.evaluate --model inception_v4_pcam --checkpoint model_best.pth.tar \\
-        --data-dir data/pcam --split test --tta 8 --output runs/eval
+    python -m timm_inception_pcam.evaluate --checkpoint model_best.pth.tar --data-dir data/pcam --split test \\
+        --tta 8 --output runs/eval
 
+`--checkpoint` is any artefact the inference layer runs (`timm_inception_pcam.inference.create_runner`): a
+checkpoint, an ONNX file (FP32 or FP16) or a TensorRT plan; the report says which was scored and how.
 The decision threshold is chosen on the valid split (Youden's J, or max F1) and applied to the evaluated split; it
 is never tuned on test. Without a valid split it is 0.5 (source "default"). With ``--tta 8`` the probabilities of
 the 8 dihedral views are averaged, and the report gives the gain over the plain (identity) view, whose metrics come
@@ -16,26 +18,31 @@ threshold-free figures (ROC AUC, AP, NLL, ECE) come from the bf16 probabilities 
 ``backend_check`` says how many patches were settled. ``--backend channels_last`` runs float32 throughout.
 """
 import argparse
+import dataclasses
 import functools
 import io
 import math
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import timm
 import torch
 from timm.utils import ParseKwargs
-from tqdm import tqdm
 
-from .checkpoint import CheckpointError, load_model
-from .constants import LABEL_NAMES, PCAM_MEAN, PCAM_NUM_CLASSES, PCAM_STD
-from .data import PCamDataset, dihedral
+from .checkpoint import load_model
+from .constants import LABEL_NAMES, PCAM_NUM_CLASSES
+from .data import PCamDataset
 from .data.files import normalize_split
+from .errors import CheckpointError, DataError, UsageError, check_range, cli
+from .inference.check import DecisionCheck, Settler
+from .inference.factory import BACKENDS, artefact_kind, create_runner
+from .inference.torch_runner import model_name_of
+from .inference.tta import MAX_TTA, view_probabilities
 from .metrics import (
     THRESHOLD_METHODS,
     bootstrap_ci,
@@ -46,200 +53,55 @@ from .metrics import (
     pr_points,
     roc_points,
     select_threshold,
-    threshold_metric_bounds,
 )
-from .predict import BACKENDS as CPU_BACKENDS
-from .predict import DecisionCheck, create_predictor, mean_prob_bounds, straddling
-from .preprocess import model_normalization, preprocess_patches
+from .precision import AUTOCAST_PRECISIONS, parse_precision
 from .storage import atomic_path, atomic_write_json, file_sha256
 
-__all__ = ['REPORT_FORMAT', 'TorchBackend', 'Settler', 'predict_probs', 'evaluate_split', 'main']
+__all__ = ['REPORT_FORMAT', 'EvalConfig', 'evaluate', 'evaluate_split', 'build_parser', 'main']
 
 REPORT_FORMAT = 'timm-inception-pcam-report/1'
-MAX_TTA = 8
-AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'none': None}
 TTA_GAIN_KEYS = ('roc_auc', 'accuracy', 'f1', 'balanced_accuracy', 'nll', 'ece')
 PLOTS = {'roc': 'roc.png', 'pr': 'pr.png', 'confusion': 'confusion.png'}
 
-# A backend maps a float32 NCHW batch (normalised, on the CPU) to logits (N, 2): a torch model wrapped by
-# TorchBackend, or any other runtime (onnxruntime, TensorRT) with the same call signature.
-Backend = Callable[[torch.Tensor], 'torch.Tensor | np.ndarray']
 
+@dataclasses.dataclass
+class EvalConfig:
+    """What to evaluate and how: the command line's options, typed (see `build_parser` for their meaning)."""
+    checkpoint: str
+    data_dir: str
+    model: str | None = None
+    model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    use_ema: bool = False
+    split: str = 'test'
+    tta: int = 1
+    threshold_from: str = 'valid'
+    threshold_method: str = 'youden'
+    batch_size: int = 256
+    workers: int = 2
+    output: str = 'runs/evaluate'
+    device: str | None = None
+    precision: str = 'auto'
+    backend: str = 'auto'
+    bootstrap: int = 1000
+    seed: int = 0
+    limit: int | None = None
 
-class PatchSource(Protocol):
-    def __len__(self) -> int: ...
-
-    def read_batch(self, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    device = torch.device(device)
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise ValueError(f'device {str(device)!r} requested but no CUDA device is available (use --device cpu)')
-    if device.type not in ('cpu', 'cuda'):
-        raise ValueError(f'device {str(device)!r} not supported: expected cpu or cuda')
-    return device
-
-
-class TorchBackend:
-    """Runs a torch model on `device` under optional autocast; returns float32 logits on the CPU."""
-
-    def __init__(self, model: torch.nn.Module, device: str | torch.device | None = 'cpu', amp: str = 'none'):
-        if amp not in AMP_DTYPES:
-            raise ValueError(f'amp {amp!r} not supported: expected one of {", ".join(AMP_DTYPES)}')
-        self.device = resolve_device(device)
-        self.amp_dtype = AMP_DTYPES[amp]
-        self.model = model.to(self.device).eval()
-
-    @torch.inference_mode()
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            logits = self.model(x)
-        return logits.float().cpu()
-
-
-class _Batches(torch.utils.data.Dataset):
-    """Batch b of a patch source, preprocessed: (float32 NCHW, labels or None). Runs in DataLoader workers."""
-
-    def __init__(self, source: PatchSource | np.ndarray, n: int, batch_size: int, mean: Sequence[float],
-                 std: Sequence[float]):
-        self.source, self.n, self.batch_size, self.mean, self.std = source, n, batch_size, mean, std
-
-    def __len__(self) -> int:
-        return -(-self.n // self.batch_size)
-
-    def __getitem__(self, b: int) -> np.ndarray:
-        start, stop = b * self.batch_size, min((b + 1) * self.batch_size, self.n)
-        if isinstance(self.source, np.ndarray):
-            patches = self.source[start:stop]
-        else:
-            patches, _ = self.source.read_batch(np.arange(start, stop))
-        return preprocess_patches(patches, self.mean, self.std, source=f'patches {start}..{stop - 1}')
-
-
-def predict_probs(
-        model: torch.nn.Module | Backend,
-        data: PatchSource | np.ndarray,
-        batch_size: int = 256,
-        tta: int = 1,
-        device: str | torch.device | None = 'cpu',
-        amp: str = 'none',
-        *,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
-        workers: int = 0,
-        limit: int | None = None,
-        return_views: bool = False,
-        progress: bool | None = None,
-        desc: str = 'predict',
-) -> np.ndarray:
-    """Probability of class 1 (metastatic) for every patch of `data`, averaged over `tta` dihedral views.
-
-    `model` is a torch module (run by `TorchBackend` on `device` with `amp`) or any backend callable
-    (float32 NCHW CPU tensor -> logits (N, 2)); `data` is a PCamDataset (anything with ``read_batch``) or a uint8
-    NHWC array. Views are ``dihedral(x, k)`` for k in range(tta), view 0 being the patch as stored. Mean/std default
-    to the model's pretrained config. With `return_views` the result is (tta, N), else (N,).
-    """
-    if not 1 <= tta <= MAX_TTA:
-        raise ValueError(f'tta must be between 1 and {MAX_TTA} (the dihedral group), got {tta}')
-    if batch_size < 1:
-        raise ValueError(f'batch_size must be at least 1, got {batch_size}')
-    if isinstance(model, torch.nn.Module):
-        if mean is None or std is None:
-            mean, std = model_normalization(model)
-        backend: Backend = TorchBackend(model, device, amp)
-    else:
-        backend = model
-        mean, std = mean or PCAM_MEAN, std or PCAM_STD
-    n = len(data) if limit is None else min(limit, len(data))
-    batches = _Batches(data, n, batch_size, mean, std)
-    loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=workers,
-                                         persistent_workers=False)
-    views = np.empty((tta, n), dtype=np.float64)
-    start = 0
-    with tqdm(total=n, desc=desc, unit='patch', disable=None if progress is None else not progress,
-              leave=False) as bar:
-        for x in loader:
-            stop = start + x.shape[0]
-            for k in range(tta):
-                logits = torch.as_tensor(backend(dihedral(x, k) if k else x))
-                if logits.ndim != 2 or logits.shape != (x.shape[0], PCAM_NUM_CLASSES):
-                    raise ValueError(f'model output has shape {tuple(logits.shape)} for a batch of {x.shape[0]}, '
-                                     f'expected ({x.shape[0]}, {PCAM_NUM_CLASSES}) logits')
-                views[k, start:stop] = torch.softmax(logits.double(), dim=1)[:, 1].numpy()
-            start = stop
-            bar.update(x.shape[0])
-    return views if return_views else views.mean(axis=0)
-
-
-class Settler:
-    """Float32 for the `bf16_checked` evaluation wherever bf16 could change what the report counts.
-
-    `views` (tta, N) are class-1 probabilities of the patches of `data` from the `bf16_checked` predictor; a patch
-    is *settled* when all its views are recomputed by `check.exact` (in place). `at` settles the patches whose
-    decision at a threshold is in doubt; `choose` picks the valid threshold float32 would pick.
-    """
-
-    def __init__(self, check: DecisionCheck, data: PatchSource | np.ndarray, views: np.ndarray, batch_size: int,
-                 mean: Sequence[float], std: Sequence[float]):
-        self.check, self.data, self.views = check, data, views
-        self.batch_size, self.mean, self.std = batch_size, mean, std
-        self.exact = np.zeros(views.shape[1], dtype=bool)
-
-    @property
-    def settled(self) -> int:
-        return int(self.exact.sum())
-
-    def rerun(self, doubt: np.ndarray) -> int:
-        """Settle the patches of the boolean mask `doubt` not settled yet; returns how many."""
-        idx = np.flatnonzero(doubt & ~self.exact)
-        if len(idx):
-            patches = self.data[idx] if isinstance(self.data, np.ndarray) else self.data.read_batch(idx)[0]
-            self.views[:, idx] = predict_probs(self.check.exact, patches, self.batch_size, self.views.shape[0],
-                                               mean=self.mean, std=self.std, return_views=True,
-                                               desc='settle in float32')
-            self.exact[idx] = True
-        return int(len(idx))
-
-    def bounds(self, plain: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(p, lo, hi): every patch's probability (view 0 if `plain`, else the mean over views) and its bounds,
-        which are p itself once settled."""
-        views = self.views[:1] if plain else self.views
-        with np.errstate(divide='ignore'):
-            margins = np.log(views) - np.log1p(-views)
-        lo, hi = mean_prob_bounds(margins, self.check.bound)
-        p = views.mean(axis=0)
-        lo[self.exact], hi[self.exact] = p[self.exact], p[self.exact]
-        return p, lo, hi
-
-    def at(self, threshold: float, plain: bool = False) -> int:
-        _, lo, hi = self.bounds(plain)
-        return self.rerun(straddling(lo, hi, [threshold]))
-
-    def choose(self, labels: np.ndarray, method: str, plain: bool = False) -> float:
-        """`select_threshold` on float32 probabilities, settling only the patches that could change its choice.
-
-        A threshold t competes with the current choice c when its criterion could reach c's lowest possible
-        value; the patches whose probability interval straddles a competitor are settled (those of the more
-        promising half of the competitors first, which often rules out the rest), and the choice is made again,
-        until no unsettled patch straddles any competitor: then every criterion value that could beat c is exact,
-        and c is float32's choice. How many patches that takes depends on how flat the criterion is around its
-        maximum: a few percent of valid on a sharp one, most of it on a badly calibrated model.
-        """
-        while True:
-            p, lo, hi = self.bounds(plain)
-            choice = select_threshold(labels, p, method)
-            floor = threshold_metric_bounds(labels, lo, hi, [choice], method)[0][0]
-            candidates = np.unique(np.concatenate([lo, hi]))
-            best = threshold_metric_bounds(labels, lo, hi, candidates, method)[1]
-            rivals = best >= floor
-            promising = best >= max(floor, float(np.median(best[rivals])))
-            if not (self.rerun(straddling(lo, hi, candidates[promising]))
-                    or self.rerun(straddling(lo, hi, candidates[rivals]))):
-                return choice
+    def check(self) -> 'EvalConfig':
+        """Range-check the numbers and fold the precision's aliases; UsageError on a bad value."""
+        check_range('--tta', self.tta, 1, MAX_TTA)
+        check_range('--batch-size', self.batch_size, 1)
+        check_range('--workers', self.workers, 0)
+        check_range('--bootstrap', self.bootstrap, 1)
+        check_range('--limit', self.limit, 1)
+        if self.threshold_method not in THRESHOLD_METHODS:
+            raise UsageError(f'--threshold-method {self.threshold_method!r}: expected one of '
+                             f'{", ".join(THRESHOLD_METHODS)}')
+        if self.threshold_from not in ('valid', 'default'):
+            raise UsageError(f'--threshold-from {self.threshold_from!r}: expected valid or default')
+        if self.backend not in ('auto', *BACKENDS):
+            raise UsageError(f'--backend {self.backend!r}: expected auto or one of {", ".join(BACKENDS)}')
+        self.precision = parse_precision(self.precision, AUTOCAST_PRECISIONS, '--precision')
+        return self
 
 
 def _finite(x: Any) -> Any:
@@ -255,6 +117,13 @@ def _finite(x: Any) -> Any:
 
 def _open_split(data_dir: str | Path, split: str) -> PCamDataset:
     return PCamDataset(data_dir, split)
+
+
+def _open_evaluated_split(data_dir: str | Path, split: str) -> PCamDataset:
+    try:
+        return _open_split(data_dir, split)
+    except FileNotFoundError as e:
+        raise DataError(str(e)) from e
 
 
 def _write_predictions(path: Path, labels: np.ndarray, probs: np.ndarray, threshold: float,
@@ -296,7 +165,7 @@ def evaluate_split(
     return out
 
 
-def _threshold(args: argparse.Namespace, predict: Callable[[PCamDataset, str], np.ndarray],
+def _threshold(cfg: EvalConfig, predict: Callable[[PCamDataset, str], np.ndarray],
                split_views: tuple[np.ndarray, np.ndarray, Settler | None] | None,
                settler_for: Callable[[PCamDataset, np.ndarray], Settler] | None = None,
                ) -> tuple[dict[str, Any], float | None, int | None]:
@@ -305,13 +174,13 @@ def _threshold(args: argparse.Namespace, predict: Callable[[PCamDataset, str], n
     With `settler_for` (the `bf16_checked` backend) the thresholds are `Settler.choose`n: float32's choice.
     """
     default = {'value': 0.5, 'source': 'default', 'method': None}
-    if args.threshold_from == 'default':
+    if cfg.threshold_from == 'default':
         return default, None, None
     if split_views is not None:  # evaluating valid itself
         labels, views, settler = split_views
     else:
         try:
-            valid = _open_split(args.data_dir, 'valid')
+            valid = _open_split(cfg.data_dir, 'valid')
         except FileNotFoundError as e:
             warnings.warn(f'no valid split to choose the threshold on ({e}): using 0.5', stacklevel=2)
             return default, None, None
@@ -321,11 +190,11 @@ def _threshold(args: argparse.Namespace, predict: Callable[[PCamDataset, str], n
 
     def choose(plain: bool) -> float:
         if settler is not None:
-            return settler.choose(labels, args.threshold_method, plain)
-        return select_threshold(labels, views[0] if plain else views.mean(axis=0), args.threshold_method)
+            return settler.choose(labels, cfg.threshold_method, plain)
+        return select_threshold(labels, views[0] if plain else views.mean(axis=0), cfg.threshold_method)
 
     try:
-        chosen: dict[str, Any] = {'value': choose(False), 'source': 'valid', 'method': args.threshold_method}
+        chosen: dict[str, Any] = {'value': choose(False), 'source': 'valid', 'method': cfg.threshold_method}
         plain = choose(True) if views.shape[0] > 1 else None
     except ValueError as e:
         warnings.warn(f'valid split unusable for threshold selection ({e}): using 0.5', stacklevel=2)
@@ -356,9 +225,10 @@ def _print_table(report: dict[str, Any]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='python -m timm_inception_pcam.evaluate', description=__doc__.split('\n')[0])
-    p.add_argument('--model', default=None, help='model name (default: the architecture stored in the checkpoint)')
     p.add_argument('--checkpoint', required=True,
-                   help="our checkpoint, timm train.py's .pth.tar, a .safetensors file or hf-hub:org/name")
+                   help="what to score: our checkpoint, timm train.py's .pth.tar, a .safetensors file, "
+                        "hf-hub:org/name, an .onnx file (FP32 or FP16) or a TensorRT .plan")
+    p.add_argument('--model', default=None, help='model name (default: the architecture stored in the checkpoint)')
     p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, help='e.g. depths="(1, 1, 1)"')
     p.add_argument('--use-ema', action='store_true', help='evaluate the EMA weights of the checkpoint')
     p.add_argument('--data-dir', required=True, help='folder with the PCam HDF5 files')
@@ -371,52 +241,92 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--batch-size', type=int, default=256)
     p.add_argument('--workers', type=int, default=2, help='DataLoader worker processes reading the HDF5 files')
     p.add_argument('--output', default='runs/evaluate', help='folder for report.json, predictions.csv and plots')
-    p.add_argument('--device', default=None, choices=('cpu', 'cuda'), help='default: cuda when available')
-    p.add_argument('--amp', default='none', choices=tuple(AMP_DTYPES))
-    p.add_argument('--backend', default='auto', choices=('auto', *CPU_BACKENDS),
-                   help='CPU inference path (timm_inception_pcam.predict), used on CPU without --amp. auto: '
-                        'bf16_checked on AMX CPUs (bf16, with float32 for every patch that could change the choice '
-                        'of the threshold or a decision at it), else channels_last (float32, BatchNorm folded); '
-                        'eager = the model as it is')
+    p.add_argument('--device', default=None, choices=('cpu', 'cuda'),
+                   help='default: cuda when available for a checkpoint or plan; an ONNX file runs on the CPU')
+    p.add_argument('--precision', default=None, metavar='{auto,fp32,bf16,fp16}',
+                   help="auto (default): the backend's own (float32 decisions on the CPU, fp32 on CUDA); "
+                        'bf16 / fp16 autocast on CUDA; an ONNX file or plan runs at its own precision')
+    p.add_argument('--amp', default=None, metavar='{bf16,fp16,none}',
+                   help='deprecated alias of --precision (none = fp32)')
+    p.add_argument('--backend', default='auto', choices=('auto', *BACKENDS),
+                   help='inference engine (timm_inception_pcam.inference). auto: bf16_checked on AMX CPUs (bf16, '
+                        'with float32 for every patch that could change the choice of the threshold or a decision '
+                        'at it), else channels_last (float32, BatchNorm folded); eager on CUDA; onnxruntime for an '
+                        '.onnx file, tensorrt for a .plan; eager = the model as it is')
     p.add_argument('--bootstrap', type=int, default=1000, help='bootstrap resamples for the 95%% CIs')
     p.add_argument('--seed', type=int, default=0, help='bootstrap seed')
     p.add_argument('--limit', type=int, default=None, help='evaluate only the first N patches of each split')
     return p
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the evaluation; returns the report (also written to <output>/report.json)."""
-    args = build_parser().parse_args(argv)
-    t0 = time.perf_counter()
-    split = normalize_split(args.split)
-    dataset = _open_split(args.data_dir, split)  # fail on a missing split before loading any weights
-    model = load_model(args.model, args.checkpoint, use_ema=args.use_ema, **args.model_kwargs)
-    n_classes = getattr(model, 'num_classes', PCAM_NUM_CLASSES)
+def config_from_args(args: argparse.Namespace) -> EvalConfig:
+    """The typed config of parsed arguments; `--amp` (deprecated) maps onto `--precision`."""
+    precision = args.precision
+    if args.amp is not None:
+        amp = parse_precision(args.amp, AUTOCAST_PRECISIONS, '--amp')
+        if precision is not None and parse_precision(precision, AUTOCAST_PRECISIONS, '--precision') != amp:
+            raise UsageError(f'--amp {args.amp} and --precision {precision} disagree: give --precision only')
+        warnings.warn('--amp is deprecated: use --precision (none = fp32)', DeprecationWarning, stacklevel=2)
+        precision = amp
+    fields = {f.name for f in dataclasses.fields(EvalConfig)}
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    return EvalConfig(**{**values, 'precision': precision or 'auto'}).check()
+
+
+def _load(cfg: EvalConfig):
+    """(what create_runner takes, its kind): the loaded model for a checkpoint, the path for a file."""
+    kind = artefact_kind(cfg.checkpoint)
+    if kind != 'checkpoint':
+        if cfg.use_ema or cfg.model_kwargs:
+            raise UsageError(f'{cfg.checkpoint}: --use-ema and --model-kwargs apply to checkpoints, not to a {kind} '
+                             'file (its weights and architecture are fixed)')
+        return cfg.checkpoint, kind
+    model = load_model(cfg.model, cfg.checkpoint, use_ema=cfg.use_ema, **cfg.model_kwargs)
+    _check_classes(cfg, int(getattr(model, 'num_classes', PCAM_NUM_CLASSES)))
+    return model, kind
+
+
+def _check_classes(cfg: EvalConfig, n_classes: int) -> None:
     if n_classes != PCAM_NUM_CLASSES:
-        raise CheckpointError(f'{args.checkpoint}: model has {n_classes} classes, expected {PCAM_NUM_CLASSES} '
+        raise CheckpointError(f'{cfg.checkpoint}: model has {n_classes} classes, expected {PCAM_NUM_CLASSES} '
                               f'({", ".join(LABEL_NAMES)})')
-    model_name = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or args.model
-    mean, std = model_normalization(model)
-    device = resolve_device(args.device)
-    check: DecisionCheck | None = None
-    if device.type == 'cpu' and args.amp == 'none':
-        # No per-batch thresholds: the threshold is chosen later, and `Settler` settles what depends on it.
-        predictor = create_predictor(model, args.backend, args.batch_size, mean, std, thresholds=())
-        backend, backend_name, check = predictor.logits, predictor.backend, predictor.check
-    else:
-        backend, backend_name = TorchBackend(model, device, args.amp), f'torch {device.type} amp={args.amp}'
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    """Score `cfg.checkpoint` on one split and write report.json, predictions.csv and the plots; returns the report."""
+    t0 = time.perf_counter()
+    try:
+        split = normalize_split(cfg.split)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    dataset = _open_evaluated_split(cfg.data_dir, split)  # fail on a missing split before loading any weights
+    artefact, kind = _load(cfg)
+    device = cfg.device or 'auto'
+    # No per-batch thresholds: the threshold is chosen later, and `Settler` settles what depends on it.
+    runner = create_runner(artefact, cfg.backend, device, cfg.precision, cfg.batch_size, thresholds=())
+    try:
+        return _evaluate(cfg, split, dataset, runner, artefact, kind, t0)
+    finally:
+        runner.close()
+
+
+def _evaluate(cfg: EvalConfig, split: str, dataset: PCamDataset, runner: Any, artefact: Any, kind: str,
+              t0: float) -> dict[str, Any]:
+    spec = runner.spec
+    _check_classes(cfg, len(spec.label_names))
+    model_name = (model_name_of(artefact) if kind == 'checkpoint' else spec.extra.get('model')) or cfg.model
+    check = runner if isinstance(runner, DecisionCheck) else None
 
     def predict(ds: PCamDataset, name: str) -> np.ndarray:
-        return predict_probs(backend, ds, args.batch_size, args.tta, mean=mean, std=std, workers=args.workers,
-                             limit=args.limit, return_views=True, desc=f'{name} x{args.tta}')
+        return view_probabilities(runner, ds, cfg.batch_size, cfg.tta, workers=cfg.workers, limit=cfg.limit,
+                                  desc=f'{name} x{cfg.tta}')
 
     views = predict(dataset, split)
     labels = np.asarray(dataset.labels[:views.shape[1]], dtype=np.int64)
     # bf16_checked: float32 wherever bf16 could change the threshold's choice or a counted decision
-    settler_for = functools.partial(Settler, check, batch_size=args.batch_size, mean=mean, std=std) \
-        if check is not None else None
+    settler_for = functools.partial(Settler, check, batch_size=cfg.batch_size) if check is not None else None
     settler = settler_for(dataset, views) if settler_for is not None else None
-    threshold, plain_threshold, valid_n = _threshold(args, predict, (labels, views, settler) if split == 'valid'
+    threshold, plain_threshold, valid_n = _threshold(cfg, predict, (labels, views, settler) if split == 'valid'
                                                      else None, settler_for)
     backend_check = None
     if settler is not None:
@@ -425,23 +335,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             settler.at(plain_threshold, plain=True)
         backend_check = {**settler.check.stats(), 'settled': settler.settled, 'settled_at': threshold['value'],
                          'valid_settled': threshold.pop('valid_settled', None)}
-    result = evaluate_split(labels, views, threshold['value'], plain_threshold, args.bootstrap, args.seed)
+    result = evaluate_split(labels, views, threshold['value'], plain_threshold, cfg.bootstrap, cfg.seed)
 
-    out = Path(args.output)
+    out = Path(cfg.output)
     probs = views.mean(axis=0)
-    _write_predictions(out / 'predictions.csv', labels, probs, threshold['value'], views[0] if args.tta > 1 else None)
+    _write_predictions(out / 'predictions.csv', labels, probs, threshold['value'], views[0] if cfg.tta > 1 else None)
     plot_roc(labels, probs, out / PLOTS['roc'], threshold['value'], title=f'ROC, {model_name}, {split}')
     plot_pr(labels, probs, out / PLOTS['pr'], threshold['value'], title=f'Precision-recall, {model_name}, {split}')
     plot_confusion(labels, probs, out / PLOTS['confusion'], threshold['value'], LABEL_NAMES)
-    checkpoint = str(args.checkpoint)
+    path = str(cfg.checkpoint)
+    sha256 = file_sha256(path) if Path(path).is_file() else None
     report = _finite({
         'format': REPORT_FORMAT,
         'model': model_name,
-        'checkpoint': checkpoint,
-        'checkpoint_sha256': file_sha256(checkpoint) if Path(checkpoint).is_file() else None,
+        'checkpoint': path,
+        'checkpoint_sha256': sha256,
+        'artefact': {'path': path, 'sha256': sha256, 'kind': kind, 'backend': spec.backend,
+                     'precision': spec.precision, 'device': spec.device,
+                     'source_checkpoint_sha256': spec.extra.get('checkpoint_sha256'), 'runner': spec.to_dict()},
         'split': split,
         'n': int(labels.size),
-        'tta': args.tta,
+        'tta': cfg.tta,
         'threshold': {**threshold, 'valid_n': valid_n},
         'metrics': result['metrics'],
         'ci95': result['ci95'],
@@ -449,12 +363,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         'plots': dict(PLOTS),
         'predictions': 'predictions.csv',
         'curves': result['curves'],
-        'bootstrap': {'n_resamples': args.bootstrap, 'seed': args.seed, 'method': 'percentile'},
-        'normalization': {'mean': list(mean), 'std': list(std)},
-        'data_dir': str(args.data_dir),
-        'use_ema': args.use_ema,
-        'amp': args.amp,
-        'backend': backend_name,
+        'bootstrap': {'n_resamples': cfg.bootstrap, 'seed': cfg.seed, 'method': 'percentile'},
+        'normalization': {'mean': list(spec.mean), 'std': list(spec.std)},
+        'data_dir': str(cfg.data_dir),
+        'use_ema': cfg.use_ema,
+        'precision': spec.precision,
+        'backend': spec.backend,
         'backend_check': backend_check,
         'versions': {'timm': timm.__version__, 'torch': torch.__version__},
         'seconds': round(time.perf_counter() - t0, 2),
@@ -462,21 +376,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     atomic_write_json(out / 'report.json', report)
     _print_table(report)
     m = report['metrics']
-    print(f"evaluate: {model_name} on {split} (n={report['n']}, tta={args.tta}): ROC AUC {_fmt(m['roc_auc'])}, "
+    print(f"evaluate: {model_name} on {split} (n={report['n']}, tta={cfg.tta}): ROC AUC {_fmt(m['roc_auc'])}, "
           f"accuracy {_fmt(m['accuracy'])}, F1 {_fmt(m['f1'])} at threshold {threshold['value']:.4f} "
           f"({threshold['source']}) -> {out / 'report.json'}")
     return report
 
 
-def cli(argv: list[str] | None = None) -> int:
-    """Command-line entry: bad input ends with a one-line error (exit 2) instead of a traceback."""
-    try:
-        main(argv)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        print(f'evaluate: error: {e}', file=sys.stderr)
-        return 2
-    return 0
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse the command line and run `evaluate`; returns the report (also written to <output>/report.json)."""
+    return evaluate(config_from_args(build_parser().parse_args(argv)))
 
 
 if __name__ == '__main__':
-    sys.exit(cli())
+    sys.exit(cli(main, 'evaluate'))

@@ -3,14 +3,16 @@
 Every engine implements it (one module per engine in this package), and everything that scores patches
 (the evaluator, slide inference, the benchmarks, the export parity checks) talks to runners only.
 """
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from ..constants import LABEL_NAMES, PCAM_INPUT_SIZE, PCAM_MEAN, PCAM_STD
+from ..errors import InferenceError
 
-__all__ = ['Runner', 'RunnerSpec', 'softmax']
+__all__ = ['Runner', 'RunnerSpec', 'softmax', 'probabilities', 'label_names_for', 'collect_logits']
 
 
 @dataclass(frozen=True)
@@ -50,3 +52,27 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)
+
+
+def probabilities(runner: Runner, patches: np.ndarray) -> np.ndarray:
+    """uint8 (N, 96, 96, 3) NHWC patches -> float32 class probabilities (N, num_classes): softmax of the logits."""
+    return softmax(runner.logits(patches).astype(np.float64)).astype(np.float32)
+
+
+def label_names_for(num_classes: int) -> tuple[str, ...]:
+    """PCam's label names for a binary model, generic ones for any other class count."""
+    return LABEL_NAMES if num_classes == len(LABEL_NAMES) else tuple(f'class_{i}' for i in range(num_classes))
+
+
+def collect_logits(run: Callable[[slice], np.ndarray], slices: Iterable[slice], num_classes: int,
+                   source: str) -> np.ndarray:
+    """Concatenate `run(s)` over batch slices as float32 (N, num_classes), checking every batch's shape."""
+    out = []
+    for s in slices:
+        n = s.stop - s.start
+        logits = np.asarray(run(s))
+        if logits.shape != (n, num_classes):
+            raise InferenceError(f'{source} returned logits of shape {tuple(logits.shape)} for a batch of {n}, '
+                                 f'expected ({n}, {num_classes})')
+        out.append(logits.astype(np.float32, copy=False))
+    return np.concatenate(out) if out else np.zeros((0, num_classes), dtype=np.float32)

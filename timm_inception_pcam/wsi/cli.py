@@ -35,7 +35,7 @@ PROG = 'python -m timm_inception_pcam.slide'
 def build_parser() -> argparse.ArgumentParser:
     from timm.utils import ParseKwargs
 
-    from ..predict import BACKENDS
+    from ..inference import BACKENDS
 
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split('\n')[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -45,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help='PyTorch checkpoint / .safetensors / hf-hub:org/name, an .onnx model, or a TensorRT .plan')
     p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, help='extra model arguments')
     p.add_argument('--use-ema', action='store_true', help='the checkpoint\'s EMA weights')
-    p.add_argument('--backend', default='auto', choices=('auto', *BACKENDS, 'tensorrt'),
-                   help='auto: the fastest CPU path (predict.py); tensorrt: a .plan on an NVIDIA GPU')
+    p.add_argument('--backend', default='auto', choices=('auto', *BACKENDS),
+                   help='auto: the fastest CPU path (inference layer); tensorrt: a .plan on an NVIDIA GPU')
     p.add_argument('--out', '--output', dest='out', required=True, help='output folder for this slide')
     add_slide_options(p)
     p.add_argument('--resume', action='store_true', help='continue from <out>/progress.npz (same settings)')

@@ -233,41 +233,39 @@ def _checkpoint_provenance(checkpoint: str | None) -> str:
 def _make_runner(stack: ExitStack, model_name: str | None, checkpoint: str | None, backend: str = 'auto',
                  batch_size: int = 64, use_ema: bool = False, model_kwargs: dict[str, Any] | None = None,
                  thresholds: tuple[float, ...] = (0.5,)) -> tuple[Predictor, dict[str, Any]]:
-    """The predictor for a checkpoint (PyTorch, ONNX, or a TensorRT plan with its sidecar) and its run info.
+    """Tile probabilities for a checkpoint (PyTorch, ONNX, or a TensorRT plan with its sidecar) and its run info.
 
-    `backend` is 'tensorrt' or a `timm_inception_pcam.predict` backend ('auto', 'eager', 'bf16', 'onnxruntime', ...).
-    `thresholds`: the tile probabilities at which `bf16_checked` (auto on AMX CPUs) keeps float32's decisions.
-    The one place the slide command builds its engine (to be replaced by `inference.create_runner`).
+    The runner comes from `timm_inception_pcam.inference.create_runner` (closed when `stack` closes); `backend` is
+    one of its backends ('auto', 'eager', 'bf16', 'onnxruntime', 'tensorrt', ...). Torch models run on the CPU,
+    plans on the GPU. `thresholds`: the tile probabilities at which `bf16_checked` (auto on AMX CPUs) keeps
+    float32's decisions. The probability function is ``functools.partial(probabilities, runner)``.
     """
-    from ..predict import create_predictor
+    import functools
 
-    suffix = Path(checkpoint).suffix.lower() if checkpoint else ''
+    from ..inference import create_runner, probabilities
+    from ..inference.factory import artefact_kind
+
     is_file = bool(checkpoint) and Path(str(checkpoint)).is_file()
     info: dict[str, Any] = {'model': model_name, 'checkpoint': checkpoint, 'backend': backend, 'use_ema': use_ema,
                             'checkpoint_sha256': file_sha256(checkpoint) if is_file else None,
                             'data_provenance': _checkpoint_provenance(checkpoint)}
-    if backend == 'tensorrt' or suffix in ('.plan', '.engine'):
-        if suffix not in ('.plan', '.engine'):
-            raise SlideError(f'--backend tensorrt needs --checkpoint ENGINE.plan (built by export.trt, with its '
-                             f'.json sidecar), got {checkpoint!r}')
-        try:
-            from export.runtime import TrtRunner
-        except ImportError as e:
-            raise InferenceError(f'--backend tensorrt needs TensorRT and pycuda ({e})') from e
-        runner = stack.enter_context(TrtRunner(checkpoint))
-        info.update(backend='tensorrt', model=model_name or runner.sidecar.model)
-        return runner.predict, info
-    if suffix == '.onnx':
-        predictor = create_predictor(checkpoint, backend=backend, batch_size=batch_size)
-    else:
+    kind = artefact_kind(checkpoint) if checkpoint else 'module'
+    if backend == 'tensorrt' and kind != 'tensorrt':
+        raise SlideError(f'--backend tensorrt needs --checkpoint ENGINE.plan (built by export.trt, with its '
+                         f'.json sidecar), got {checkpoint!r}')
+    target: Any = checkpoint
+    if not checkpoint:  # a registered model without weights
         from ..checkpoint import load_model
 
-        model = load_model(model_name, checkpoint, use_ema=use_ema, **(model_kwargs or {}))
-        if getattr(model, 'num_classes', PCAM_NUM_CLASSES) != PCAM_NUM_CLASSES:
-            raise SlideError(f'{checkpoint}: model has {model.num_classes} classes, expected {PCAM_NUM_CLASSES} '
-                             f'({", ".join(LABEL_NAMES)})')
-        info['model'] = model_name or (getattr(model, 'pretrained_cfg', None) or {}).get('architecture')
-        predictor = create_predictor(model, backend=backend, batch_size=batch_size,
-                                     thresholds=tuple(t for t in thresholds if 0.0 < t < 1.0))
-    info['backend'] = predictor.backend
-    return predictor, info
+        target = load_model(model_name, None, **(model_kwargs or {}))
+    runner = create_runner(target, backend, 'auto' if kind == 'tensorrt' else 'cpu', batch_size=batch_size,
+                           thresholds=tuple(t for t in thresholds if 0.0 < t < 1.0), model_name=model_name,
+                           use_ema=use_ema, model_kwargs=model_kwargs)
+    stack.callback(runner.close)
+    if len(runner.spec.label_names) != PCAM_NUM_CLASSES:
+        raise SlideError(f'{checkpoint}: model has {len(runner.spec.label_names)} classes, expected '
+                         f'{PCAM_NUM_CLASSES} ({", ".join(LABEL_NAMES)})')
+    sidecar = getattr(runner, 'sidecar', None)
+    info['model'] = model_name or runner.spec.extra.get('model') or getattr(sidecar, 'model', None)
+    info['backend'] = runner.spec.backend
+    return functools.partial(probabilities, runner), info

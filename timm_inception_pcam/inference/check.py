@@ -1,0 +1,236 @@
+"""Low-precision logits with float32 decisions: the decision check (`bf16_checked`) and the evaluator's `Settler`.
+
+`DecisionCheck` is itself a Runner: a fast runner (bf16) whose logits are replaced by an exact runner's (float32)
+for every patch whose decision at the configured thresholds the fast path's rounding could have flipped.
+"Could have flipped": its class-1 logit margin lies within `safety` x (the 90th percentile of the fast-vs-exact
+margin errors measured so far) of a threshold. The first batch runs both ways in full to measure them, and every
+re-checked patch is one more measurement.
+
+`Settler` does the same for an evaluation whose threshold is chosen only after scoring: it re-runs in float32 the
+patches whose probability could change the choice of the threshold or a decision at it.
+"""
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..errors import UsageError
+from ..metrics import select_threshold, threshold_metric_bounds
+from ..preprocess import batch_slices, check_patches
+from .base import Runner, collect_logits
+
+__all__ = ['DEFAULT_SAFETY', 'ERROR_QUANTILE', 'ERROR_HISTORY', 'DecisionCheck', 'Settler', 'class1_margin',
+           'mean_prob_bounds', 'straddling', 'undecided']
+
+DEFAULT_SAFETY = 4.0
+ERROR_QUANTILE = 0.9
+ERROR_HISTORY = 8192  # measurements kept (the most recent): a slide of a million tiles must not grow them unbounded
+
+
+class PatchSource(Protocol):
+    def __len__(self) -> int: ...
+
+    def read_batch(self, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def class1_margin(logits: np.ndarray) -> np.ndarray:
+    """Class-1 logit margin (logit 1 - logit 0) of (N, 2) logits, in float64: sigmoid of it is the softmax's p1."""
+    logits = np.asarray(logits, dtype=np.float64)
+    return logits[..., 1] - logits[..., 0]
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def mean_prob_bounds(margins: np.ndarray, bound: float) -> tuple[np.ndarray, np.ndarray]:
+    """(lo, hi): the range of ``mean over views of sigmoid(margin)`` when every view's margin may be off by `bound`.
+
+    `margins` is (N,) or (views, N) class-1 logit margins.
+    """
+    m = np.asarray(margins, dtype=np.float64)
+    m = m[None] if m.ndim == 1 else m
+    return _sigmoid(m - bound).mean(axis=0), _sigmoid(m + bound).mean(axis=0)
+
+
+def straddling(lo: np.ndarray, hi: np.ndarray, thresholds: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Which intervals [lo_i, hi_i] hold a threshold t with lo_i < t <= hi_i: whose decision ``p >= t`` is open."""
+    t = np.sort(np.asarray(thresholds, dtype=np.float64).ravel())
+    nxt = np.searchsorted(t, lo, side='right')  # the first threshold above each lower bound
+    out = nxt < len(t)
+    out[out] = t[nxt[out]] <= hi[out]
+    return out
+
+
+def undecided(margins: np.ndarray, thresholds: Sequence[float], bound: float) -> np.ndarray:
+    """Which patches an error of up to `bound` in every view's class-1 logit margin could move across a threshold.
+
+    `margins` is (N,) or (views, N); a patch's decision is ``mean over views of sigmoid(margin) >= t`` (the
+    evaluator averages test-time-augmentation probabilities). A NaN margin counts as undecided; +-inf as decided.
+    """
+    lo, hi = mean_prob_bounds(margins, bound)
+    nan = np.isnan(np.asarray(margins, dtype=np.float64)).reshape(-1, len(lo)).any(axis=0)
+    return nan | straddling(lo, hi, thresholds)
+
+
+def _check_thresholds(thresholds: Sequence[float]) -> tuple[float, ...]:
+    values = tuple(float(t) for t in thresholds)
+    if any(not 0.0 < t < 1.0 for t in values):
+        raise UsageError(f'decision thresholds must be probabilities strictly between 0 and 1, got {list(values)}')
+    return values
+
+
+class DecisionCheck:
+    """A checked runner: `fast` logits, replaced by `exact` ones for every patch whose decision is in doubt.
+
+    In doubt: `undecided` at `thresholds` with bound = `safety` x the `ERROR_QUANTILE` quantile of the |fast -
+    exact| class-1 margin errors measured so far. The first batch (of `batch_size`, default: the whole first call) is
+    run both ways in full (the first measurements); each re-checked patch is a further one, so the bound follows the
+    model and the data. A quantile, not the maximum: on briefly trained models the largest errors (up to 17 logits,
+    4 % relative) come from patches whose margins are in the hundreds, nowhere near a threshold, and a maximum would
+    send every patch to float32. `exact` is also what `Settler` runs to settle the patches in doubt at a threshold
+    chosen later. Non-finite fast logits are always re-run. An empty `thresholds` only measures the first batch.
+    """
+
+    def __init__(self, fast: Runner, exact: Runner, thresholds: Sequence[float], safety: float = DEFAULT_SAFETY,
+                 batch_size: int | None = None):
+        if not safety >= 1.0:
+            raise UsageError(f'safety must be at least 1 (a multiple of the measured bf16 error), got {safety}')
+        if batch_size is not None and batch_size < 1:
+            raise UsageError(f'batch_size must be at least 1, got {batch_size}')
+        self.fast, self.exact, self.safety, self.batch_size = fast, exact, float(safety), batch_size
+        self.thresholds = _check_thresholds(thresholds)
+        self.num_classes = len(fast.spec.label_names)
+        if self.num_classes != 2:
+            raise UsageError(f'a decision check checks binary decisions; this model has {self.num_classes} classes '
+                             f'(run {fast.spec.backend} or {exact.spec.backend} unchecked)')
+        self.spec = replace(fast.spec, backend=f'{fast.spec.backend}_checked',
+                            extra={**fast.spec.extra, 'checked_by': exact.spec.backend,
+                                   'checked_precision': exact.spec.precision, 'thresholds': list(self.thresholds),
+                                   'safety': self.safety})
+        self.errors = np.zeros(0)  # |fast - exact| class-1 margin errors, the last ERROR_HISTORY measured
+        self.largest_error = 0.0
+        self._bound: float | None = None  # cached until the next measurement
+        self.patches = self.rechecked = 0
+
+    def __repr__(self) -> str:
+        return f'DecisionCheck(fast={self.fast!r}, exact={self.exact!r}, thresholds={self.thresholds})'
+
+    @property
+    def bound(self) -> float:
+        """Margin error assumed for a patch that was not re-checked (infinite before the first measurement)."""
+        if not len(self.errors):
+            return float('inf')
+        if self._bound is None:
+            self._bound = self.safety * float(np.quantile(self.errors, ERROR_QUANTILE))
+        return self._bound
+
+    def observe(self, fast: np.ndarray, exact: np.ndarray) -> None:
+        err = np.abs(class1_margin(fast) - class1_margin(exact))
+        err = err[np.isfinite(err)]
+        self.errors = np.concatenate([self.errors, err])[-ERROR_HISTORY:]
+        self.largest_error = max(self.largest_error, float(err.max(initial=0.0)))
+        self._bound = None
+
+    def logits(self, patches: np.ndarray) -> np.ndarray:
+        """uint8 (N, 96, 96, 3) NHWC patches -> float32 logits (N, 2), float32's wherever a decision was in doubt."""
+        patches = check_patches(patches)
+        return collect_logits(lambda s: self._checked(patches[s]),
+                              batch_slices(len(patches), self.batch_size or max(len(patches), 1)), 2,
+                              f'{self.spec.backend} runner')
+
+    def _checked(self, patches: np.ndarray) -> np.ndarray:
+        logits = np.array(self.fast.logits(patches), dtype=np.float32)
+        if not len(self.errors):
+            doubt = np.arange(len(logits))
+        else:
+            margin = class1_margin(logits)
+            doubt = np.flatnonzero(undecided(margin, self.thresholds, self.bound) | ~np.isfinite(margin))
+        if len(doubt):
+            exact = self.exact.logits(patches[doubt])
+            self.observe(logits[doubt], exact)
+            logits[doubt] = exact
+        self.patches += len(logits)
+        self.rechecked += len(doubt)
+        return logits
+
+    def stats(self) -> dict[str, Any]:
+        """What was checked: patches, re-checked patches and fraction, the measured errors and the bound used."""
+        measured = len(self.errors) > 0
+        return {'thresholds': list(self.thresholds), 'safety': self.safety, 'error_quantile': ERROR_QUANTILE,
+                'patches': self.patches, 'rechecked': self.rechecked,
+                'rechecked_fraction': self.rechecked / self.patches if self.patches else None,
+                'margin_error_median': float(np.median(self.errors)) if measured else None,
+                'margin_error_max': self.largest_error if measured else None,
+                'bound': self.bound if measured else None}
+
+    def close(self) -> None:
+        self.fast.close()
+        self.exact.close()
+
+
+class Settler:
+    """Float32 for a checked evaluation wherever the fast path could change what the report counts.
+
+    `views` (tta, N) are class-1 probabilities of the patches of `data` from the `DecisionCheck` `check`; a patch
+    is *settled* when all its views are recomputed by `check.exact` (in place). `at` settles the patches whose
+    decision at a threshold is in doubt; `choose` picks the valid threshold float32 would pick.
+    """
+
+    def __init__(self, check: DecisionCheck, data: PatchSource | np.ndarray, views: np.ndarray, batch_size: int):
+        self.check, self.data, self.views, self.batch_size = check, data, views, batch_size
+        self.exact = np.zeros(views.shape[1], dtype=bool)
+
+    @property
+    def settled(self) -> int:
+        return int(self.exact.sum())
+
+    def rerun(self, doubt: np.ndarray) -> int:
+        """Settle the patches of the boolean mask `doubt` not settled yet; returns how many."""
+        from .tta import view_probabilities
+
+        idx = np.flatnonzero(doubt & ~self.exact)
+        if len(idx):
+            patches = self.data[idx] if isinstance(self.data, np.ndarray) else self.data.read_batch(idx)[0]
+            self.views[:, idx] = view_probabilities(self.check.exact, patches, self.batch_size, self.views.shape[0],
+                                                    desc='settle in float32')
+            self.exact[idx] = True
+        return int(len(idx))
+
+    def bounds(self, plain: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(p, lo, hi): every patch's probability (view 0 if `plain`, else the mean over views) and its bounds,
+        which are p itself once settled."""
+        views = self.views[:1] if plain else self.views
+        with np.errstate(divide='ignore'):
+            margins = np.log(views) - np.log1p(-views)
+        lo, hi = mean_prob_bounds(margins, self.check.bound)
+        p = views.mean(axis=0)
+        lo[self.exact], hi[self.exact] = p[self.exact], p[self.exact]
+        return p, lo, hi
+
+    def at(self, threshold: float, plain: bool = False) -> int:
+        _, lo, hi = self.bounds(plain)
+        return self.rerun(straddling(lo, hi, [threshold]))
+
+    def choose(self, labels: np.ndarray, method: str, plain: bool = False) -> float:
+        """`select_threshold` on float32 probabilities, settling only the patches that could change its choice.
+
+        A threshold t competes with the current choice c when its criterion could reach c's lowest possible
+        value; the patches whose probability interval straddles a competitor are settled (those of the more
+        promising half of the competitors first, which often rules out the rest), and the choice is made again,
+        until no unsettled patch straddles any competitor: then every criterion value that could beat c is exact,
+        and c is float32's choice. How many patches that takes depends on how flat the criterion is around its
+        maximum: a few percent of valid on a sharp one, most of it on a badly calibrated model.
+        """
+        while True:
+            p, lo, hi = self.bounds(plain)
+            choice = select_threshold(labels, p, method)
+            floor = threshold_metric_bounds(labels, lo, hi, [choice], method)[0][0]
+            candidates = np.unique(np.concatenate([lo, hi]))
+            best = threshold_metric_bounds(labels, lo, hi, candidates, method)[1]
+            rivals = best >= floor
+            promising = best >= max(floor, float(np.median(best[rivals])))
+            if not (self.rerun(straddling(lo, hi, candidates[promising]))
+                    or self.rerun(straddling(lo, hi, candidates[rivals]))):
+                return choice

@@ -1,0 +1,189 @@
+"""One factory for every engine: `create_runner(model_or_path, backend, device, precision, ...)` -> a `Runner`.
+
+    runner = create_runner('runs/train/model_best.pth.tar')   # backend 'auto': the fastest correct path here
+    logits = runner.logits(patches)                             # uint8 (N, 96, 96, 3) -> float32 (N, 2)
+    probs = probabilities(runner, patches)                      # softmax of the logits
+
+What it takes, and what runs it:
+
+- a torch `nn.Module`, or a checkpoint (anything `timm_inception_pcam.checkpoint.load_model` reads: ours, timm
+  train.py's, `.safetensors`, `hf-hub:org/name`): `TorchRunner`, or `bf16_checked` (`DecisionCheck` of a `bf16`
+  runner by a `channels_last` one);
+- an `.onnx` file (FP32, or FP16 from `export.fp16`): `OnnxRunner` (onnxruntime, CPU);
+- a TensorRT `.plan` / `.engine` with its sidecar: `export.runtime.TrtRunner` (NVIDIA GPU; imported lazily).
+
+`backend='auto'`: on the CPU `bf16_checked` where the CPU has AMX (plain `bf16` measured about 5x eager float32 but
+changed up to 1 % of decisions; see benchmarks/results) and `channels_last` elsewhere (bf16 without AMX is emulated
+and slower than float32); `eager` on CUDA; onnxruntime for an ONNX file, TensorRT for a plan. `precision='auto'`
+is the backend's own (fp32 on CUDA: autocast bf16 / fp16 only when asked); an explicit precision picks the CPU
+backend for it (fp32: channels_last, bf16: bf16, fp16: eager under autocast). A torch module is never exported
+behind the caller's back: to run one on onnxruntime, export it (`export.onnx.export_onnx`) and pass the file.
+"""
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from ..device import cpu_has_amx
+from ..errors import CheckpointError, UsageError
+from ..precision import PRECISIONS, parse_precision
+from .base import Runner
+from .check import DEFAULT_SAFETY, DecisionCheck
+from .torch_runner import TORCH_BACKENDS, TorchRunner, resolve_device
+
+__all__ = ['BACKENDS', 'ARTEFACT_KINDS', 'artefact_kind', 'resolve', 'resolve_backend', 'create_runner']
+
+CHECKED_BACKENDS = ('bf16_checked',)
+BACKENDS = TORCH_BACKENDS + CHECKED_BACKENDS + ('onnxruntime', 'tensorrt')
+ARTEFACT_KINDS = ('module', 'checkpoint', 'onnx', 'tensorrt')
+PLAN_SUFFIXES = ('.plan', '.engine')
+# the precision a torch backend runs at when none is asked for
+_NATURAL = {'bf16': 'bf16', 'compile_bf16': 'bf16', 'bf16_checked': 'bf16'}
+_FOR_PRECISION = {'fp32': 'channels_last', 'bf16': 'bf16', 'fp16': 'eager'}  # CPU backend 'auto' with a precision
+
+
+def artefact_kind(model_or_path: Any) -> str:
+    """'module' (an nn.Module), 'onnx' (.onnx), 'tensorrt' (.plan / .engine) or 'checkpoint' (any other path)."""
+    if isinstance(model_or_path, nn.Module):
+        return 'module'
+    if not isinstance(model_or_path, (str, os.PathLike)):
+        raise UsageError(f'expected a torch nn.Module or the path of a checkpoint, .onnx file or TensorRT plan, got '
+                         f'{type(model_or_path).__name__}')
+    suffix = Path(model_or_path).suffix.lower()
+    return 'onnx' if suffix == '.onnx' else 'tensorrt' if suffix in PLAN_SUFFIXES else 'checkpoint'
+
+
+def resolve(backend: str = 'auto', kind: str = 'module', device: str = 'cpu',
+            precision: str = 'auto') -> tuple[str, str]:
+    """(backend, precision) `create_runner` runs for an artefact of `kind` on `device` ('cpu', 'cuda', 'auto').
+
+    For ONNX files and plans the precision is the file's: returned as asked ('auto' unless given).
+    """
+    if backend not in BACKENDS + ('auto',):
+        raise UsageError(f'backend {backend!r} not supported: expected auto or one of {", ".join(BACKENDS)}')
+    precision = parse_precision(precision, PRECISIONS + ('auto',))
+    if kind == 'onnx':
+        if backend not in ('auto', 'onnxruntime'):
+            raise UsageError(f'backend {backend!r} does not run ONNX files: an ONNX file runs on onnxruntime '
+                             '(backend "auto" or "onnxruntime")')
+        return 'onnxruntime', precision
+    if kind == 'tensorrt':
+        if backend not in ('auto', 'tensorrt'):
+            raise UsageError(f'backend {backend!r} does not run TensorRT plans: a .plan runs on TensorRT '
+                             '(backend "auto" or "tensorrt")')
+        return 'tensorrt', precision
+    if backend == 'onnxruntime':
+        raise UsageError('backend onnxruntime runs ONNX files, not torch models: export the model first '
+                         '(python -m export.onnx, or export.onnx.export_onnx) and pass the .onnx file')
+    if backend == 'tensorrt':
+        raise UsageError('backend tensorrt runs TensorRT plans: build one with python -m export.trt and pass the '
+                         '.plan file (with its .json sidecar beside it)')
+    if precision == 'int8':
+        raise UsageError('precision int8 runs only as a quantised ONNX file on onnxruntime, not on a torch model')
+    on_cuda = str(device) == 'cuda' or str(device).startswith('cuda:') or (
+        str(device) == 'auto' and resolve_device('auto').type == 'cuda')
+    if backend == 'auto':
+        if on_cuda:
+            backend = 'eager'
+        elif precision == 'auto':
+            backend = 'bf16_checked' if cpu_has_amx() else 'channels_last'
+        else:
+            backend = _FOR_PRECISION[precision]
+    natural = _NATURAL.get(backend, 'fp32')
+    if precision == 'auto':
+        precision = natural
+    elif natural == 'bf16' and precision != 'bf16':
+        raise UsageError(f'backend {backend} runs bfloat16: precision {precision} asked (use channels_last or eager '
+                         f'for {precision})')
+    return backend, precision
+
+
+def resolve_backend(backend: str = 'auto', kind: str = 'module', device: str = 'cpu') -> str:
+    """The backend `create_runner` runs for `backend` ('auto' or one of BACKENDS) on this machine."""
+    return resolve(backend, kind, device)[0]
+
+
+def create_runner(
+        model_or_path: nn.Module | str | os.PathLike,
+        backend: str = 'auto',
+        device: str = 'cpu',
+        precision: str = 'auto',
+        batch_size: int = 64,
+        threads: int | None = None,
+        thresholds: Sequence[float] = (0.5,),
+        *,
+        safety: float = DEFAULT_SAFETY,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        model_name: str | None = None,
+        use_ema: bool = False,
+        model_kwargs: dict[str, Any] | None = None,
+) -> Runner:
+    """The runner for a torch module, a checkpoint, an ONNX file or a TensorRT plan (see the module docstring).
+
+    `device` is 'cpu', 'cuda[:n]' or 'auto' (cuda when available for torch models and plans; onnxruntime runs on
+    the CPU). `thresholds` (class-1 probabilities) and `safety` configure `bf16_checked`: decisions at these
+    thresholds match float32 (0.5 = argmax); an empty tuple only measures the bf16 error on the first batch.
+    `mean`/`std` default to the model's pretrained_cfg (an ONNX file or plan stores its own: they must match it).
+    `model_name`, `use_ema` and `model_kwargs` are `load_model`'s, for a checkpoint path. `threads` sets torch's or
+    onnxruntime's intra-op threads while running (default: theirs).
+    """
+    if batch_size < 1:
+        raise UsageError(f'batch_size must be at least 1, got {batch_size}')
+    if threads is not None and threads < 1:
+        raise UsageError(f'threads must be at least 1, got {threads}')
+    kind = artefact_kind(model_or_path)
+    name, precision = resolve(backend, kind, str(device), precision)
+    if kind in ('onnx', 'tensorrt'):
+        runner = _file_runner(Path(model_or_path), kind, str(device), batch_size, threads)
+        _check_file_runner(runner, precision, mean, std)
+        return runner
+    source = 'module'
+    if kind == 'checkpoint':
+        from ..checkpoint import load_model
+
+        source = str(model_or_path)
+        model_or_path = load_model(model_name, model_or_path, use_ema=use_ema, **(model_kwargs or {}))
+    common = dict(device=device if str(device) != 'auto' else resolve_device('auto'), batch_size=batch_size,
+                  threads=threads, mean=mean, std=std, source=source)
+    if name == 'bf16_checked':
+        fast = TorchRunner(model_or_path, 'bf16', precision='bf16', **common)
+        exact = TorchRunner(model_or_path, 'channels_last', precision='fp32', **common)
+        return DecisionCheck(fast, exact, thresholds, safety, batch_size=batch_size)
+    return TorchRunner(model_or_path, name, precision=precision, **common)
+
+
+def _file_runner(path: Path, kind: str, device: str, batch_size: int, threads: int | None) -> Runner:
+    if kind == 'onnx':
+        if device not in ('cpu', 'auto'):
+            raise UsageError(f'{path}: onnxruntime runs on the CPU here, device {device!r} asked (for the GPU, build '
+                             'a TensorRT plan with python -m export.trt)')
+        from .onnx_runner import OnnxRunner
+
+        return OnnxRunner(path, batch_size=batch_size, threads=threads)
+    if device == 'cpu':
+        raise UsageError(f'{path}: a TensorRT plan runs on an NVIDIA GPU: use device cuda (or auto)')
+    if not path.is_file():
+        raise CheckpointError(f'{path}: no such TensorRT plan')
+    from export.runtime import TrtRunner  # the [trt] extra; moves into this package later
+
+    return TrtRunner(path)
+
+
+def _check_file_runner(runner: Runner, precision: str, mean: Sequence[float] | None,
+                       std: Sequence[float] | None) -> None:
+    """A precision or mean/std asked of a file must be the one it stores."""
+    import numpy as np
+
+    spec = runner.spec
+    if precision != 'auto' and spec.precision != precision:
+        runner.close()
+        raise UsageError(f'{spec.source}: the file runs at precision {spec.precision}, but {precision} was asked '
+                         '(leave precision auto, or pass the file exported at that precision)')
+    for key, given, stored in (('mean', mean, spec.mean), ('std', std, spec.std)):
+        if given is not None and (len(given) != 3 or not np.allclose(given, stored, rtol=0, atol=1e-6)):
+            runner.close()
+            raise UsageError(f'{spec.source}: the file stores preprocessing {key} {list(stored)}, but {key} '
+                             f'{list(given)} was given (leave it unset to use the stored one)')
