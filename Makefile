@@ -20,7 +20,7 @@ setup: $(PYTHON)
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; } || \
 		echo "warning: could not install $(APT_PACKAGES); the C++ runtime tests will fail" >&2
 	$(PYTHON) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PYTHON) -m pip install --quiet -e ".[dev,openvino,serve]"
+	$(PYTHON) -m pip install --quiet -e ".[dev,openvino,serve,cohort]"
 
 demo: setup
 	$(PYTHON) -m timm_inception_pcam.pipeline --output $(DEMO_DIR)
