@@ -195,6 +195,10 @@ def test_compile_pads_short_batches() -> None:
 
 def test_auto_follows_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(factory_mod, 'cpu_has_amx', lambda: True)
+    monkeypatch.setattr(factory_mod, 'openvino_available', lambda: True)
+    assert resolve_backend('auto') == 'openvino_bf16_checked'
+    assert resolve('auto', precision='int8') == ('openvino_cascade', 'int8')
+    monkeypatch.setattr(factory_mod, 'openvino_available', lambda: False)
     assert resolve_backend('auto') == 'bf16_checked'
     monkeypatch.setattr(factory_mod, 'cpu_has_amx', lambda: False)
     assert resolve_backend('auto') == 'channels_last'
@@ -318,6 +322,42 @@ def test_decision_check_settles_what_bf16_could_flip() -> None:
     stats = check.stats()
     assert stats['patches'] == n and stats['rechecked'] == len([i for c in fake.exact_calls for i in c])
     assert stats['bound'] == pytest.approx(2.0 * np.quantile(np.abs(error[sorted(rechecked)]), 0.9), rel=1e-4)
+
+
+def test_cascade_settles_planted_near_threshold_patches_in_float32() -> None:
+    """int8 -> bf16 -> float32: each stage only sees what the one before could not decide, float32 the rest."""
+    rng = np.random.default_rng(1)
+    n = 320
+    margins = rng.normal(0, 6, n)
+    int8_err = rng.uniform(-0.8, 0.8, n)
+    bf16_err = rng.uniform(-0.1, 0.1, n)
+    int8_err[:8], bf16_err[:8] = 0.8, 0.1  # the first batch measures both stages
+    planted = [50, 51, 52]
+    margins[planted] = [0.05, -0.05, 0.5]  # near the 0.5 threshold (margin 0)
+    int8_err[planted] = [-0.3, 0.3, -0.7]  # int8 flips all three; bf16 only gets 0.5 right
+    bf16_err[planted] = [-0.09, 0.09, 0.05]
+    calls: dict[str, list[list[int]]] = {'int8': [], 'bf16': [], 'exact': []}
+    stages = [_TableRunner('int8', margins, int8_err, calls['int8']), _TableRunner('bf16', margins, bf16_err,
+                                                                                     calls['bf16'])]
+    exact = _TableRunner('exact', margins, np.zeros(n), calls['exact'])
+    check = DecisionCheck(stages, exact, thresholds=(0.5,), safety=2.0, name='cascade')
+    assert check.spec.backend == 'cascade' and check.spec.extra['stages'] == ['int8', 'bf16']
+    x = _indexed(n)
+    out = class1_margin(np.concatenate([check.logits(x[s:s + 8]) for s in range(0, n, 8)]))
+    assert ((out >= 0) == (margins >= 0)).all()  # every decision is float32's
+    assert ((margins + int8_err >= 0) != (margins >= 0)).sum() >= 3  # which int8 alone gets wrong
+    to_bf16 = {i for c in calls['bf16'] for i in c}
+    to_exact = {i for c in calls['exact'] for i in c}
+    assert set(planted) <= to_bf16 and to_exact <= to_bf16  # float32 sees only what bf16 could not decide
+    assert {50, 51} <= to_exact and 52 not in to_exact  # bf16 decides 52 (margin 0.55, its bound about 0.2)
+    assert len(to_bf16) < n // 2 and len(to_exact - set(range(8))) < len(to_bf16 - set(range(8)))
+    np.testing.assert_allclose(out[[50, 51]], margins[[50, 51]], atol=1e-5)  # settled in float32
+    assert out[52] == pytest.approx(0.55, abs=1e-5)  # bf16's logits kept
+    stats = check.stats()
+    assert [s['backend'] for s in stats['stages']] == ['int8', 'bf16']
+    assert stats['stages'][0]['passed_on'] == len([i for c in calls['bf16'] for i in c])
+    assert stats['rechecked'] == stats['stages'][1]['passed_on'] == len([i for c in calls['exact'] for i in c])
+    assert check.stage_bound(0) > check.stage_bound(1) and check.bound == check.stage_bound(0)
 
 
 def test_decision_check_bound_grows_with_what_it_sees() -> None:

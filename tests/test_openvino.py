@@ -157,3 +157,25 @@ def test_export_cli_user_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFix
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and expected in err[0] and 'Traceback' not in err[0], err
     assert not list(tmp_path.iterdir())  # nothing written by a refused run
+
+
+def test_factory_openvino_backends_keep_float32_decisions(model, patches, reference) -> None:
+    from timm_inception_pcam.inference import create_runner
+
+    for backend in ('openvino_fp32', 'openvino_bf16'):
+        runner = create_runner(model, backend, batch_size=16)
+        assert runner.spec.backend == backend
+        assert (runner.logits(patches).argmax(1) == reference.argmax(1)).mean() >= 0.95
+    for backend, stages in (('openvino_bf16_checked', ['openvino_bf16']),
+                            ('openvino_cascade', ['openvino_int8', 'openvino_bf16'])):
+        runner = create_runner(model, backend, batch_size=16, thresholds=(0.5, 0.3))
+        out = runner.logits(patches)
+        assert runner.spec.backend == backend and runner.spec.extra['stages'] == stages
+        ref_p1 = np.exp(reference[:, 1]) / np.exp(reference).sum(1)
+        out_p1 = np.exp(out[:, 1]) / np.exp(out).sum(1)
+        for t in (0.5, 0.3):
+            assert ((out_p1 >= t) == (ref_p1 >= t)).all(), (backend, t)
+        stats = runner.stats()
+        assert stats['patches'] == len(patches) and [s['backend'] for s in stats['stages']] == stages
+    cascade = create_runner(model, 'openvino_int8', batch_size=16)
+    assert cascade.spec.extra['calibration']['synthetic'] is True  # no calibration given: recorded as synthetic

@@ -93,45 +93,64 @@ class DecisionCheck:
     chosen later. Non-finite fast logits are always re-run. An empty `thresholds` only measures the first batch.
     """
 
-    def __init__(self, fast: Runner, exact: Runner, thresholds: Sequence[float], safety: float = DEFAULT_SAFETY,
-                 batch_size: int | None = None):
+    def __init__(self, fast: Runner | Sequence[Runner], exact: Runner, thresholds: Sequence[float],
+                 safety: float = DEFAULT_SAFETY, batch_size: int | None = None, name: str | None = None):
         if not safety >= 1.0:
             raise UsageError(f'safety must be at least 1 (a multiple of the measured bf16 error), got {safety}')
         if batch_size is not None and batch_size < 1:
             raise UsageError(f'batch_size must be at least 1, got {batch_size}')
-        self.fast, self.exact, self.safety, self.batch_size = fast, exact, float(safety), batch_size
+        self.stages: list[Runner] = list(fast) if isinstance(fast, Sequence) else [fast]
+        if not self.stages:
+            raise UsageError('a decision check needs at least one fast runner')
+        self.fast, self.exact, self.safety, self.batch_size = self.stages[0], exact, float(safety), batch_size
         self.thresholds = _check_thresholds(thresholds)
-        self.num_classes = len(fast.spec.label_names)
+        self.num_classes = len(self.fast.spec.label_names)
         if self.num_classes != 2:
             raise UsageError(f'a decision check checks binary decisions; this model has {self.num_classes} classes '
-                             f'(run {fast.spec.backend} or {exact.spec.backend} unchecked)')
-        self.spec = replace(fast.spec, backend=f'{fast.spec.backend}_checked',
-                            extra={**fast.spec.extra, 'checked_by': exact.spec.backend,
+                             f'(run {self.fast.spec.backend} or {exact.spec.backend} unchecked)')
+        backends = [r.spec.backend for r in self.stages]
+        self.spec = replace(self.fast.spec, backend=name or f'{backends[0]}_checked',
+                            extra={**self.fast.spec.extra, 'stages': backends, 'checked_by': exact.spec.backend,
                                    'checked_precision': exact.spec.precision, 'thresholds': list(self.thresholds),
                                    'safety': self.safety})
-        self.errors = np.zeros(0)  # |fast - exact| class-1 margin errors, the last ERROR_HISTORY measured
-        self.largest_error = 0.0
-        self._bound: float | None = None  # cached until the next measurement
+        # per stage: |stage - exact| class-1 margin errors (the last ERROR_HISTORY measured), the largest, the bound
+        self._errors = [np.zeros(0) for _ in self.stages]
+        self._largest = [0.0 for _ in self.stages]
+        self._bounds: list[float | None] = [None for _ in self.stages]  # cached until the next measurement
+        self._passed_on = [0 for _ in self.stages]  # patches each stage sent on to the next (or to exact)
         self.patches = self.rechecked = 0
 
     def __repr__(self) -> str:
-        return f'DecisionCheck(fast={self.fast!r}, exact={self.exact!r}, thresholds={self.thresholds})'
+        return f'DecisionCheck(fast={self.stages!r}, exact={self.exact!r}, thresholds={self.thresholds})'
+
+    @property
+    def errors(self) -> np.ndarray:
+        """The first (fastest) stage's measured margin errors."""
+        return self._errors[0]
+
+    @property
+    def largest_error(self) -> float:
+        return self._largest[0]
+
+    def stage_bound(self, k: int) -> float:
+        """Margin error assumed for stage `k`'s logits (infinite before the first measurement)."""
+        if not len(self._errors[k]):
+            return float('inf')
+        if self._bounds[k] is None:
+            self._bounds[k] = self.safety * float(np.quantile(self._errors[k], ERROR_QUANTILE))
+        return self._bounds[k]
 
     @property
     def bound(self) -> float:
-        """Margin error assumed for a patch that was not re-checked (infinite before the first measurement)."""
-        if not len(self.errors):
-            return float('inf')
-        if self._bound is None:
-            self._bound = self.safety * float(np.quantile(self.errors, ERROR_QUANTILE))
-        return self._bound
+        """Margin error assumed for a patch that was not re-checked: the first stage's, the largest of the chain."""
+        return max(self.stage_bound(k) for k in range(len(self.stages)))
 
-    def observe(self, fast: np.ndarray, exact: np.ndarray) -> None:
+    def observe(self, fast: np.ndarray, exact: np.ndarray, stage: int = 0) -> None:
         err = np.abs(class1_margin(fast) - class1_margin(exact))
         err = err[np.isfinite(err)]
-        self.errors = np.concatenate([self.errors, err])[-ERROR_HISTORY:]
-        self.largest_error = max(self.largest_error, float(err.max(initial=0.0)))
-        self._bound = None
+        self._errors[stage] = np.concatenate([self._errors[stage], err])[-ERROR_HISTORY:]
+        self._largest[stage] = max(self._largest[stage], float(err.max(initial=0.0)))
+        self._bounds[stage] = None
 
     def logits(self, patches: np.ndarray) -> np.ndarray:
         """uint8 (N, 96, 96, 3) NHWC patches -> float32 logits (N, 2), float32's wherever a decision was in doubt."""
@@ -141,17 +160,29 @@ class DecisionCheck:
                               f'{self.spec.backend} runner')
 
     def _checked(self, patches: np.ndarray) -> np.ndarray:
-        logits = np.array(self.fast.logits(patches), dtype=np.float32)
-        if not len(self.errors):
-            doubt = np.arange(len(logits))
-        else:
-            margin = class1_margin(logits)
-            doubt = np.flatnonzero(undecided(margin, self.thresholds, self.bound) | ~np.isfinite(margin))
+        """Each stage runs the patches the stage before could not decide; those still in doubt run exactly."""
+        n = len(patches)
+        logits = np.array(self.stages[0].logits(patches), dtype=np.float32)
+        seen = [logits.copy()]  # what each stage answered, kept to measure it against exact
+        doubt = np.arange(n)
+        for k in range(len(self.stages)):
+            if k:
+                out = np.full_like(logits, np.nan)
+                out[doubt] = self.stages[k].logits(patches[doubt])
+                logits[doubt] = out[doubt]
+                seen.append(out)
+            if len(self._errors[k]):  # before the first measurement every patch is in doubt
+                margin = class1_margin(logits[doubt])
+                doubt = doubt[undecided(margin, self.thresholds, self.stage_bound(k)) | ~np.isfinite(margin)]
+            self._passed_on[k] += len(doubt)
+            if not len(doubt):
+                break
         if len(doubt):
             exact = self.exact.logits(patches[doubt])
-            self.observe(logits[doubt], exact)
+            for k, answered in enumerate(seen):
+                self.observe(answered[doubt], exact, k)
             logits[doubt] = exact
-        self.patches += len(logits)
+        self.patches += n
         self.rechecked += len(doubt)
         return logits
 
@@ -163,10 +194,14 @@ class DecisionCheck:
                 'rechecked_fraction': self.rechecked / self.patches if self.patches else None,
                 'margin_error_median': float(np.median(self.errors)) if measured else None,
                 'margin_error_max': self.largest_error if measured else None,
-                'bound': self.bound if measured else None}
+                'bound': self.bound if measured else None,
+                'stages': [{'backend': r.spec.backend, 'passed_on': self._passed_on[k],
+                            'bound': self.stage_bound(k) if len(self._errors[k]) else None}
+                           for k, r in enumerate(self.stages)]}
 
     def close(self) -> None:
-        self.fast.close()
+        for runner in self.stages:
+            runner.close()
         self.exact.close()
 
 

@@ -35,12 +35,14 @@ from .torch_runner import TORCH_BACKENDS, TorchRunner, resolve_device
 
 __all__ = ['BACKENDS', 'ARTEFACT_KINDS', 'artefact_kind', 'resolve', 'resolve_backend', 'create_runner']
 
-CHECKED_BACKENDS = ('bf16_checked',)
-BACKENDS = TORCH_BACKENDS + CHECKED_BACKENDS + ('onnxruntime', 'tensorrt')
+CHECKED_BACKENDS = ('bf16_checked', 'openvino_bf16_checked', 'openvino_cascade')
+OPENVINO_BACKENDS = ('openvino_fp32', 'openvino_bf16', 'openvino_int8')
+BACKENDS = TORCH_BACKENDS + OPENVINO_BACKENDS + CHECKED_BACKENDS + ('onnxruntime', 'tensorrt')
 ARTEFACT_KINDS = ('module', 'checkpoint', 'onnx', 'tensorrt')
 PLAN_SUFFIXES = ('.plan', '.engine')
 # the precision a torch backend runs at when none is asked for
-_NATURAL = {'bf16': 'bf16', 'compile_bf16': 'bf16', 'bf16_checked': 'bf16'}
+_NATURAL = {'bf16': 'bf16', 'compile_bf16': 'bf16', 'bf16_checked': 'bf16', 'openvino_bf16': 'bf16',
+            'openvino_bf16_checked': 'bf16', 'openvino_int8': 'int8', 'openvino_cascade': 'int8'}
 _FOR_PRECISION = {'fp32': 'channels_last', 'bf16': 'bf16', 'fp16': 'eager'}  # CPU backend 'auto' with a precision
 
 
@@ -53,6 +55,24 @@ def artefact_kind(model_or_path: Any) -> str:
                          f'{type(model_or_path).__name__}')
     suffix = Path(model_or_path).suffix.lower()
     return 'onnx' if suffix == '.onnx' else 'tensorrt' if suffix in PLAN_SUFFIXES else 'checkpoint'
+
+
+def openvino_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec('openvino') is not None
+
+
+def auto_cpu_backend() -> str:
+    """`auto` on the CPU: the fastest path with float32's decisions that the benchmark found on this kind of CPU.
+
+    With AMX (bf16 matrix units): OpenVINO bf16 checked in float32 where OpenVINO is installed (about 2x torch's
+    bf16_checked in `make bench`), else torch's bf16_checked; without AMX bf16 is emulated and slower than float32,
+    so channels_last.
+    """
+    if not cpu_has_amx():
+        return 'channels_last'
+    return 'openvino_bf16_checked' if openvino_available() else 'bf16_checked'
 
 
 def resolve(backend: str = 'auto', kind: str = 'module', device: str = 'cpu',
@@ -80,20 +100,26 @@ def resolve(backend: str = 'auto', kind: str = 'module', device: str = 'cpu',
     if backend == 'tensorrt':
         raise UsageError('backend tensorrt runs TensorRT plans: build one with python -m export.trt and pass the '
                          '.plan file (with its .json sidecar beside it)')
-    if precision == 'int8':
-        raise UsageError('precision int8 runs only as a quantised ONNX file on onnxruntime, not on a torch model')
+    if precision == 'int8' and backend not in ('auto', 'openvino_int8', 'openvino_cascade'):
+        raise UsageError(f'precision int8 runs on OpenVINO (backend openvino_int8 or openvino_cascade) or as a '
+                         f'quantised ONNX file, not on backend {backend}')
     on_cuda = str(device) == 'cuda' or str(device).startswith('cuda:') or (
         str(device) == 'auto' and resolve_device('auto').type == 'cuda')
     if backend == 'auto':
         if on_cuda:
             backend = 'eager'
         elif precision == 'auto':
-            backend = 'bf16_checked' if cpu_has_amx() else 'channels_last'
+            backend = auto_cpu_backend()
+        elif precision == 'int8':
+            backend = 'openvino_cascade'
         else:
             backend = _FOR_PRECISION[precision]
     natural = _NATURAL.get(backend, 'fp32')
     if precision == 'auto':
         precision = natural
+    elif natural == 'int8' and precision != 'int8':
+        raise UsageError(f'backend {backend} runs int8 (checked in float32 for the cascade): precision {precision} '
+                         f'asked')
     elif natural == 'bf16' and precision != 'bf16':
         raise UsageError(f'backend {backend} runs bfloat16: precision {precision} asked (use channels_last or eager '
                          f'for {precision})')
@@ -120,6 +146,8 @@ def create_runner(
         model_name: str | None = None,
         use_ema: bool = False,
         model_kwargs: dict[str, Any] | None = None,
+        calibration: Any = None,
+        calibration_info: dict[str, Any] | None = None,
 ) -> Runner:
     """The runner for a torch module, a checkpoint, an ONNX file or a TensorRT plan (see the module docstring).
 
@@ -127,8 +155,11 @@ def create_runner(
     the CPU). `thresholds` (class-1 probabilities) and `safety` configure `bf16_checked`: decisions at these
     thresholds match float32 (0.5 = argmax); an empty tuple only measures the bf16 error on the first batch.
     `mean`/`std` default to the model's pretrained_cfg (an ONNX file or plan stores its own: they must match it).
-    `model_name`, `use_ema` and `model_kwargs` are `load_model`'s, for a checkpoint path. `threads` sets torch's or
-    onnxruntime's intra-op threads while running (default: theirs).
+    `model_name`, `use_ema` and `model_kwargs` are `load_model`'s, for a checkpoint path. `threads` sets torch's,
+    onnxruntime's or OpenVINO's threads while running (default: theirs). `calibration` (uint8 patches, e.g. a
+    seeded sample of the training split) calibrates OpenVINO int8 (`openvino_int8`, `openvino_cascade`), with
+    `calibration_info` saying what they are; without them a seeded synthetic sample is used (and recorded): the
+    cascade's check keeps the decisions float32's either way, a poor calibration only sends more patches on.
     """
     if batch_size < 1:
         raise UsageError(f'batch_size must be at least 1, got {batch_size}')
@@ -152,7 +183,38 @@ def create_runner(
         fast = TorchRunner(model_or_path, 'bf16', precision='bf16', **common)
         exact = TorchRunner(model_or_path, 'channels_last', precision='fp32', **common)
         return DecisionCheck(fast, exact, thresholds, safety, batch_size=batch_size)
+    if name.startswith('openvino_'):
+        return _openvino_runner(model_or_path, name, common, thresholds, safety, calibration, calibration_info)
     return TorchRunner(model_or_path, name, precision=precision, **common)
+
+
+def _openvino_runner(model: nn.Module, name: str, common: dict[str, Any], thresholds: Sequence[float], safety: float,
+                     calibration: Any, calibration_info: dict[str, Any] | None) -> Runner:
+    """OpenVINO on the CPU: one precision, bf16 checked in float32, or the int8 -> bf16 -> float32 cascade."""
+    from .openvino_runner import OpenVINORunner, default_calibration
+
+    if str(common['device']) not in ('cpu', 'auto') and torch_device_type(common['device']) != 'cpu':
+        raise UsageError(f'backend {name} runs on the CPU; device {common["device"]!r} asked')
+    ov_kwargs = dict(batch_size=common['batch_size'], threads=common['threads'], mean=common['mean'],
+                     std=common['std'])
+    if name in ('openvino_int8', 'openvino_cascade') and calibration is None:
+        calibration, calibration_info = default_calibration()
+    if name in ('openvino_fp32', 'openvino_bf16', 'openvino_int8'):
+        precision = name.removeprefix('openvino_')
+        return OpenVINORunner(model, precision, calibration=calibration if precision == 'int8' else None,
+                              calibration_info=calibration_info, **ov_kwargs)
+    exact = TorchRunner(model, 'channels_last', precision='fp32', **common)
+    stages = [OpenVINORunner(model, 'bf16', **ov_kwargs)]
+    if name == 'openvino_cascade':
+        stages.insert(0, OpenVINORunner(model, 'int8', calibration=calibration, calibration_info=calibration_info,
+                                        **ov_kwargs))
+    return DecisionCheck(stages, exact, thresholds, safety, batch_size=common['batch_size'], name=name)
+
+
+def torch_device_type(device: Any) -> str:
+    import torch
+
+    return torch.device(device).type
 
 
 def _file_runner(path: Path, kind: str, device: str, batch_size: int, threads: int | None) -> Runner:

@@ -32,7 +32,7 @@ from ..storage import file_sha256
 from .base import RunnerSpec
 
 __all__ = ['OV_PRECISIONS', 'OpenVINORunner', 'openvino_version', 'weights_sha256', 'default_cache_dir',
-           'convert_to_openvino']
+           'convert_to_openvino', 'default_calibration']
 
 OV_PRECISIONS = ('fp32', 'bf16', 'int8')
 _HINTS = {'fp32': 'f32', 'bf16': 'bf16', 'int8': 'f32'}
@@ -65,6 +65,17 @@ def weights_sha256(model: Any) -> str:
         digest.update(f'{name}:{t.dtype}:{tuple(t.shape)};'.encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b'')
     return digest.hexdigest()
+
+
+def default_calibration(n: int = 256, seed: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
+    """Seeded synthetic PCam-like patches (half metastatic) for int8 calibration when the caller gives none."""
+    from ..data.synth import render_patches, stamp_banks
+
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(n) % 2).astype(np.uint8)
+    patches, _ = render_patches(rng, labels, stamp_banks(rng))
+    return patches, {'source': f'synthetic PCam-like patches (timm_inception_pcam.data.synth, seed {seed})',
+                     'seed': seed, 'synthetic': True}
 
 
 def _batches(patches: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...], batch_size: int):
