@@ -217,8 +217,11 @@ def test_precision_picks_the_backend() -> None:
     assert resolve('eager', precision='none') == ('eager', 'fp32')
     with pytest.raises(UsageError, match='backend bf16 runs bfloat16: precision fp32'):
         resolve('bf16', precision='fp32')
-    with pytest.raises(UsageError, match='int8 runs only as a quantised ONNX file'):
-        resolve('auto', precision='int8')
+    assert resolve('auto', precision='int8') == ('openvino_cascade', 'int8')  # int8 runs checked, on OpenVINO
+    with pytest.raises(UsageError, match='precision int8 runs on OpenVINO .* not on backend eager'):
+        resolve('eager', precision='int8')
+    with pytest.raises(UsageError, match='backend openvino_cascade runs int8 .*: precision bf16'):
+        resolve('openvino_cascade', precision='bf16')
     with pytest.raises(UsageError, match="precision 'fp8' not supported"):
         resolve('auto', precision='fp8')
     with pytest.raises(UsageError, match='does not run TensorRT plans'):
