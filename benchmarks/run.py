@@ -182,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 def _headline(results: dict[str, Any]) -> str:
     section = results['sections'].get('backends') or {}
     for m in section.get('models', []):
-        if m['model'] == backends.TARGET_MODEL and m.get('auto_speedup_vs_eager'):
+        if m['model'] == 'inception_v4_pcam' and m.get('auto_speedup_vs_eager'):
             return (f'{m["model"]} auto={m["auto"]}: {m["auto_speedup_vs_eager"]:.2f}x eager fp32, '
                     f'agreement {m["auto_decision_agreement"]:.4%}')
     return ''

@@ -108,6 +108,12 @@ def test_backends_section(quick_run) -> None:
         c = checked['check']
         assert c['patches'] == TINY.n_eval + TINY.batch and TINY.batch <= c['rechecked'] <= c['patches']  # + warm-up
         assert c['bound'] > 0 and 'bf16_checked re-ran' in (quick_run[1] / 'results.md').read_text()
+    for backend in ('openvino_bf16_checked', 'openvino_cascade'):  # every decision float32's, stage by stage
+        r = rows[backend]
+        if r['status'] == 'ok':
+            assert r['accuracy']['decision_agreement'] == 1.0, backend
+            stages = r['check']['stages']
+            assert stages[-1]['passed_on'] == r['check']['rechecked'] <= stages[0]['passed_on'] <= r['check']['patches']
     assert m['target']['applies'] is False  # quick mode: not the figure the target is about
     floor = m['input_noise_floor']
     assert floor['n'] == min(TINY.n_eval, TINY.batch * backends.NOISE_BATCHES) and floor['max_abs_logit_diff'] > 0
