@@ -530,3 +530,22 @@ def test_initial_checkpoint_goes_through_load_model(finished_run, pcam_dir, tmp_
     assert tuple(kwargs['depths']) == (1, 1, 1) and source.startswith('initial checkpoint')
     want = load_model(None, finished_run.best_checkpoint).state_dict()
     assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+
+
+def test_validation_preprocessing_is_preprocess_patches(pcam_dir) -> None:
+    """One preprocessing: the evaluation transform, the trainer's validation batches and preprocess_patches agree
+    bit for bit."""
+    from timm_inception_pcam.data import PCamDataset, create_pcam_transform
+    from timm_inception_pcam.preprocess import preprocess_patches
+    from timm_inception_pcam.train.loop import _preprocessed_batch
+
+    ds = PCamDataset(pcam_dir, 'valid')
+    patches, labels = ds.read_batch(np.arange(6))
+    want = preprocess_patches(patches)
+    transform = create_pcam_transform(is_training=False)
+    per_patch = torch.stack([transform(p) for p in patches]).numpy()
+    assert per_patch.dtype == np.float32 and np.array_equal(per_patch, want)
+    x, y = _preprocessed_batch([ds[i] for i in range(6)])
+    assert np.array_equal(x.numpy(), want) and np.array_equal(y.numpy(), labels)
+    assert not np.array_equal(torch.stack([create_pcam_transform(is_training=True)(p) for p in patches]).numpy(),
+                              want), 'training augments'
