@@ -97,3 +97,16 @@ def test_makefile_demo_replaces_the_previous_run() -> None:
     makefile = (Path(__file__).resolve().parents[1] / 'Makefile').read_text()
     (line,) = [ln for ln in makefile.splitlines() if 'timm_inception_pcam.pipeline' in ln]
     assert '--overwrite' in line.split()
+
+
+def test_command_exits_2_without_traceback(tmp_path) -> None:
+    """The real entry point (`python -m timm_inception_pcam.pipeline`) goes through errors.cli."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE='1', PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    run = subprocess.run([sys.executable, '-m', 'timm_inception_pcam.pipeline', '--output', str(tmp_path / 'd'),
+                          '--epochs', '0'], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == ['pipeline: error: --epochs must be >= 1, got 0'], run.stderr
