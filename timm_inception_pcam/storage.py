@@ -105,12 +105,24 @@ def _take_lock(lock: Path, option: str) -> None:
                 raise OutputError(f'{option} {lock.parent} is in use by process {pid} on host {host} (lock file '
                                   f'{lock}); wait for it, choose another {option}, or delete the lock file if that '
                                   'run is gone') from None
+            in_use = OutputError(f'{option} {lock.parent} is in use by another run (pid {pid}, lock file {lock}); '
+                                 f'wait for it to finish or choose another {option}')
             if pid is not None and _pid_alive(pid):
-                raise OutputError(f'{option} {lock.parent} is in use by another run (pid {pid}, lock file {lock}); '
-                                  f'wait for it to finish or choose another {option}') from None
+                raise in_use from None
+            # Stale: move it aside (one process wins the rename), and check it is the lock that was judged, not a
+            # fresh one another process created meanwhile (then put that back and yield to it).
+            aside = lock.with_name(f'{lock.name}.stale.{os.getpid()}')
+            try:
+                os.rename(lock, aside)
+            except FileNotFoundError:
+                continue
+            if _read_lock(aside)[0] != pid:
+                with contextlib.suppress(FileExistsError):
+                    os.link(aside, lock)
+                aside.unlink()
+                raise in_use from None
+            aside.unlink()
             logging.getLogger(__name__).info('taking over %s: its process %s is gone', lock, pid)
-            with contextlib.suppress(FileNotFoundError):
-                lock.unlink()
             continue
         with os.fdopen(fd, 'w') as f:
             f.write(me)
@@ -130,7 +142,7 @@ def claim_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resume
       is refused unless `resume` (continue it) or `overwrite` (delete the names in `replaces`, then start afresh);
       the message names both options (`resume_hint`, e.g. '--resume runs/x/last.pth to continue it', is omitted
       when the command cannot resume).
-    - Temporary files of `atomic_path` left by a killed run (`.NAME.*.partial*`, anywhere below) are deleted.
+    - Temporary files of `atomic_path` left in the folder by a killed run (`.NAME.*.partial*`) are deleted.
     - `path` naming an existing file is refused; a folder this call created and the block left empty is removed.
 
     Commands call it once, on their top-level output folder (under DDP, rank 0 only).
@@ -160,7 +172,7 @@ def claim_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resume
             hint = f'pass {resume_hint}, ' if resume_hint else 'pass '
             raise OutputError(f'{option} {path} already holds a run ({done[0]}): {hint}--overwrite to replace it, '
                               f'or choose another {option}')
-        for tmp in path.rglob(PARTIAL_GLOB):
+        for tmp in path.glob(PARTIAL_GLOB):
             if tmp.is_file():
                 tmp.unlink()
         yield path
