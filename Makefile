@@ -23,7 +23,7 @@ setup: $(PYTHON)
 	$(PYTHON) -m pip install --quiet -e ".[dev,openvino,serve,cohort]"
 
 demo: setup
-	$(PYTHON) -m timm_inception_pcam.pipeline --output $(DEMO_DIR)
+	$(PYTHON) -m timm_inception_pcam.pipeline --output $(DEMO_DIR) --overwrite
 
 test: setup
 	$(PYTHON) -m pytest -q

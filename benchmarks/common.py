@@ -134,20 +134,18 @@ def trained_model(name: str, sizes: Sizes, workdir: Path, cache_dir: Path | None
     steps leave a model whose own float32 decisions flip under sub-grey-level input noise. With `cache_dir` the
     checkpoint is kept there and reused by the next run.
     """
-    import contextlib
-    import io
     import shutil
 
     from timm_inception_pcam.checkpoint import load_model
     from timm_inception_pcam.data import synthesize_pcam
-    from timm_inception_pcam.pipeline import build_parser, train_model
+    from timm_inception_pcam.pipeline import PipelineConfig, train_config
     from timm_inception_pcam.storage import atomic_path
+    from timm_inception_pcam.train import train
 
-    argv = ['--model', name, '--n-train', str(sizes.n_fit), '--n-eval', str(max(16, sizes.n_fit // 2)),
-            '--epochs', str(sizes.fit_epochs), '--batch-size', str(sizes.train_batch), '--workers', '0']
-    if name.endswith('_pcam') and sizes.depths is not None:
-        argv += ['--model-kwargs', f'depths={",".join(map(str, sizes.depths))}']
-    args = build_parser().parse_args(argv)
+    model_kwargs = {'depths': sizes.depths} if name.endswith('_pcam') and sizes.depths is not None else {}
+    args = PipelineConfig(model=name, model_kwargs=model_kwargs, n_train=sizes.n_fit,
+                          n_eval=max(16, sizes.n_fit // 2), epochs=sizes.fit_epochs, batch_size=sizes.train_batch,
+                          workers=0, progress=progress)
     depths = 'x'.join(map(str, sizes.depths)) if sizes.depths else 'full'
     recipe = (f'trained by the main job\'s recipe: {args.epochs} epochs x {args.n_train} synthetic patches, batch '
               f'{args.batch_size}, lr {args.lr}, random init')
@@ -157,15 +155,13 @@ def trained_model(name: str, sizes: Sizes, workdir: Path, cache_dir: Path | None
         return load_model(None, cache), f'{recipe} (checkpoint reused from {cache})'
     data_dir = workdir / f'train-{name}' / 'data'
     synthesize_pcam(data_dir, n=args.n_train, seed=args.seed, n_valid=args.n_eval, n_test=2)
-    quiet = contextlib.redirect_stdout(io.StringIO()) if not progress else contextlib.nullcontext()
-    with quiet:
-        summary = train_model(args, data_dir, workdir / f'train-{name}' / 'run', [] if progress else ['--no-progress'])
-    best = Path(summary['best_checkpoint'])
+    summary = train(train_config(args, data_dir, workdir / f'train-{name}' / 'run'))
+    best = summary.best_checkpoint or summary.last_checkpoint
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(cache, suffix='.pth') as tmp:
             shutil.copyfile(best, tmp)
-    return load_model(None, best), f'{recipe}, best validation ROC AUC {summary["best_metric"]:.3f}'
+    return load_model(None, best), f'{recipe}, best validation ROC AUC {summary.best_metric:.3f}'
 
 
 def fmt(value: Any, digits: int = 3) -> str:

@@ -1,6 +1,6 @@
 """Learning curves of the registered full-size models on synthetic PCam (slow; not part of the test suite).
 
-    python benchmarks/train_curve.py --output benchmarks/results/train_curve [--n 2048 --epochs 6 ...]
+    python -m benchmarks.train_curve --output benchmarks/results/train_curve [--n 2048 --epochs 6 ...]
 
 Synthesizes a PCam-format set (unless --data-dir is given), trains `inception_v4_pcam` and
 `inception_resnet_v2_pcam` at their paper depths with `timm_inception_pcam.train` (random initialisation, no
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,11 +18,8 @@ from typing import Any
 
 import torch
 
-if __package__ in (None, ''):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from timm_inception_pcam.storage import atomic_path, atomic_write_json  # noqa: E402
-from timm_inception_pcam.train import main as train_main  # noqa: E402
+from timm_inception_pcam.storage import atomic_path, atomic_write_json
+from timm_inception_pcam.train import TrainConfig, train
 
 MODELS = ('inception_v4_pcam', 'inception_resnet_v2_pcam')
 
@@ -85,14 +81,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for name in args.model:
         run_dir = out / 'runs' / f'{name}-{time.strftime("%Y%m%d-%H%M%S")}'
         t0 = time.perf_counter()
-        summary = train_main([
-            '--model', name, '--data-dir', str(data_dir), '--output', str(run_dir), '--no-pretrained',
-            '--epochs', str(args.epochs), '--steps-per-epoch', str(args.steps_per_epoch), '-b', str(args.batch_size),
-            '--limit-val', str(args.limit_val), '--lr', str(args.lr), '--warmup-epochs', '1',
-            '--workers', str(args.workers), '--seed', str(args.seed), '--amp-dtype', args.amp_dtype])
-        curves[name] = {'seconds': round(time.perf_counter() - t0, 1), 'best_metric': summary['best_metric'],
-                        'best_epoch': summary['best_epoch'], 'best_checkpoint': summary['best_checkpoint'],
-                        'history': summary['history']}
+        summary = train(TrainConfig(
+            model=name, data_dir=data_dir, output=run_dir, pretrained=False, epochs=args.epochs,
+            steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size, limit_val=args.limit_val, lr=args.lr,
+            warmup_epochs=1, workers=args.workers, seed=args.seed, precision=args.amp_dtype))
+        curves[name] = {'seconds': round(time.perf_counter() - t0, 1), 'best_metric': summary.best_metric,
+                        'best_epoch': summary.best_epoch,
+                        'best_checkpoint': str(summary.best_checkpoint) if summary.best_checkpoint else None,
+                        'history': summary.history}
     report = {
         'format': 'timm-inception-pcam-train-curve/1',
         'config': {k: v for k, v in vars(args).items() if k != 'output'},
@@ -108,4 +104,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == '__main__':
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format='%(message)s')
     main()

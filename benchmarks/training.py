@@ -18,10 +18,12 @@ doing them pays, not the trainer's.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,13 +40,14 @@ LOOPS = ('bare', 'bare_recipe', 'trainer', 'trainer_plain')
 
 
 def trainer_setup(model: nn.Module, batch_size: int, steps: int, ema: bool = True):
-    """The trainer's default arguments, and its optimizer / schedule / EMA / loss built exactly as it builds them."""
-    from timm_inception_pcam.train import build_optimization, build_parser
+    """The trainer's default configuration, and its optimizer / schedule / EMA / loss built exactly as it builds
+    them."""
+    from timm_inception_pcam.train import TrainConfig, build_optimization
 
-    args = build_parser().parse_args(['--data-dir', '.', '--model', MODEL, '--batch-size', str(batch_size)])
-    args.model_ema = args.model_ema and ema
-    optimizer, scheduler, _, model_ema, loss_fn = build_optimization(args, model, max(1, steps))
-    return args, optimizer, scheduler, model_ema, loss_fn
+    cfg = TrainConfig(data_dir=Path('.'), model=MODEL, batch_size=batch_size)
+    cfg = dataclasses.replace(cfg, model_ema=cfg.model_ema and ema)
+    optimizer, scheduler, _, model_ema, loss_fn = build_optimization(cfg, model, max(1, steps))
+    return cfg, optimizer, scheduler, model_ema, loss_fn
 
 
 def _paired(times: dict[str, list[float]], num: str, den: str) -> float:
@@ -55,7 +58,8 @@ def _paired(times: dict[str, list[float]], num: str, den: str) -> float:
 def run(sizes: Sizes, progress: bool = True) -> dict[str, Any]:
     from timm.utils import dispatch_clip_grad
 
-    from timm_inception_pcam.train import amp_dtype_for, train_one_epoch
+    from timm_inception_pcam.precision import autocast_dtype, choose_precision
+    from timm_inception_pcam.train import train_one_epoch
 
     torch.manual_seed(0)
     device = torch.device('cpu')
@@ -66,9 +70,8 @@ def run(sizes: Sizes, progress: bool = True) -> dict[str, Any]:
               'trainer': trainer_setup(models['trainer'], sizes.train_batch, sizes.train_steps),
               'trainer_plain': trainer_setup(models['trainer_plain'], sizes.train_batch, sizes.train_steps, ema=False)}
     args = setups['trainer'][0]
-    plain_args = copy.copy(args)
-    plain_args.clip_grad, plain_args.model_ema = 0.0, False
-    amp_dtype = amp_dtype_for(device, args.amp_dtype)
+    plain_args = dataclasses.replace(args, clip_grad=0.0, model_ema=False)
+    amp_dtype = autocast_dtype(choose_precision(device, args.precision))
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     for model in models.values():
         model.to(memory_format=memory_format)

@@ -11,52 +11,20 @@ patches, then the classifier trained for a few dozen steps on the frozen feature
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import torch
 
 from timm_inception_pcam.inference import probabilities
-from timm_inception_pcam.preprocess import batch_slices, preprocess_patches
+from timm_inception_pcam.preprocess import preprocess_patches
 from timm_inception_pcam.storage import atomic_write_bytes, atomic_write_json, file_sha256
+from timm_inception_pcam.testing import TINY_KWARGS, TINY_MODEL, train_tiny_model  # the one tiny-model helper
 
 from .onnx import OnnxRunner, load_patches, run_onnx_stage
 from .spec import IOSpec, softmax
 
 __all__ = ['TINY_MODEL', 'TINY_KWARGS', 'train_tiny_model', 'write_golden', 'write_static_golden', 'main']
 
-TINY_MODEL = 'inception_v4_pcam'
-TINY_KWARGS: dict[str, Any] = {'depths': (1, 1, 1)}
 EXPECTED_FORMAT = 'timm-inception-pcam-golden/1'
-
-
-def train_tiny_model(patches: np.ndarray, labels: np.ndarray, *, steps: int = 60, seed: int = 0,
-                     batch_size: int = 32) -> torch.nn.Module:
-    """Reduced-depth model whose logits vary with the input: BN statistics from `patches`, head trained on them."""
-    import timm
-
-    import timm_inception_pcam  # noqa: F401  (registers the models)
-    torch.manual_seed(seed)
-    model = timm.create_model(TINY_MODEL, num_classes=2, **TINY_KWARGS)
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over the warm-up batches
-    x = torch.from_numpy(preprocess_patches(patches))
-    model.train()
-    with torch.no_grad():  # one pass: BN statistics, and the (batch-normalised) features the head is trained on
-        features = torch.cat([model.forward_head(model.forward_features(x[s]), pre_logits=True)
-                              for s in batch_slices(len(x), batch_size)])
-    model.eval()
-    head = model.get_classifier()
-    optimizer = torch.optim.Adam(head.parameters(), lr=1e-2)
-    target = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-    for _ in range(steps):
-        loss = torch.nn.functional.cross_entropy(head(features), target)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
 
 
 def write_golden(output: Path, *, n_train: int = 96, n_patches: int = 64, seed: int = 0) -> dict[str, Path]:

@@ -9,7 +9,6 @@ on the host, in one shared function); `--bake-preprocessing` puts the normalisat
 that clients feed raw uint8 NHWC patches.
 """
 import argparse
-import ast
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from timm.utils import ParseKwargs
 
 from timm_inception_pcam.errors import ExportError
 from timm_inception_pcam.inference.onnx_runner import OnnxRunner, ort_options, read_onnx_metadata
@@ -221,20 +221,6 @@ def load_patches(data_dir: str | Path | None, split: str, n: int, seed: int = 0,
     return patches, labels, f'{data_dir} split {split} [{offset}:{offset + count}]'
 
 
-def parse_model_kwargs(items: Sequence[str] | None) -> dict[str, Any]:
-    """timm-style `key=value` pairs, values read as Python literals when they parse as one."""
-    kwargs: dict[str, Any] = {}
-    for item in items or ():
-        key, sep, value = item.partition('=')
-        if not sep or not key:
-            raise ValueError(f'--model-kwargs: expected key=value, got {item!r}')
-        try:
-            kwargs[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            kwargs[key] = value
-    return kwargs
-
-
 def load_export_model(model_name: str | None, checkpoint: str | None, *, use_ema: bool = False,
                       pretrained: bool = False, **model_kwargs: Any) -> tuple[torch.nn.Module, str]:
     """The model in eval mode and its registered name; unknown names and bad checkpoints give clear errors."""
@@ -302,8 +288,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help='our checkpoint, timm train.py .pth.tar, .safetensors or hf-hub:org/name')
     parser.add_argument('--pretrained', action='store_true', help='load the registered pretrained weights')
     parser.add_argument('--use-ema', action='store_true', help='export the EMA weights of the checkpoint')
-    parser.add_argument('--model-kwargs', nargs='*', default=None, metavar='KEY=VALUE',
-                        help='extra create_model arguments, e.g. depths="(1, 1, 1)"')
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
+                        help='extra create_model arguments, e.g. depths=1,1,1')
     parser.add_argument('--output', default='output/export', help='artefact folder')
     parser.add_argument('--name', default=None, help='file stem of the artefacts (default: the model name)')
     parser.add_argument('--bake-preprocessing', action='store_true',
@@ -326,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def onnx_stage_from_args(args: argparse.Namespace) -> dict[str, Any]:
     model, name = load_export_model(args.model, args.checkpoint, use_ema=args.use_ema, pretrained=args.pretrained,
-                                    **parse_model_kwargs(args.model_kwargs))
+                                    **args.model_kwargs)
     patches, _, source = load_patches(args.data_dir, args.split, args.parity_samples)
     return run_onnx_stage(model, Path(args.output), model_name=name, checkpoint=args.checkpoint,
                           spec=IOSpec(baked_in=args.bake_preprocessing), opset=args.opset, patches=patches,

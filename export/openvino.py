@@ -33,7 +33,6 @@ from .onnx import (
     load_export_model,
     load_patches,
     parity_report,
-    parse_model_kwargs,
     torch_logits,
 )
 from .spec import IOSpec
@@ -127,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.bake_preprocessing:
         raise UsageError('--bake-preprocessing applies to ONNX; the OpenVINO runner normalises on the host')
     model, name = load_export_model(args.model, args.checkpoint, use_ema=args.use_ema, pretrained=args.pretrained,
-                                    **parse_model_kwargs(args.model_kwargs))
+                                    **args.model_kwargs)
     patches, _, source = load_patches(args.data_dir, args.split, args.parity_samples)
     calibration, info = (calibration_sample(args.data_dir, args.calibration_samples, args.calibration_seed)
                          if precision == 'int8' else (None, None))

@@ -34,7 +34,7 @@ from typing import Any
 from timm_inception_pcam.errors import ExportError, OutputExistsError, UsageError, check_range, cli
 from timm_inception_pcam.storage import file_sha256
 
-from .onnx import add_model_args, checkpoint_sha256, load_export_model, parse_model_kwargs
+from .onnx import add_model_args, checkpoint_sha256, load_export_model
 from .spec import IOSpec
 
 __all__ = ['FORMATS', 'OUTPUT_NAME', 'build_repository', 'model_config', 'validate_model_config', 'main']
@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not plan.is_file():
             raise UsageError(f'--plan {plan}: file not found')
     model, name = load_export_model(args.model, args.checkpoint, use_ema=args.use_ema, pretrained=args.pretrained,
-                                    **parse_model_kwargs(args.model_kwargs))
+                                    **args.model_kwargs)
     result = build_repository(model, args.model_repository, model_name=args.name or name, checkpoint=args.checkpoint,
                               formats=formats, plans=args.plan,
                               options=TritonOptions(max_batch_size=args.max_batch_size, instances=args.instances),

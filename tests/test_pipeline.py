@@ -43,3 +43,70 @@ def test_pipeline_summary_matches_report(demo: tuple[Path, dict]) -> None:
     assert saved['test']['roc_auc'] == report['metrics']['roc_auc']
     card = (Path(summary['artefacts']['hub_folder']) / 'README.md').read_text()
     assert 'library_name: timm' in card and f"{report['metrics']['roc_auc']:.4f}"[:5] in card
+
+
+def _exit_2(capsys, argv: list[str]) -> str:
+    from timm_inception_pcam.errors import cli
+
+    assert cli(main, 'pipeline', argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith('pipeline: error: ')]
+    assert len(lines) == 1 and 'Traceback' not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize('extra, needle', [
+    (('--epochs', '0'), '--epochs must be >= 1, got 0'),
+    (('--batch-size', '0'), '--batch-size must be >= 1, got 0'),
+    (('--lr', '0'), '--lr must be > 0'),
+    (('--n-train', '1'), '--n-train must be >= 2, got 1'),
+    (('--tta', '9'), '--tta must be >= 1 and <= 8, got 9'),
+    (('--workers', '-2'), '--workers must be >= 0, got -2'),
+])
+def test_bad_values_exit_2_before_any_work(tmp_path, capsys, extra, needle) -> None:
+    out = tmp_path / 'demo'
+    assert needle in _exit_2(capsys, ['--output', str(out), *extra])
+    assert not out.exists(), 'nothing is written for a refused run'
+
+
+def test_output_naming_a_file_exits_2(tmp_path, capsys) -> None:
+    afile = tmp_path / 'demo'
+    afile.write_text('x')
+    assert f'--output {afile} is an existing file' in _exit_2(capsys, ['--output', str(afile)])
+
+
+def test_second_run_is_refused_then_replaced_with_overwrite(demo: tuple[Path, dict], capsys) -> None:
+    """Running the main job twice into one folder: refused, naming --overwrite; with --overwrite the previous run is
+    replaced (here by a run without the export step, so the old export folder must be gone)."""
+    out, _ = demo
+    before = (out / 'pipeline.json').read_text()
+    line = _exit_2(capsys, ['--output', str(out)])
+    assert f'--output {out} already holds a run' in line and 'pass --overwrite to replace it' in line
+    assert (out / 'pipeline.json').read_text() == before, 'a refused run touches nothing'
+    summary = main(['--output', str(out), '--overwrite', '--model-kwargs', 'depths=1,1,1', '--n-train', '64',
+                    '--n-eval', '16', '--epochs', '1', '--batch-size', '16', '--workers', '0', '--no-export',
+                    '--no-progress'])
+    assert not (out / 'export').exists() and 'export' not in summary['artefacts']
+    saved = json.loads((out / 'pipeline.json').read_text())
+    assert saved['config']['n_train'] == 64 and saved['data'] == 'synthetic'
+    assert not (out / '.lock').exists()
+
+
+def test_makefile_demo_replaces_the_previous_run() -> None:
+    """`make demo` twice must work: the Makefile's demo target passes --overwrite."""
+    makefile = (Path(__file__).resolve().parents[1] / 'Makefile').read_text()
+    (line,) = [ln for ln in makefile.splitlines() if 'timm_inception_pcam.pipeline' in ln]
+    assert '--overwrite' in line.split()
+
+
+def test_command_exits_2_without_traceback(tmp_path) -> None:
+    """The real entry point (`python -m timm_inception_pcam.pipeline`) goes through errors.cli."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE='1', PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    run = subprocess.run([sys.executable, '-m', 'timm_inception_pcam.pipeline', '--output', str(tmp_path / 'd'),
+                          '--epochs', '0'], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == ['pipeline: error: --epochs must be >= 1, got 0'], run.stderr

@@ -19,17 +19,21 @@ import torch
 
 from timm_inception_pcam.checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
 from timm_inception_pcam.constants import LABEL_NAMES
+from timm_inception_pcam.errors import OutputError
 from timm_inception_pcam.train import (
     BEST_NAME,
     LAST_NAME,
     LOG_CSV,
     LOG_JSON,
+    TrainConfig,
     TrainError,
-    amp_dtype_for,
+    TrainResult,
     capture_rng_state,
     cli,
+    config_from_args,
     main,
     restore_rng_state,
+    train,
 )
 
 TINY = ['--model-kwargs', 'depths=1,1,1']
@@ -47,9 +51,10 @@ def pcam_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope='module')
-def finished_run(pcam_dir, tmp_path_factory) -> dict:
-    """One finished 2-epoch run (with EMA), shared by the tests that only read its files."""
-    return main(quick_args(pcam_dir, tmp_path_factory.mktemp('run') / 'run', *EPOCHS))
+def finished_run(pcam_dir, tmp_path_factory) -> TrainResult:
+    """One finished 2-epoch run (with EMA), shared by the tests that only read its files: the typed core, called
+    with the configuration `quick_args` spells on the command line."""
+    return train(quick_config(pcam_dir, tmp_path_factory.mktemp('run') / 'run', epochs=2))
 
 
 def quick_args(data: Path, out: Path, *extra: str) -> list[str]:
@@ -57,6 +62,13 @@ def quick_args(data: Path, out: Path, *extra: str) -> list[str]:
     return ['--data-dir', str(data), '--output', str(out), '--model', 'inception_v4_pcam', *TINY,
             '--no-pretrained', '-b', '8', '--steps-per-epoch', '2', '--limit-val', '16', '--workers', '0',
             '--warmup-epochs', '0', '--no-progress', '--amp-dtype', 'float32', *extra]
+
+
+def quick_config(data: Path, out: Path, **over) -> TrainConfig:
+    """`quick_args` as a TrainConfig."""
+    return TrainConfig(data_dir=data, output=out, model='inception_v4_pcam', model_kwargs={'depths': (1, 1, 1)},
+                       pretrained=False, batch_size=8, steps_per_epoch=2, limit_val=16, workers=0, warmup_epochs=0,
+                       progress=False, precision='fp32', **over)
 
 
 def subprocess_env() -> dict[str, str]:
@@ -69,15 +81,33 @@ def subprocess_env() -> dict[str, str]:
 
 
 def test_amp_dtype_policy(monkeypatch) -> None:
-    import timm_inception_pcam.train as train
+    """--amp-dtype goes through precision.py: auto is bf16 on AMX CPUs, fp32 (no autocast) on others."""
+    import timm_inception_pcam.precision as precision
+    from timm_inception_pcam.precision import autocast_dtype, choose_precision
 
     cpu = torch.device('cpu')
-    monkeypatch.setattr(train, 'cpu_has_amx', lambda: True)
-    assert amp_dtype_for(cpu) == torch.bfloat16
-    monkeypatch.setattr(train, 'cpu_has_amx', lambda: False)
-    assert amp_dtype_for(cpu) is None
-    assert amp_dtype_for(cpu, 'float32') is None
-    assert amp_dtype_for(cpu, 'float16') == torch.float16
+    monkeypatch.setattr(precision, 'cpu_has_amx', lambda: True)
+    assert autocast_dtype(choose_precision(cpu)) == torch.bfloat16
+    monkeypatch.setattr(precision, 'cpu_has_amx', lambda: False)
+    assert autocast_dtype(choose_precision(cpu)) is None
+    assert autocast_dtype(choose_precision(cpu, 'float32')) is None
+    assert autocast_dtype(choose_precision(cpu, 'float16')) == torch.float16
+
+
+def test_amp_dtype_old_spellings_are_recorded_canonical(tmp_path) -> None:
+    for spelling, canonical in (('float32', 'fp32'), ('bfloat16', 'bf16'), ('float16', 'fp16'), ('fp16', 'fp16'),
+                                ('auto', 'auto')):
+        cfg = config_from_args(['--data-dir', str(tmp_path), '--amp-dtype', spelling])
+        assert cfg.precision == canonical and cfg.record()['precision'] == canonical
+
+
+def test_command_line_and_config_are_the_same_run(pcam_dir, tmp_path) -> None:
+    """main(argv) only parses: the quick command line is exactly the quick TrainConfig."""
+    assert config_from_args(quick_args(pcam_dir, tmp_path / 'x', '--epochs', '2')) == quick_config(
+        pcam_dir, tmp_path / 'x', epochs=2)
+    defaults = TrainConfig(data_dir=pcam_dir)
+    assert config_from_args(['--data-dir', str(pcam_dir)]) == defaults
+    assert defaults.epochs == 10 and defaults.lr == 1e-3 and defaults.model_ema and defaults.precision == 'auto'
 
 
 def test_rng_states_round_trip_through_weights_only_file(tmp_path) -> None:
@@ -102,9 +132,9 @@ def test_rng_states_round_trip_through_weights_only_file(tmp_path) -> None:
 
 def test_run_writes_checkpoints_logs_and_summary(finished_run) -> None:
     summary = finished_run
-    out = Path(summary['output'])
-    assert [row['epoch'] for row in summary['history']] == [0, 1]
-    assert summary['last_checkpoint'] == str(out / LAST_NAME)
+    out = summary.output
+    assert [row['epoch'] for row in summary.history] == [0, 1]
+    assert summary.last_checkpoint == out / LAST_NAME
     assert (out / LOG_CSV).read_text().splitlines()[0].startswith('epoch,')
     assert len((out / LOG_CSV).read_text().splitlines()) == 3
     assert [row['epoch'] for row in json.loads((out / LOG_JSON).read_text())] == [0, 1]
@@ -113,16 +143,16 @@ def test_run_writes_checkpoints_logs_and_summary(finished_run) -> None:
     assert last['arch'] == 'inception_v4_pcam' and tuple(last['model_kwargs']['depths']) == (1, 1, 1)
     assert {'optimizer', 'scheduler', 'state_dict_ema', 'rng_states'} <= set(last)
     # The best checkpoint holds the weights that scored best_metric, and the evaluator's loader reads it.
-    best = read_checkpoint(summary['best_checkpoint'])
+    best = read_checkpoint(summary.best_checkpoint)
     assert best['weights'] in ('model', 'ema')
-    assert best['best_metric'] == pytest.approx(summary['best_metric'])
-    row = summary['history'][best['epoch']]
+    assert best['best_metric'] == pytest.approx(summary.best_metric)
+    row = summary.history[best['epoch']]
     scored = row['val_roc_auc'] if best['weights'] == 'model' else row['ema_val_roc_auc']
-    assert scored == pytest.approx(summary['best_metric'])
+    assert scored == pytest.approx(summary.best_metric)
     if best['epoch'] == 1:  # the best weights are the final model's or EMA's
         final = last['state_dict_ema'] if best['weights'] == 'ema' else last['state_dict']
         assert all(torch.equal(best['state_dict'][k], v) for k, v in final.items())
-    model = load_model(None, summary['best_checkpoint'])
+    model = load_model(None, summary.best_checkpoint)
     assert model.num_classes == 2
     assert len(model.features) == 11  # stem (6 blocks), 1 x A, reduction A, 1 x B, reduction B, 1 x C
 
@@ -137,7 +167,7 @@ def test_rmsproptf_paper_recipe_and_epoch_schedule(pcam_dir, tmp_path) -> None:
     assert groups[0]['alpha'] == 0.9 and groups[0]['eps'] == 1.0
     assert groups[0]['momentum'] == 0.9
     assert sorted(g['weight_decay'] for g in groups) == [0.0, 4e-5]  # none on biases and norms
-    assert summary['history'][0]['lr'] == pytest.approx(0.045 * 0.94)  # stepped once, after epoch 0
+    assert summary.history[0]['lr'] == pytest.approx(0.045 * 0.94)  # stepped once, after epoch 0
 
 
 # ----------------------------------------------------------------------------------------------- resume after a kill
@@ -163,9 +193,9 @@ def test_resume_after_sigkill_matches_uninterrupted_run(pcam_dir, finished_run, 
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for(tmp_path / 'killed' / LAST_NAME, proc)
     proc.send_signal(signal.SIGKILL)
-    out, _ = proc.communicate()
+    _, err = proc.communicate()
     assert proc.returncode == -signal.SIGKILL
-    assert 'notice: pretrained weights for inception_v4_pcam are not available' in out
+    assert 'notice: pretrained weights for inception_v4_pcam are not available' in err  # logging goes to stderr
     interrupted = read_checkpoint(tmp_path / 'killed' / LAST_NAME)
     assert interrupted['epoch'] == 0, 'the kill came after the first checkpoint, before the second'
     assert not list((tmp_path / 'killed').glob('.*partial*')), 'a partial file was left behind'
@@ -174,11 +204,11 @@ def test_resume_after_sigkill_matches_uninterrupted_run(pcam_dir, finished_run, 
                     '--resume', str(tmp_path / 'killed' / LAST_NAME)])
     straight = finished_run
 
-    assert [row['epoch'] for row in resumed['history']] == [0, 1]
-    for a, b in zip(resumed['history'], straight['history']):
+    assert [row['epoch'] for row in resumed.history] == [0, 1]
+    for a, b in zip(resumed.history, straight.history):
         for key in ('updates', 'lr', 'train_loss', 'val_roc_auc', 'val_nll', 'ema_val_nll'):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a['epoch'], key)
-    end_r, end_s = read_checkpoint(resumed['last_checkpoint']), read_checkpoint(straight['last_checkpoint'])
+    end_r, end_s = read_checkpoint(resumed.last_checkpoint), read_checkpoint(straight.last_checkpoint)
     for key in ('state_dict', 'state_dict_ema'):
         for name, tensor in end_s[key].items():
             assert torch.allclose(end_r[key][name].float(), tensor.float(), rtol=1e-4, atol=1e-6), (key, name)
@@ -210,9 +240,10 @@ def test_refuses_missing_data_dir_and_split(pcam_dir, tmp_path) -> None:
 
 
 def test_refuses_to_overwrite_a_run_and_bad_resumes(pcam_dir, finished_run, tmp_path) -> None:
-    out = Path(finished_run['output'])
+    out = finished_run.output
     before = (out / LAST_NAME).stat().st_mtime_ns
-    with pytest.raises(TrainError, match='already holds a run.*--resume'):
+    with pytest.raises(OutputError, match=r'already holds a run.*--resume .*last.pth to continue it, --overwrite to '
+                                          'replace it'):
         main(quick_args(pcam_dir, out, '--epochs', '2'))
     with pytest.raises(TrainError, match=r'built with --model-kwargs .*depths.*not'):
         main(quick_args(pcam_dir, out, '--epochs', '2', '--resume', str(out / LAST_NAME), '--model-kwargs',
@@ -249,12 +280,12 @@ def test_initial_checkpoint_of_another_architecture_is_refused(pcam_dir, tmp_pat
 def test_create_model_with_train_py_defaults_and_initial_checkpoint(finished_run) -> None:
     """train.py's create_model call with its argparse defaults, and `--initial-checkpoint` = our best checkpoint."""
     summary = finished_run
-    ours = load_model(None, summary['best_checkpoint'])
+    ours = load_model(None, summary.best_checkpoint)
     call = dict(pretrained=False, in_chans=3, num_classes=None, drop_rate=0.0, drop_path_rate=None,
                 drop_block_rate=None, global_pool=None, bn_momentum=None, bn_eps=None, scriptable=False)
     fresh = timm.create_model('inception_v4_pcam', checkpoint_path='', depths=(1, 1, 1), **call)
     assert fresh.num_classes == 2
-    loaded = timm.create_model('inception_v4_pcam', checkpoint_path=summary['best_checkpoint'], depths=(1, 1, 1),
+    loaded = timm.create_model('inception_v4_pcam', checkpoint_path=str(summary.best_checkpoint), depths=(1, 1, 1),
                                **call).eval()
     x = torch.randn(4, 3, 96, 96)
     with torch.no_grad():
@@ -339,9 +370,182 @@ def test_ddp_two_cpu_processes_with_gloo(pcam_dir, tmp_path) -> None:
                           '-m', 'timm_inception_pcam.train', *quick_args(pcam_dir, out, '--epochs', '1', '-b', '4')],
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert '2 process(es)' in run.stdout
+    assert '2 process(es)' in run.stderr  # the trainer logs to stderr
     last = read_checkpoint(out / LAST_NAME)
     assert last['num_updates'] == 2 and len(last['rng_states']) == 2
     assert not torch.equal(last['rng_states'][0]['torch'], last['rng_states'][1]['torch'])
     assert last['history'][0]['val_n'] == 16  # both shards of the validation subset were gathered
     assert not any(k.startswith('module.') for k in last['state_dict'])
+
+
+# ----------------------------------------------------------------------------------------------- user errors: exit 2
+
+
+def _exit_2_one_line(capsys, argv: list[str], *needles: str) -> str:
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith('train: error: ')]
+    assert len(lines) == 1 and 'Traceback' not in err, err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+@pytest.mark.parametrize('extra, needles', [
+    (('--epochs', '0'), ('--epochs must be >= 1, got 0',)),
+    (('-b', '0'), ('--batch-size must be >= 1, got 0',)),
+    (('--workers', '-1'), ('--workers must be >= 0, got -1',)),
+    (('--lr', '0'), ('--lr must be > 0, got 0.0',)),
+    (('--lr', '-0.1'), ('--lr must be > 0',)),
+    (('--limit-val', '0'), ('--limit-val must be >= 1',)),
+    (('--smoothing', '1.5'), ('--smoothing must be >= 0 and <= 1',)),
+    (('--opt', 'rmsprop-tf'), ('--opt ', 'rmsproptf')),
+    (('--model', 'inception_v5_pcam'), ('not a registered timm model',)),
+])
+def test_bad_values_exit_2_with_one_line(pcam_dir, tmp_path, capsys, extra, needles) -> None:
+    _exit_2_one_line(capsys, quick_args(pcam_dir, tmp_path / 'x', *extra), *needles)
+    assert not (tmp_path / 'x').exists(), 'a refused run leaves no folder behind'
+
+
+def test_output_naming_a_file_and_missing_data_exit_2(pcam_dir, tmp_path, capsys) -> None:
+    afile = tmp_path / 'afile'
+    afile.write_text('not a folder')
+    _exit_2_one_line(capsys, quick_args(pcam_dir, afile), f'--output {afile} is an existing file; expected a folder')
+    assert afile.read_text() == 'not a folder'
+    _exit_2_one_line(capsys, quick_args(tmp_path / 'nowhere', tmp_path / 'y'), 'no such folder')
+    _exit_2_one_line(capsys, quick_args(pcam_dir, tmp_path / 'z', '--resume', str(tmp_path / 'no.pth')),
+                     'no such file')
+
+
+def test_command_exits_2_without_traceback(pcam_dir, tmp_path) -> None:
+    """The real entry point (`python -m timm_inception_pcam.train`) goes through errors.cli."""
+    run = subprocess.run([sys.executable, '-m', 'timm_inception_pcam.train',
+                          *quick_args(pcam_dir, tmp_path / 'x', '--epochs', '0')],
+                         env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == ['train: error: --epochs must be >= 1, got 0'], run.stderr
+
+
+def test_diverging_lr_says_lower_lr(pcam_dir, tmp_path, capsys) -> None:
+    """A huge --lr ends in the promised advice, not in a metric's complaint about NaN probabilities."""
+    line = _exit_2_one_line(capsys, quick_args(pcam_dir, tmp_path / 'x', '--lr', '1e6', '--epochs', '1'),
+                            'training diverged', 'lower --lr')
+    assert 'probs must lie' not in line
+    assert not (tmp_path / 'x' / LAST_NAME).exists(), 'no checkpoint of diverged weights'
+
+
+def test_dataloader_worker_failure_is_one_line(pcam_dir, tmp_path, capsys, monkeypatch) -> None:
+    """A user error raised inside a DataLoader worker: one line with its own message, not the worker's traceback."""
+    from timm_inception_pcam.data import PCamDataset
+    from timm_inception_pcam.errors import DataError
+
+    def broken(self, indices):
+        raise DataError(f'{self.x_path}: chunk at index {indices[0]} is corrupt (expected gzip data)')
+
+    monkeypatch.setattr(PCamDataset, '__getitems__', broken)  # inherited by the forked worker
+    line = _exit_2_one_line(capsys, quick_args(pcam_dir, tmp_path / 'x', '--workers', '1', '--epochs', '1'),
+                            'is corrupt (expected gzip data) (in a DataLoader worker)')
+    assert 'Original Traceback' not in line and 'File "' not in line
+
+
+# ----------------------------------------------------------------------------------------------- one run per folder
+
+
+def test_claim_output_dir_locks_and_refuses(tmp_path) -> None:
+    from timm_inception_pcam.storage import LOCK_NAME, claim_output_dir
+
+    out = tmp_path / 'run'
+    with claim_output_dir(out) as folder:
+        assert (folder / LOCK_NAME).read_text().split()[0] == str(os.getpid())
+        with pytest.raises(OutputError, match=rf'in use by another run \(pid {os.getpid()}'):
+            with claim_output_dir(out):
+                pass
+        (folder / 'last.pth').write_bytes(b'x')
+        (folder / 'keep.txt').write_text('mine')
+    assert not (out / LOCK_NAME).exists(), 'the lock goes with the run'
+    with pytest.raises(OutputError, match=r'already holds a run \(last.pth\): pass --resume R to continue it, '
+                                          r'--overwrite to replace it, or choose another --output'):
+        with claim_output_dir(out, finished=('last.pth',), resume_hint='--resume R to continue it'):
+            pass
+    with claim_output_dir(out, resume=True, finished=('last.pth',)):
+        assert (out / 'last.pth').exists()
+    with claim_output_dir(out, overwrite=True, finished=('last.pth',), replaces=('last.pth',)):
+        assert not (out / 'last.pth').exists() and (out / 'keep.txt').read_text() == 'mine'  # only what it names
+    empty = tmp_path / 'never-written'
+    with claim_output_dir(empty):
+        pass
+    assert not empty.exists(), 'a folder created for nothing is removed'
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path) -> None:
+    import socket
+
+    from timm_inception_pcam.storage import LOCK_NAME, claim_output_dir
+
+    dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+    dead.wait()
+    out = tmp_path / 'run'
+    out.mkdir()
+    (out / LOCK_NAME).write_text(f'{dead.pid} {socket.gethostname()}\n')
+    partial = out / '.last.pth.abc123.partial'
+    partial.write_bytes(b'half a checkpoint')
+    with claim_output_dir(out):
+        assert (out / LOCK_NAME).read_text().split()[0] == str(os.getpid())
+        assert not partial.exists(), 'temporary files of the killed run are cleaned'
+    (out / LOCK_NAME).write_text(f'{os.getppid()} {socket.gethostname()}\n')  # a live process
+    with pytest.raises(OutputError, match=f'in use by another run \\(pid {os.getppid()}'):
+        with claim_output_dir(out):
+            pass
+
+
+def test_two_trainings_into_one_folder(pcam_dir, tmp_path, capsys) -> None:
+    """A second run into a folder in use is refused; once the first is killed, its lock is stale and taken over,
+    and the folder's finished epoch is refused until --resume or --overwrite says what to do with it."""
+    out = tmp_path / 'shared'
+    first = subprocess.Popen([sys.executable, '-m', 'timm_inception_pcam.train',
+                              *quick_args(pcam_dir, out, '--epochs', '50')],
+                             env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(out / LAST_NAME, first)
+        line = _exit_2_one_line(capsys, quick_args(pcam_dir, out, '--epochs', '1'), 'is in use by another run',
+                                f'pid {first.pid}')
+        assert '--output' in line
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.communicate()
+    _exit_2_one_line(capsys, quick_args(pcam_dir, out, '--epochs', '1'), 'already holds a run',
+                     f'--resume {out / LAST_NAME}', '--overwrite')
+    result = main(quick_args(pcam_dir, out, '--epochs', '1', '--overwrite'))
+    assert [row['epoch'] for row in result.history] == [0]
+    assert read_checkpoint(out / LAST_NAME)['epoch'] == 0
+    assert not list(out.glob('.*partial*')) and not (out / '.lock').exists()
+
+
+def test_initial_checkpoint_goes_through_load_model(finished_run, pcam_dir, tmp_path) -> None:
+    """--initial-checkpoint: the weights (and architecture) of a checkpoint, loaded by checkpoint.load_model."""
+    from timm_inception_pcam.train.model import create_train_model
+
+    cfg = TrainConfig(data_dir=pcam_dir, output=tmp_path / 'x', initial_checkpoint=finished_run.best_checkpoint)
+    model, kwargs, source = create_train_model(cfg)  # no --model-kwargs: depths come from the checkpoint
+    assert tuple(kwargs['depths']) == (1, 1, 1) and source.startswith('initial checkpoint')
+    want = load_model(None, finished_run.best_checkpoint).state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+
+
+def test_validation_preprocessing_is_preprocess_patches(pcam_dir) -> None:
+    """One preprocessing: the evaluation transform, the trainer's validation batches and preprocess_patches agree
+    bit for bit."""
+    from timm_inception_pcam.data import PCamDataset, create_pcam_transform
+    from timm_inception_pcam.preprocess import preprocess_patches
+    from timm_inception_pcam.train.loop import _preprocessed_batch
+
+    ds = PCamDataset(pcam_dir, 'valid')
+    patches, labels = ds.read_batch(np.arange(6))
+    want = preprocess_patches(patches)
+    transform = create_pcam_transform(is_training=False)
+    per_patch = torch.stack([transform(p) for p in patches]).numpy()
+    assert per_patch.dtype == np.float32 and np.array_equal(per_patch, want)
+    x, y = _preprocessed_batch([ds[i] for i in range(6)])
+    assert np.array_equal(x.numpy(), want) and np.array_equal(y.numpy(), labels)
+    assert not np.array_equal(torch.stack([create_pcam_transform(is_training=True)(p) for p in patches]).numpy(),
+                              want), 'training augments'

@@ -64,19 +64,19 @@ def test_reduced_inception_v4_learns_the_centre_rule(tmp_path) -> None:
         '--model-kwargs', 'depths=1,1,1', '--no-pretrained', '--epochs', '2', '-b', '32', '--lr', '2e-3',
         '--warmup-epochs', '0.5', '--no-model-ema', '--workers', '0', '--in-memory', '--seed', str(SEED),
         '--no-progress'])
-    aucs = [row['val_roc_auc'] for row in summary['history']]
+    aucs = [row['val_roc_auc'] for row in summary.history]
     print(f'validation ROC AUC per epoch {np.round(aucs, 4).tolist()}, ring-colour baseline {baseline_auc:.4f}')
 
-    assert summary['best_metric'] >= 0.95, f'best validation ROC AUC {summary["best_metric"]:.4f} < 0.95 ({aucs})'
-    assert summary['best_metric'] > baseline_auc + 0.05, (summary['best_metric'], baseline_auc)
+    assert summary.best_metric >= 0.95, f'best validation ROC AUC {summary.best_metric:.4f} < 0.95 ({aucs})'
+    assert summary.best_metric > baseline_auc + 0.05, (summary.best_metric, baseline_auc)
     assert baseline_auc < 0.95, f'the centre-blind baseline should not solve the task, got {baseline_auc:.4f}'
     # The best checkpoint scores what the log says on the whole validation split, through the evaluator's loader
     # (float32 here, the trainer's autocast may differ in the last digits).
     from timm_inception_pcam.data import create_pcam_transform
 
-    model = load_model(None, summary['best_checkpoint'])
+    model = load_model(None, summary.best_checkpoint)
     transform = create_pcam_transform(is_training=False)
     with torch.no_grad():
         probs = torch.cat([model(torch.stack([transform(p) for p in x_valid[i:i + 64]])).softmax(1)[:, 1]
                            for i in range(0, len(x_valid), 64)])
-    assert roc_auc_score(y_valid, probs.numpy()) == pytest.approx(summary['best_metric'], abs=0.01)
+    assert roc_auc_score(y_valid, probs.numpy()) == pytest.approx(summary.best_metric, abs=0.01)

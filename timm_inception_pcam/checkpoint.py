@@ -17,8 +17,10 @@ import torch.nn as nn
 from .errors import CheckpointError
 from .storage import atomic_path
 
-__all__ = ['CheckpointError', 'read_checkpoint', 'load_model', 'save_checkpoint', 'model_kwargs_of']
+__all__ = ['CHECKPOINT_FORMAT', 'CheckpointError', 'read_checkpoint', 'load_model', 'save_checkpoint',
+           'model_kwargs_of']
 
+# The one format of every checkpoint this project writes (the trainer's last.pth / model_best.pth add 'train_state').
 CHECKPOINT_FORMAT = 'timm-inception-pcam-checkpoint/1'
 
 
@@ -96,7 +98,7 @@ def _num_classes_of(state_dict: Mapping[str, torch.Tensor], classifier: str) -> 
 
 def load_model(
         model_name: str | None,
-        checkpoint: str | os.PathLike | None = None,
+        checkpoint: str | os.PathLike | Mapping[str, Any] | None = None,
         *,
         pretrained: bool = False,
         use_ema: bool = False,
@@ -104,18 +106,22 @@ def load_model(
 ) -> nn.Module:
     """Create a registered model and load weights into it; returns the model in eval mode.
 
-    `checkpoint` is a file (ours, timm train.py's, a bare state dict, `.safetensors`) or `hf-hub:org/name` /
-    `local-dir:/path` (timm's own resolution; `model_name` may then be None). For files, `model_name` None means
+    `checkpoint` is a file (ours, timm train.py's, a bare state dict, `.safetensors`), what `read_checkpoint`
+    returned for one, or `hf-hub:org/name` / `local-dir:/path` (timm's own resolution; `model_name` may then be
+    None). For files, `model_name` None means
     the checkpoint's 'arch'; the class count and architecture arguments stored in the checkpoint are used unless
     given explicitly. Loading is strict: a checkpoint of another architecture or class count is refused.
     """
     import timm_inception_pcam  # noqa: F401  (registers the models when called from a bare script)
 
-    if checkpoint is not None and str(checkpoint).startswith(('hf-hub:', 'local-dir:')):
+    if isinstance(checkpoint, Mapping):  # already read: messages name it by its arch
+        ckpt = dict(checkpoint)
+        checkpoint = f'checkpoint of {ckpt.get("arch") or "unknown arch"}'
+    elif checkpoint is not None and str(checkpoint).startswith(('hf-hub:', 'local-dir:')):
         model = timm.create_model(str(checkpoint), pretrained=True, **model_kwargs)
         return model.eval()
-
-    ckpt = read_checkpoint(checkpoint) if checkpoint is not None else {}
+    else:
+        ckpt = read_checkpoint(checkpoint) if checkpoint is not None else {}
     arch = ckpt.get('arch')
     if model_name is None:
         if not arch:
@@ -125,7 +131,8 @@ def load_model(
         raise CheckpointError(f'unknown model {model_name!r}: expected a registered timm model, e.g. '
                               f'{", ".join(timm.list_models("*pcam*"))}')
     if arch and timm.models.split_model_name_tag(str(arch))[0] != timm.models.split_model_name_tag(model_name)[0]:
-        raise CheckpointError(f'{checkpoint}: checkpoint is for architecture {arch!r}, expected {model_name!r}')
+        raise CheckpointError(f'{checkpoint}: weights of {arch!r} do not fit {model_name} (the checkpoint is for '
+                              'another architecture)')
 
     kwargs = {**model_kwargs_of(ckpt), **model_kwargs}
     if not ckpt:

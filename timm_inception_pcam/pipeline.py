@@ -1,6 +1,6 @@
 """The README's main job: the whole pipeline on a synthetic PCam sample, on CPU, in a few minutes.
 
-    python -m timm_inception_pcam.pipeline --output runs/demo
+    python -m timm_inception_pcam.pipeline --output runs/demo [--overwrite]
 
 1. synthesize a PCam-format sample (official file names, keys, shapes, dtypes, meta CSVs);
 2. train `inception_v4_pcam` briefly with our trainer (reads the HDF5 files directly);
@@ -9,149 +9,206 @@
    machine without a GPU stops with the command that finishes it;
 5. prepare the Hugging Face Hub folder (dry run) and print the command that would upload it.
 
-Each step is the project's own command called with its Python entry point, so the pipeline is exactly what a user
-would run by hand, step by step.
+Each step calls the project's own function for it, with the arguments a user would give the step's command. A
+folder holding a previous run is refused unless `--overwrite` replaces it.
 """
+from __future__ import annotations
+
 import argparse
-import json
+import dataclasses
+import logging
 import shlex
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from timm.utils import ParseKwargs
 
-__all__ = ['build_parser', 'train_model', 'main']
+from .errors import check_range
+from .storage import atomic_write_json, claim_output_dir
+from .train import TrainConfig, TrainResult, train
+
+__all__ = ['PipelineConfig', 'train_config', 'run_pipeline', 'build_parser', 'main', 'RUN_ENTRIES']
+
+_logger = logging.getLogger(__name__)
+# What a pipeline run writes in its folder (all of it is replaced by --overwrite).
+RUN_ENTRIES = ('pipeline.json', 'data', 'train', 'evaluate', 'export', 'hub')
 
 
-def _step(title: str) -> None:
-    print(f'\n=== {title} ===', flush=True)
+@dataclass
+class PipelineConfig:
+    """The main job's choices; the command line's options under the same names."""
+    output: Path = Path('runs/demo')
+    model: str = 'inception_v4_pcam'
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    n_train: int = 512
+    n_eval: int = 256
+    epochs: int = 2
+    batch_size: int = 32
+    lr: float = 2e-3
+    tta: int = 1
+    seed: int = 0
+    workers: int = 2
+    repo_id: str = 'timm-inception-pcam/inception_v4_pcam-synthetic-demo'
+    export: bool = True
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.output = Path(self.output)
+        check_range('--n-train', self.n_train, 2)
+        check_range('--n-eval', self.n_eval, 2)
+        check_range('--tta', self.tta, 1, 8)
 
 
-def _kwargs_argv(model_kwargs: dict[str, Any]) -> list[str]:
-    if not model_kwargs:
-        return []
-    values = [f'{k}={",".join(map(str, v)) if isinstance(v, (list, tuple)) else v}' for k, v in model_kwargs.items()]
-    return ['--model-kwargs', *values]
+def train_config(cfg: PipelineConfig, data_dir: Path, output: Path, **over: Any) -> TrainConfig:
+    """Step 2, the main job's recipe: our trainer from random initialisation (no network) on `data_dir`.
+
+    The benchmark trains its models with it too; `over` replaces fields (e.g. progress=False).
+    """
+    return TrainConfig(**{
+        'data_dir': data_dir, 'output': output, 'model': cfg.model, 'model_kwargs': dict(cfg.model_kwargs),
+        'epochs': cfg.epochs, 'batch_size': cfg.batch_size, 'lr': cfg.lr, 'warmup_epochs': 0.5, 'seed': cfg.seed,
+        'workers': cfg.workers, 'pretrained': False, 'progress': cfg.progress, **over})
+
+
+# ----------------------------------------------------------------------------------------------- the other steps
+# Each of these is the one place the pipeline calls another command's code: re-point them here when evaluate,
+# export and publish gain typed cores.
+
+
+def _evaluate_step(checkpoint: Path, data_dir: Path, output: Path, tta: int, workers: int) -> dict[str, Any]:
+    """Step 3: evaluate.main's report (today evaluate has no typed entry point but its command)."""
+    from .evaluate import main as evaluate_main
+
+    return evaluate_main([
+        '--checkpoint', str(checkpoint), '--data-dir', str(data_dir), '--split', 'test', '--tta', str(tta),
+        '--threshold-from', 'valid', '--output', str(output), '--workers', str(workers),
+    ])
+
+
+def _export_step(model: str, model_kwargs: dict[str, Any], checkpoint: Path, data_dir: Path, output: Path
+                 ) -> tuple[int, Path | None]:
+    """Step 4: export.trt's ONNX + FP16 + TensorRT chain; (exit status, fp32 ONNX file or None). Without a GPU the
+    TensorRT part says what is missing and how to finish, and the status is non-zero."""
+    from export.trt import main as trt_main
+
+    kwargs = [f'{k}={v!r}' for k, v in model_kwargs.items()]  # timm's key=value, read back by ast.literal_eval
+    status = trt_main(['--model', model, *(['--model-kwargs', *kwargs] if kwargs else []),
+                       '--checkpoint', str(checkpoint), '--output', str(output), '--data-dir', str(data_dir), '--fp16'])
+    onnx_files = sorted(p for p in output.glob('*.onnx') if 'fp16' not in p.name)
+    return status, onnx_files[0] if onnx_files else None
+
+
+def _publish_step(checkpoint: Path, report: Path, plots_dir: Path, onnx: Path | None, repo_id: str, output: Path
+                  ) -> dict[str, Any]:
+    """Step 5: the Hub folder (dry run) and the command that would upload it."""
+    from .publish import build_hub_folder, upload_command
+
+    result = build_hub_folder(checkpoint=checkpoint, report_path=report, repo_id=repo_id, output=output,
+                              onnx=onnx, plots_dir=plots_dir, log=_logger.info)
+    message = f'Publish {result["model"]} trained by the synthetic-data demo (not a PCam result)'
+    result['upload_command'] = upload_command(result['folder'], repo_id, message)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------- the pipeline
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
+    """Run the five steps into `cfg.output`; returns the summary also written to `pipeline.json`."""
+    out = cfg.output
+    train_cfg = train_config(cfg, out / 'data', out / 'train')  # checks the training options before any work
+    started = time.monotonic()
+    artefacts: dict[str, Any] = {}
+    with claim_output_dir(out, overwrite=cfg.overwrite, finished=RUN_ENTRIES, replaces=RUN_ENTRIES):
+        from .data import synthesize_pcam
+
+        _logger.info('=== 1/5 synthetic PCam sample ===')
+        data_dir = out / 'data'
+        files = synthesize_pcam(data_dir, n=cfg.n_train, seed=cfg.seed, n_valid=cfg.n_eval, n_test=cfg.n_eval)
+        artefacts['data'] = str(data_dir)
+        _logger.info('%d files in %s', len(files), data_dir)
+
+        _logger.info('=== 2/5 training %s ===', cfg.model)
+        trained: TrainResult = train(train_cfg)
+        checkpoint = trained.best_checkpoint or trained.last_checkpoint
+        artefacts['checkpoint'] = str(checkpoint)
+
+        _logger.info('=== 3/5 evaluation on the test split (threshold chosen on valid) ===')
+        eval_dir = out / 'evaluate'
+        report = _evaluate_step(checkpoint, data_dir, eval_dir, cfg.tta, cfg.workers)
+        report_path = eval_dir / 'report.json'
+        artefacts['report'] = str(report_path)
+        artefacts['plots'] = {k: str(eval_dir / v) for k, v in report['plots'].items()}
+
+        onnx_path = None
+        if cfg.export:
+            _logger.info('=== 4/5 export: ONNX, FP16 ONNX, parity reports, TensorRT ===')
+            status, onnx_path = _export_step(cfg.model, cfg.model_kwargs, checkpoint, data_dir, out / 'export')
+            artefacts['export'] = str(out / 'export')
+            artefacts['tensorrt'] = 'engine built' if status == 0 else f'not built here (exit {status}; see above)'
+
+        _logger.info('=== 5/5 Hugging Face Hub folder (dry run) ===')
+        hub = _publish_step(checkpoint, report_path, eval_dir, onnx_path, cfg.repo_id, out / 'hub')
+        artefacts['hub_folder'] = str(hub['folder'])
+        artefacts['upload_command'] = hub['upload_command']
+
+        metrics = report['metrics']
+        summary = {
+            'output': str(out), 'data': 'synthetic', 'seconds': round(time.monotonic() - started, 1),
+            'artefacts': artefacts, 'test': {k: metrics[k] for k in ('roc_auc', 'accuracy', 'f1', 'balanced_accuracy')},
+            'best_val_roc_auc': trained.best_metric,
+            'config': {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()},
+        }
+        atomic_write_json(out / 'pipeline.json', summary)
+    return summary
 
 
 def build_parser() -> argparse.ArgumentParser:
+    d = PipelineConfig()
     p = argparse.ArgumentParser(prog='python -m timm_inception_pcam.pipeline', description=__doc__.split('\n\n')[0])
-    p.add_argument('--output', default='runs/demo', help='folder for every artefact of the run')
-    p.add_argument('--model', default='inception_v4_pcam')
+    p.add_argument('--output', type=Path, default=d.output, help='folder for every artefact of the run')
+    p.add_argument('--overwrite', action='store_true', help='replace the run already in --output')
+    p.add_argument('--model', default=d.model)
     p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
                    help='architecture arguments, e.g. depths=1,1,1 for a quick reduced-depth run')
-    p.add_argument('--n-train', type=int, default=512, help='synthetic training patches')
-    p.add_argument('--n-eval', type=int, default=256, help='synthetic validation and test patches (each)')
-    p.add_argument('--epochs', type=int, default=2)
-    p.add_argument('-b', '--batch-size', type=int, default=32)
-    p.add_argument('--lr', type=float, default=2e-3)
-    p.add_argument('--tta', type=int, default=1,
+    p.add_argument('--n-train', type=int, default=d.n_train, help='synthetic training patches')
+    p.add_argument('--n-eval', type=int, default=d.n_eval, help='synthetic validation and test patches (each)')
+    p.add_argument('--epochs', type=int, default=d.epochs)
+    p.add_argument('-b', '--batch-size', type=int, default=d.batch_size)
+    p.add_argument('--lr', type=float, default=d.lr)
+    p.add_argument('--tta', type=int, default=d.tta,
                    help='test-time augmentation views in the evaluation (1 = off; 8 = all dihedral views, 8x the time)')
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--workers', type=int, default=2)
-    p.add_argument('--repo-id', default='timm-inception-pcam/inception_v4_pcam-synthetic-demo',
+    p.add_argument('--seed', type=int, default=d.seed)
+    p.add_argument('--workers', type=int, default=d.workers)
+    p.add_argument('--repo-id', default=d.repo_id,
                    help='Hub repo the prepared folder is meant for (nothing is uploaded)')
-    p.add_argument('--no-export', action='store_true', help='skip the ONNX / FP16 / TensorRT step')
+    p.add_argument('--no-export', dest='export', action='store_false', help='skip the ONNX / FP16 / TensorRT step')
+    p.add_argument('--progress', action=argparse.BooleanOptionalAction, default=d.progress, help='progress bars')
     return p
 
 
-def train_model(args: argparse.Namespace, data_dir: Path, output: Path, extra: Sequence[str] = ()) -> dict[str, Any]:
-    """Step 2, the main job's recipe: our trainer from random initialisation (no network) on `data_dir`.
-
-    `args` are this command's (`build_parser`); the benchmark trains its models with it too. Returns the trainer's
-    summary (``best_checkpoint``, history, ...). `extra`: further trainer arguments (e.g. ``--no-progress``).
-    """
-    from .train import main as train_main
-
-    return train_main([
-        '--model', args.model, *_kwargs_argv(args.model_kwargs), '--data-dir', str(data_dir), '--output', str(output),
-        '--epochs', str(args.epochs), '--batch-size', str(args.batch_size), '--lr', str(args.lr),
-        '--warmup-epochs', '0.5', '--seed', str(args.seed), '--workers', str(args.workers), '--no-pretrained',
-        *extra,
-    ])
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from export.trt import main as trt_main
-
-    from .data import synthesize_pcam
-    from .evaluate import main as evaluate_main
-    from .publish import main as publish_main
-
-    args = build_parser().parse_args(argv)
-    out = Path(args.output)
-    started = time.monotonic()
-    kwargs_argv = _kwargs_argv(args.model_kwargs)
-    artefacts: dict[str, Any] = {}
-
-    _step('1/5 synthetic PCam sample')
-    data_dir = out / 'data'
-    files = synthesize_pcam(data_dir, n=args.n_train, seed=args.seed, n_valid=args.n_eval, n_test=args.n_eval)
-    artefacts['data'] = str(data_dir)
-    print(f'{len(files)} files in {data_dir}')
-
-    _step(f'2/5 training {args.model} on CPU')
-    train = train_model(args, data_dir, out / 'train')
-    checkpoint = Path(train['best_checkpoint'])
-    artefacts['checkpoint'] = str(checkpoint)
-
-    _step('3/5 evaluation on the test split (threshold chosen on valid)')
-    eval_dir = out / 'evaluate'
-    report = evaluate_main([
-        '--checkpoint', str(checkpoint), '--data-dir', str(data_dir), '--split', 'test', '--tta', str(args.tta),
-        '--threshold-from', 'valid', '--output', str(eval_dir), '--workers', str(args.workers),
-    ])
-    report_path = eval_dir / 'report.json'
-    artefacts['report'] = str(report_path)
-    artefacts['plots'] = {k: str(eval_dir / v) for k, v in report['plots'].items()}
-
-    onnx_path = None
-    if not args.no_export:
-        _step('4/5 export: ONNX, FP16 ONNX, parity reports, TensorRT')
-        export_dir = out / 'export'
-        status = trt_main([  # without a GPU it says what is missing and how to finish, and returns non-zero
-            '--model', args.model, *kwargs_argv, '--checkpoint', str(checkpoint), '--output', str(export_dir),
-            '--data-dir', str(data_dir), '--fp16',
-        ])
-        artefacts['export'] = str(export_dir)
-        artefacts['tensorrt'] = 'engine built' if status == 0 else f'not built here (exit {status}; see above)'
-        onnx_files = sorted(p for p in export_dir.glob('*.onnx') if 'fp16' not in p.name)
-        onnx_path = onnx_files[0] if onnx_files else None
-
-    _step('5/5 Hugging Face Hub folder (dry run)')
-    publish = publish_main([
-        '--checkpoint', str(checkpoint), '--report', str(report_path), '--repo-id', args.repo_id,
-        '--plots-dir', str(eval_dir), '--output', str(out / 'hub'), '--dry-run',
-        *(['--onnx', str(onnx_path)] if onnx_path else []),
-    ])
-    artefacts['hub_folder'] = str(publish['folder'])
-    artefacts['upload_command'] = publish.get('upload_command')
-
-    metrics = report['metrics']
-    summary = {
-        'output': str(out), 'seconds': round(time.monotonic() - started, 1), 'artefacts': artefacts,
-        'test': {k: metrics[k] for k in ('roc_auc', 'accuracy', 'f1', 'balanced_accuracy')},
-        'best_val_roc_auc': train.get('best_metric'),
-    }
-    with open(out / 'pipeline.json', 'w') as f:
-        json.dump(summary, f, indent=2)
-
-    _step('artefacts')
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """The command: parse `argv` into a PipelineConfig, run it, print where everything is."""
+    summary = run_pipeline(PipelineConfig(**vars(build_parser().parse_args(argv))))
+    artefacts = summary['artefacts']
+    print('artefacts:')
     for key, value in artefacts.items():
-        print(f'{key:>15}: {json.dumps(value) if isinstance(value, dict) else value}')
+        print(f'{key:>15}: {value}')
     if artefacts.get('upload_command'):
         cmd = artefacts['upload_command']
         print(f'\nTo publish for real: {cmd if isinstance(cmd, str) else shlex.join(cmd)}')
-    print(f'\nDone in {summary["seconds"]:.0f} s: test ROC AUC {metrics["roc_auc"]:.3f}, accuracy '
-          f'{metrics["accuracy"]:.3f}, F1 {metrics["f1"]:.3f} (synthetic data, {args.epochs} epochs on CPU)')
+    test = summary['test']
+    print(f'\nDone in {summary["seconds"]:.0f} s: test ROC AUC {test["roc_auc"]:.3f}, accuracy {test["accuracy"]:.3f}, '
+          f'F1 {test["f1"]:.3f} (synthetic data, {summary["config"]["epochs"]} epochs; not a PCam result)')
     return summary
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except KeyboardInterrupt:
-        sys.exit(130)
+    from .errors import cli
+
+    sys.exit(cli(main, 'pipeline'))

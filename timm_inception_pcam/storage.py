@@ -1,14 +1,18 @@
-"""Small file helpers: atomic writes and checksums, used by every command that writes artefacts."""
+"""Small file helpers used by every command that writes artefacts: atomic writes, checksums, and run folders owned by
+one process at a time (`claim_output_dir`)."""
 import contextlib
 import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ['atomic_path', 'atomic_write_bytes', 'atomic_write_json', 'file_sha256']
+from .errors import OutputError
+
+__all__ = ['atomic_path', 'atomic_write_bytes', 'atomic_write_json', 'file_sha256', 'claim_output_dir']
 
 
 def _process_umask() -> int:
@@ -58,3 +62,124 @@ def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
         while chunk := f.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+LOCK_NAME = '.lock'
+PARTIAL_GLOB = '.*.partial*'  # atomic_path's temporary names
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _read_lock(lock: Path) -> tuple[int | None, str]:
+    """(pid, host) recorded in a lock file; pid None when unreadable."""
+    try:
+        fields = lock.read_text().split()
+        return int(fields[0]), fields[1] if len(fields) > 1 else ''
+    except (OSError, ValueError, IndexError):
+        return None, ''
+
+
+def _take_lock(lock: Path, option: str) -> None:
+    """Create `lock` holding this process's pid and host; take over a lock whose process is gone."""
+    import logging
+    import socket
+
+    me = f'{os.getpid()} {socket.gethostname()}\n'
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            pid, host = _read_lock(lock)
+            if pid is None:  # being written this instant, or garbage: look again before judging
+                time.sleep(0.05)
+                pid, host = _read_lock(lock)
+            if host and host != socket.gethostname():
+                raise OutputError(f'{option} {lock.parent} is in use by process {pid} on host {host} (lock file '
+                                  f'{lock}); wait for it, choose another {option}, or delete the lock file if that '
+                                  'run is gone') from None
+            in_use = OutputError(f'{option} {lock.parent} is in use by another run (pid {pid}, lock file {lock}); '
+                                 f'wait for it to finish or choose another {option}')
+            if pid is not None and _pid_alive(pid):
+                raise in_use from None
+            # Stale: move it aside (one process wins the rename), and check it is the lock that was judged, not a
+            # fresh one another process created meanwhile (then put that back and yield to it).
+            aside = lock.with_name(f'{lock.name}.stale.{os.getpid()}')
+            try:
+                os.rename(lock, aside)
+            except FileNotFoundError:
+                continue
+            if _read_lock(aside)[0] != pid:
+                with contextlib.suppress(FileExistsError):
+                    os.link(aside, lock)
+                aside.unlink()
+                raise in_use from None
+            aside.unlink()
+            logging.getLogger(__name__).info('taking over %s: its process %s is gone', lock, pid)
+            continue
+        with os.fdopen(fd, 'w') as f:
+            f.write(me)
+        return
+    raise OutputError(f'{option} {lock.parent}: could not take the lock file {lock} (another run keeps taking it)')
+
+
+@contextlib.contextmanager
+def claim_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resume: bool = False,
+                     finished: Sequence[str] = (), replaces: Sequence[str] = (), option: str = '--output',
+                     resume_hint: str = '') -> Iterator[Path]:
+    """Own the run folder `path` for the duration of the block; raises OutputError when it cannot be used.
+
+    - A folder another live process holds (`path/.lock` with its pid) is refused; a lock whose process is gone
+      (killed run) is taken over. The lock is removed when the block ends.
+    - A folder holding one of the names in `finished` (what a completed or resumable run leaves, e.g. `last.pth`)
+      is refused unless `resume` (continue it) or `overwrite` (delete the names in `replaces`, then start afresh);
+      the message names both options (`resume_hint`, e.g. '--resume runs/x/last.pth to continue it', is omitted
+      when the command cannot resume).
+    - Temporary files of `atomic_path` left in the folder by a killed run (`.NAME.*.partial*`) are deleted.
+    - `path` naming an existing file is refused; a folder this call created and the block left empty is removed.
+
+    Commands call it once, on their top-level output folder (under DDP, rank 0 only).
+    """
+    import shutil
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f'{option} {path} is an existing file; expected a folder (new or a previous run\'s)')
+    created = not path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f'{option} {path}: cannot create the folder ({e.strerror or e})') from e
+    lock = path / LOCK_NAME
+    _take_lock(lock, option)
+    try:
+        done = [name for name in finished if (path / name).exists()]
+        if done and overwrite:
+            for name in replaces:
+                target = path / name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                elif target.exists() or target.is_symlink():
+                    target.unlink()
+        elif done and not resume:
+            hint = f'pass {resume_hint}, ' if resume_hint else 'pass '
+            raise OutputError(f'{option} {path} already holds a run ({done[0]}): {hint}--overwrite to replace it, '
+                              f'or choose another {option}')
+        for tmp in path.glob(PARTIAL_GLOB):
+            if tmp.is_file():
+                tmp.unlink()
+        yield path
+    finally:
+        pid, _ = _read_lock(lock)
+        if pid == os.getpid():
+            lock.unlink()
+        if created:  # a run that wrote nothing leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                path.rmdir()

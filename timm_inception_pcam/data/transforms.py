@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..constants import PCAM_MEAN, PCAM_STD
+from ..preprocess import preprocess_patches
 
 __all__ = ['dihedral', 'create_pcam_transform', 'PcamTransform', 'stain_jitter']
 
@@ -62,8 +63,6 @@ class PcamTransform:
         self.stain_sigma, self.stain_bias = stain_sigma, stain_bias
         self.brightness, self.contrast, self.saturation = brightness, contrast, saturation
         self.max_shift = max_shift
-        self._scale = torch.from_numpy(1.0 / (255.0 * self.std))[:, None, None]
-        self._shift = torch.from_numpy(self.mean / self.std)[:, None, None]
 
     def _augment(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         if self.stain_sigma or self.stain_bias:
@@ -84,18 +83,14 @@ class PcamTransform:
         return np.clip(x, 0.0, 1.0)
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
-        if not self.is_training:  # one fused uint8 HWC -> float CHW copy, then normalise in place
-            t = torch.empty((image.shape[2], image.shape[0], image.shape[1]), dtype=torch.float32)
-            t.copy_(torch.from_numpy(np.asarray(image)).permute(2, 0, 1))
-            return t.mul_(self._scale).sub_(self._shift)
-        x = image.astype(np.float32) / 255.0
-        if self.is_training:
-            # randomness drawn from torch's generator, which DataLoader seeds per worker and checkpoints can restore
-            rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,))))
-            x = self._augment(x, rng)
+        if not self.is_training:  # the preprocessing of every inference path, on a batch of one
+            return torch.from_numpy(preprocess_patches(np.asarray(image), self.mean, self.std)[0])
+        # randomness drawn from torch's generator, which DataLoader seeds per worker and checkpoints can restore
+        rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,))))
+        x = self._augment(image.astype(np.float32) / 255.0, rng)
         x = (x - self.mean) / self.std
         t = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
-        if self.is_training and self.dihedral_aug:
+        if self.dihedral_aug:
             t = dihedral(t, int(rng.integers(8)))
         return t.contiguous()
 

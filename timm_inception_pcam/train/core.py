@@ -1,0 +1,178 @@
+"""`train(cfg)`: one training run, from a TrainConfig to a TrainResult."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from timm.loss import LabelSmoothingCrossEntropy
+from timm.optim import create_optimizer_v2, list_optimizers
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3, NativeScaler
+from timm.utils.distributed import init_distributed_device_so
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from ..checkpoint import read_checkpoint
+from ..precision import autocast_dtype, choose_precision
+from ..storage import claim_output_dir
+from .checkpointing import RunState, capture_rng_state, check_resume, seed_everything
+from .config import BEST_NAME, LAST_NAME, LOG_CSV, TrainConfig, TrainError, TrainResult
+from .loop import best_of, build_loaders, train_one_epoch, unwrap, validate
+from .model import create_train_model
+
+__all__ = ['train', 'build_optimization']
+
+_logger = logging.getLogger('timm_inception_pcam.train')
+
+
+def build_optimization(cfg: TrainConfig, model: nn.Module, updates_per_epoch: int):
+    """The recipe's optimizer, LR schedule (and its epoch count), EMA of the weights and loss, from a TrainConfig.
+
+    Returns (optimizer, scheduler, num_epochs, ema or None, loss_fn).
+    """
+    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                    momentum=cfg.momentum,
+                                    **({'eps': cfg.opt_eps} if cfg.opt_eps is not None else {}),
+                                    **({'betas': tuple(cfg.opt_betas)} if cfg.opt_betas else {}))
+    sched_kw: dict[str, Any] = {}
+    if cfg.decay_epochs is not None:
+        sched_kw['decay_epochs'] = cfg.decay_epochs
+    scheduler, num_epochs = create_scheduler_v2(
+        optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+        warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, decay_rate=cfg.decay_rate,
+        step_on_epochs=not cfg.sched_on_updates, updates_per_epoch=updates_per_epoch, **sched_kw)
+    ema = ModelEmaV3(model, decay=cfg.model_ema_decay, use_warmup=True) if cfg.model_ema else None
+    loss_fn = LabelSmoothingCrossEntropy(cfg.smoothing) if cfg.smoothing > 0 else nn.CrossEntropyLoss()
+    return optimizer, scheduler, num_epochs, ema, loss_fn
+
+
+@contextlib.contextmanager
+def _messages(primary: bool, progress: bool) -> Iterator[None]:
+    """Only the primary process logs; log records and tqdm bars do not overwrite each other."""
+    def rank_filter(_record: logging.LogRecord) -> bool:
+        return primary
+
+    loggers = [_logger, logging.getLogger('timm_inception_pcam.storage')]
+    for lg in loggers:
+        lg.addFilter(rank_filter)
+    try:
+        with logging_redirect_tqdm() if primary and progress else contextlib.nullcontext():
+            yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(rank_filter)
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train as `cfg` says; under torchrun every process calls it (rank 0 writes the files).
+
+    Raises TrainError (or another PCamError) with a one-line message for anything the user can change: bad
+    options, data, checkpoints, an output folder in use or holding a finished run, a diverging loss, out of memory.
+    """
+    out_dir = cfg.run_dir
+    if cfg.opt.lower() not in list_optimizers():
+        raise TrainError(f'--opt {cfg.opt!r}: unknown timm optimizer (e.g. adamw, sgd, rmsproptf)')
+    resume_ckpt: dict[str, Any] | None = None
+    if cfg.resume is not None:
+        if not cfg.resume.is_file():
+            raise TrainError(f'--resume {cfg.resume}: no such file')
+        resume_ckpt = read_checkpoint(cfg.resume)
+        check_resume(resume_ckpt, cfg, cfg.resume)
+    # Rank 0 (known from torchrun's environment before the process group exists) owns the folder; if it refuses,
+    # torchrun stops the other processes.
+    primary = int(os.environ.get('RANK', '0')) == 0
+    device_name = cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    claim = claim_output_dir(out_dir, overwrite=cfg.overwrite, resume=cfg.resume is not None, finished=(LAST_NAME,),
+                             replaces=(LAST_NAME, BEST_NAME, LOG_CSV, 'log.json'),
+                             resume_hint=f'--resume {out_dir / LAST_NAME} to continue it') \
+        if primary else contextlib.nullcontext(out_dir)
+    with claim, _messages(primary, cfg.progress):
+        dist_info = init_distributed_device_so(device=device_name)
+        try:
+            return _run(cfg, out_dir, resume_ckpt, torch.device(dist_info['device']), dist_info['global_rank'],
+                        dist_info['world_size'])
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _run(cfg: TrainConfig, out_dir: Path, resume_ckpt: dict[str, Any] | None, device: torch.device, rank: int,
+         world: int) -> TrainResult:
+    primary = rank == 0
+    seed_everything(cfg.seed)  # the same initial weights (and EMA copy) in every process
+    precision = choose_precision(device, cfg.precision)
+    amp_dtype = autocast_dtype(precision)
+
+    model, model_kwargs, init_source = create_train_model(cfg, resume_ckpt)
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    seed_everything(cfg.seed + rank)  # different augmentations and dropout in every process
+
+    train_loader, val_loader, val_labels, steps = build_loaders(cfg, device, rank, world)
+    optimizer, scheduler, num_epochs, ema, loss_fn = build_optimization(cfg, model, steps)
+    scaler = NativeScaler(device=device.type) if amp_dtype == torch.float16 else None
+    arch = cfg.model.split('.')[0]
+    state = RunState(model=model, optimizer=optimizer, scheduler=scheduler, ema=ema, scaler=scaler, arch=arch,
+                     model_kwargs=model_kwargs)
+    if resume_ckpt is not None:
+        state.restore(resume_ckpt, cfg, rank, world)
+        init_source = f'resumed from {cfg.resume} (epoch {state.start_epoch - 1} done)'
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda'
+                                                    else None)
+
+    _logger.info('train: %s %s (%s), %d train / %d valid patches, %d process(es) on %s, precision %s, '
+                 '%d updates/epoch, epochs %d..%d, output %s', arch, model_kwargs, init_source,
+                 len(train_loader.dataset), len(val_labels), world, device, precision, steps, state.start_epoch,
+                 num_epochs - 1, out_dir)
+    show = primary and cfg.progress
+    for epoch in range(state.start_epoch, num_epochs):
+        t0 = time.perf_counter()
+        train_loader.sampler.set_epoch(epoch)
+        train_loss, state.num_updates = train_one_epoch(
+            model, train_loader, optimizer, loss_fn, cfg, device, epoch, state.num_updates, steps,
+            scheduler=scheduler if cfg.sched_on_updates else None, ema=ema, scaler=scaler, amp_dtype=amp_dtype,
+            show=show)
+        if scheduler is not None and not cfg.sched_on_updates:
+            scheduler.step(epoch + 1)
+        lr = optimizer.param_groups[0]['lr']
+        candidates = {'model': unwrap(model), **({'ema': ema.module} if ema is not None else {})}
+        scores_row, scores = validate(candidates, val_loader, cfg, device, amp_dtype, epoch, lr, show)
+        row: dict[str, Any] = {'epoch': epoch, 'updates': state.num_updates, 'lr': lr, 'train_loss': train_loss,
+                               **scores_row}
+        chosen = best_of(scores)
+        improved = scores[chosen] == scores[chosen] and scores[chosen] > state.best_metric  # not NaN, better
+        if improved:
+            state.best_metric, state.best_epoch = scores[chosen], epoch
+        row.update({'best_roc_auc': state.best_metric if state.best_epoch >= 0 else None,
+                    'best_epoch': state.best_epoch, 'time_s': round(time.perf_counter() - t0, 3)})
+        state.history.append(row)
+        rng_states = [capture_rng_state()]
+        if world > 1:
+            rng_states = [None] * world
+            dist.all_gather_object(rng_states, capture_rng_state())
+        if primary:
+            state.save(cfg, out_dir, epoch, rng_states, best=(candidates[chosen], chosen) if improved else None)
+            _logger.info('epoch %d: train loss %.4f, val AUC %.4f%s%s', epoch, train_loss, row['val_roc_auc'],
+                         f', EMA val AUC {row["ema_val_roc_auc"]:.4f}' if ema is not None else '',
+                         f' (best, {chosen} weights)' if improved else '')
+        if world > 1:
+            dist.barrier()
+
+    found = state.best_epoch >= 0
+    result = TrainResult(output=out_dir, last_checkpoint=out_dir / LAST_NAME,
+                         best_checkpoint=out_dir / BEST_NAME if found else None,
+                         best_metric=state.best_metric if found else None, best_epoch=state.best_epoch,
+                         history=state.history)
+    best = f'{state.best_metric:.4f} at epoch {state.best_epoch}' if found else 'n/a'
+    _logger.info('done: %d epochs of %s, best val ROC AUC %s -> %s; last state %s; log %s', len(state.history), arch,
+                 best, result.best_checkpoint, result.last_checkpoint, out_dir / LOG_CSV)
+    return result
