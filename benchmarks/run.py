@@ -24,17 +24,18 @@ import torch
 
 from timm_inception_pcam.storage import atomic_write_bytes, atomic_write_json
 
-from . import backends, gpu, models, training
+from . import backends, cohort, gpu, models, training
 from .common import FULL, QUICK, Sizes, fmt, machine_info, synthetic_split
 
 __all__ = ['SECTIONS', 'RESULTS_FORMAT', 'build_parser', 'main', 'render_markdown']
 
 RESULTS_FORMAT = 'timm-inception-pcam-bench/1'
 DEFAULT_CACHE = Path(os.environ.get('XDG_CACHE_HOME', Path.home() / '.cache')) / 'timm-inception-pcam' / 'bench'
-SECTIONS = ('models', 'backends', 'data', 'training', 'slide', 'gpu')
+SECTIONS = ('models', 'backends', 'data', 'training', 'slide', 'cohort', 'gpu')
 TITLES = {'models': 'Models at 96 px (CPU)', 'backends': 'CPU inference backends',
           'data': 'Data readers', 'training': 'Training step: our trainer vs a bare PyTorch loop',
-          'slide': 'Whole-slide inference (tiles/s)', 'gpu': 'GPU: TensorRT FP16 vs PyTorch fp16 vs onnxruntime CUDA'}
+          'slide': 'Whole-slide inference (tiles/s)', 'cohort': 'A cohort of slides: Ray workers vs slide after slide',
+          'gpu': 'GPU: TensorRT FP16 vs PyTorch fp16 vs onnxruntime CUDA'}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +79,15 @@ def _slide_markdown(section: dict[str, Any], fmt_) -> list[str]:
     return lines + ['']
 
 
+def _provenance(args: argparse.Namespace) -> str:
+    """What the accuracy figures are measured on: 'synthetic' unless --data-dir holds verified PCam files."""
+    if args.data_dir is None:
+        return 'synthetic'
+    from timm_inception_pcam.data.provenance import folder_provenance
+
+    return folder_provenance(args.data_dir)['provenance']
+
+
 def _eval_data(args: argparse.Namespace, sizes: Sizes, work: Path):
     if args.data_dir is None:
         return synthetic_split(work / 'synthetic_pcam', sizes.n_fit, sizes.n_eval)
@@ -100,10 +110,14 @@ def render_markdown(results: dict[str, Any]) -> str:
              f'AMX {"yes" if m["amx"] else "no"}), load average at start {m["load_average_1_5_15"]}; '
              f'torch {m["torch"]}, timm {m["timm"]}, onnxruntime {m["onnxruntime"]}, Python {m["python"]}. '
              f'{m["date"]}. Mode: {"quick (tiny sizes, not figures to quote)" if results["quick"] else "full"}; '
-             f'{fmt(results.get("seconds"))} s.', '']
+             f'{fmt(results.get("seconds"))} s.', '',
+             f'Data: {results.get("data_provenance", "synthetic")}'
+             + (' PCam-format patches generated here: accuracy figures compare backends with each other, they are '
+                'not PCam results.' if results.get('data_provenance', 'synthetic') != 'pcam' else ' (official PCam '
+                'files, md5-verified).'), '']
     renderers: dict[str, Callable[[dict[str, Any], Any], list[str]]] = {
         'models': models.markdown, 'backends': backends.markdown, 'training': training.markdown,
-        'gpu': gpu.markdown, 'data': _data_markdown, 'slide': _slide_markdown}
+        'gpu': gpu.markdown, 'data': _data_markdown, 'slide': _slide_markdown, 'cohort': cohort.markdown}
     for name, section in results['sections'].items():
         lines += [f'## {TITLES[name]}', '']
         status = section.get('status') if isinstance(section, dict) else None
@@ -141,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     results: dict[str, Any] = {'format': RESULTS_FORMAT, 'quick': args.quick, 'machine': machine_info(),
                                'sizes': sizes.as_dict(), 'checkpoint': args.checkpoint, 'sections': {},
-                               'section_seconds': {}, 'seconds': None}
+                               'section_seconds': {}, 'seconds': None, 'data_provenance': _provenance(args)}
     with tempfile.TemporaryDirectory(prefix='pcam-bench-') as tmp:
         work = Path(tmp)
         runners: dict[str, Callable[[], dict[str, Any]]] = {
@@ -152,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             'data': lambda: _data_section(args.quick),
             'training': lambda: training.run(sizes, args.progress),
             'slide': lambda: _slide_section(args.quick),
+            'cohort': lambda: cohort.benchmark_cohort(args.quick),
             'gpu': lambda: gpu.run(sizes, work / 'gpu', args.progress),
         }
         for name in SECTIONS:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import functools
 import shutil
-import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,14 +19,12 @@ from typing import Any
 
 import numpy as np
 
-if __package__ in (None, ''):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from timm_inception_pcam.data.synth_slide import write_synthetic_slide
+from timm_inception_pcam.inference import create_runner, probabilities
+from timm_inception_pcam.storage import atomic_write_json
+from timm_inception_pcam.wsi import SlideOptions, run_slide
 
-from benchmarks.common import FULL, QUICK, create, machine_info  # noqa: E402
-from timm_inception_pcam.data.synth_slide import write_synthetic_slide  # noqa: E402
-from timm_inception_pcam.inference import create_runner, probabilities  # noqa: E402
-from timm_inception_pcam.storage import atomic_write_json  # noqa: E402
-from timm_inception_pcam.wsi import SlideOptions, run_slide  # noqa: E402
+from .common import FULL, QUICK, create, machine_info
 
 BACKENDS = ('eager', 'auto')
 

@@ -450,3 +450,18 @@ def test_command_line_user_error_is_one_line(pcam_dir, tmp_path):
     assert len(lines) == 1 and 'Traceback' not in result.stderr, result.stderr
     assert lines[0].startswith('evaluate: error:') and 'missing.pth.tar' in lines[0]
     assert not (tmp_path / 'eval').exists()
+
+
+def test_a_finished_evaluation_is_replaced_only_when_asked(pcam_dir, checkpoint, tmp_path, capsys) -> None:
+    out = tmp_path / 'eval'
+    argv = _args(pcam_dir, checkpoint, out, '--backend', 'channels_last', '--limit', '32')
+    first = evaluate.main(argv)
+    assert cli(evaluate.main, 'evaluate', argv) == 2  # a second run would mix with the first
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'already holds a run (report.json)' in err[0] and '--overwrite' in err[0]
+    (out / 'report.json').unlink()  # a run killed before its report: the rest is replaced without asking
+    (out / '.predictions.csv.x.partial').write_text('left by a killed run')
+    again = evaluate.main(argv)
+    assert again['metrics'] == first['metrics'] and not list(out.glob('.*partial*'))
+    assert evaluate.main([*argv, '--overwrite'])['metrics'] == first['metrics']
+    assert not (out / '.lock').exists()

@@ -11,7 +11,6 @@ from onnx import TensorProto, helper, numpy_helper
 import export.onnx as export_onnx
 import export.trt as export_trt
 from export.fp16 import FP16_MAX, convert_fp16, fp16_emulation, fp32_nodes
-from export.golden import TINY_KWARGS, TINY_MODEL, train_tiny_model
 from export.gpu import probe
 from export.onnx import (
     ExportError,
@@ -25,6 +24,7 @@ from export.onnx import (
 from export.spec import ONNX_METADATA_KEY, IOSpec
 from timm_inception_pcam.inference import probabilities
 from timm_inception_pcam.storage import file_sha256
+from timm_inception_pcam.testing import TINY_KWARGS, TINY_MODEL, train_tiny_model
 
 TOLERANCE = 1e-4  # max |logit| difference PyTorch vs onnxruntime FP32
 

@@ -50,7 +50,7 @@ def data() -> tuple[np.ndarray, np.ndarray]:
 @pytest.fixture(scope='module')
 def model() -> nn.Module:
     """Tiny inception_v4_pcam with BN statistics and a classifier fitted to labelled patches: its logits vary."""
-    from export.golden import train_tiny_model
+    from timm_inception_pcam.testing import train_tiny_model
 
     patches, labels = _patches(64, seed=0)
     return train_tiny_model(patches, labels, steps=80)

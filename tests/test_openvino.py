@@ -29,7 +29,7 @@ def _patches(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope='module')
 def model() -> torch.nn.Module:
-    from export.golden import train_tiny_model
+    from timm_inception_pcam.testing import train_tiny_model
 
     return train_tiny_model(*_patches(64, seed=0), steps=80)
 

@@ -33,6 +33,25 @@ def test_pipeline_writes_every_artefact(demo: tuple[Path, dict]) -> None:
     assert not list(hub.glob('*.bin')) and not list(hub.glob('*.pth'))
     assert summary['artefacts']['tensorrt'].startswith(('engine built', 'not built here'))
     assert summary['artefacts']['upload_command'].startswith('hf upload ')
+    ir = Path(summary['artefacts']['openvino_ir'])
+    assert ir.is_file() and ir.with_suffix('.bin').is_file()
+    assert json.loads((export / 'openvino' / 'inception_v4_pcam.xml.parity.json').read_text())['passed'] is True
+    repo = Path(summary['artefacts']['triton_repository'])
+    assert summary['artefacts']['triton_models'] == ['inception_v4_pcam_onnx', 'inception_v4_pcam_openvino']
+    assert all((repo / m / 'config.pbtxt').is_file() for m in summary['artefacts']['triton_models'])
+    assert 'export.trt --fp16 --from-onnx' in summary['artefacts']['triton_left_out']['inception_v4_pcam_tensorrt']
+
+
+def test_provenance_is_synthetic_from_data_to_card(demo: tuple[Path, dict]) -> None:
+    from timm_inception_pcam.checkpoint import read_checkpoint
+
+    out, summary = demo
+    report = json.loads((out / 'evaluate' / 'report.json').read_text())
+    assert report['data']['provenance'] == 'synthetic' and 'not a PCam result' in report['data']['note']
+    assert read_checkpoint(summary['artefacts']['checkpoint'])['data_provenance'] == 'synthetic'
+    hub = Path(summary['artefacts']['hub_folder'])
+    card = (hub / 'README.md').read_text()
+    assert 'synthetic' in card.lower() and '1aurent/PatchCamelyon' not in card
 
 
 def test_pipeline_summary_matches_report(demo: tuple[Path, dict]) -> None:

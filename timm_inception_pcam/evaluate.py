@@ -38,6 +38,7 @@ from .checkpoint import load_model
 from .constants import LABEL_NAMES, PCAM_NUM_CLASSES
 from .data import PCamDataset
 from .data.files import normalize_split
+from .data.provenance import folder_provenance
 from .errors import CheckpointError, DataError, UsageError, check_range, cli
 from .inference.check import DecisionCheck, Settler
 from .inference.factory import BACKENDS, artefact_kind, create_runner
@@ -55,12 +56,13 @@ from .metrics import (
     select_threshold,
 )
 from .precision import AUTOCAST_PRECISIONS, parse_precision
-from .storage import atomic_path, atomic_write_json, file_sha256
+from .storage import atomic_path, atomic_write_json, claim_output_dir, file_sha256
 
 __all__ = ['REPORT_FORMAT', 'EvalConfig', 'evaluate', 'evaluate_split', 'build_parser', 'main']
 
 REPORT_FORMAT = 'timm-inception-pcam-report/1'
 TTA_GAIN_KEYS = ('roc_auc', 'accuracy', 'f1', 'balanced_accuracy', 'nll', 'ece')
+OUTPUT_NAMES = ('report.json', 'predictions.csv', 'roc.png', 'pr.png', 'confusion.png')
 PLOTS = {'roc': 'roc.png', 'pr': 'pr.png', 'confusion': 'confusion.png'}
 
 
@@ -85,6 +87,7 @@ class EvalConfig:
     bootstrap: int = 1000
     seed: int = 0
     limit: int | None = None
+    overwrite: bool = False
 
     def check(self) -> 'EvalConfig':
         """Range-check the numbers and fold the precision's aliases; UsageError on a bad value."""
@@ -256,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--bootstrap', type=int, default=1000, help='bootstrap resamples for the 95%% CIs')
     p.add_argument('--seed', type=int, default=0, help='bootstrap seed')
     p.add_argument('--limit', type=int, default=None, help='evaluate only the first N patches of each split')
+    p.add_argument('--overwrite', action='store_true', help='replace the finished evaluation in --output')
     return p
 
 
@@ -302,12 +306,16 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     dataset = _open_evaluated_split(cfg.data_dir, split)  # fail on a missing split before loading any weights
     artefact, kind = _load(cfg)
     device = cfg.device or 'auto'
-    # No per-batch thresholds: the threshold is chosen later, and `Settler` settles what depends on it.
-    runner = create_runner(artefact, cfg.backend, device, cfg.precision, cfg.batch_size, thresholds=())
-    try:
-        return _evaluate(cfg, split, dataset, runner, artefact, kind, t0)
-    finally:
-        runner.close()
+    # One run owns the folder; report.json is written last, so a folder never pairs one run's report with
+    # another's predictions or plots (a killed run leaves no report.json, and the next run needs --overwrite only
+    # when a finished report is there).
+    with claim_output_dir(cfg.output, overwrite=cfg.overwrite, finished=('report.json',), replaces=OUTPUT_NAMES):
+        # No per-batch thresholds: the threshold is chosen later, and `Settler` settles what depends on it.
+        runner = create_runner(artefact, cfg.backend, device, cfg.precision, cfg.batch_size, thresholds=())
+        try:
+            return _evaluate(cfg, split, dataset, runner, artefact, kind, t0)
+        finally:
+            runner.close()
 
 
 def _evaluate(cfg: EvalConfig, split: str, dataset: PCamDataset, runner: Any, artefact: Any, kind: str,
@@ -366,6 +374,7 @@ def _evaluate(cfg: EvalConfig, split: str, dataset: PCamDataset, runner: Any, ar
         'bootstrap': {'n_resamples': cfg.bootstrap, 'seed': cfg.seed, 'method': 'percentile'},
         'normalization': {'mean': list(spec.mean), 'std': list(spec.std)},
         'data_dir': str(cfg.data_dir),
+        'data': _data_record(cfg.data_dir, split),
         'use_ema': cfg.use_ema,
         'precision': spec.precision,
         'backend': spec.backend,
@@ -380,6 +389,15 @@ def _evaluate(cfg: EvalConfig, split: str, dataset: PCamDataset, runner: Any, ar
           f"accuracy {_fmt(m['accuracy'])}, F1 {_fmt(m['f1'])} at threshold {threshold['value']:.4f} "
           f"({threshold['source']}) -> {out / 'report.json'}")
     return report
+
+
+def _data_record(data_dir: str | Path, split: str) -> dict[str, Any]:
+    """Where the scored patches came from: 'synthetic' (written by synth), 'pcam' (official, md5-verified) or
+    'unknown'; the Hub folder never presents a result on synthetic or unknown data as a PCam result."""
+    prov = folder_provenance(data_dir, tuple(dict.fromkeys((split, 'valid'))))
+    note = {'synthetic': 'synthetic patches in the PCam layout: not a PCam result',
+            'unknown': 'official md5s not verified (python -m timm_inception_pcam.data info --verify)'}
+    return {'dir': str(data_dir), **prov, 'note': note.get(prov['provenance'], 'official PCam files (md5-verified)')}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

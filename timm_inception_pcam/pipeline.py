@@ -6,7 +6,8 @@
 2. train `inception_v4_pcam` briefly with our trainer (reads the HDF5 files directly);
 3. evaluate on the test split: metrics with 95 % CIs, ROC / PR / confusion plots, report.json;
 4. export: single-file ONNX with parity, FP16 ONNX with its parity report, and the TensorRT step, which on a
-   machine without a GPU stops with the command that finishes it;
+   machine without a GPU stops with the command that finishes it; an OpenVINO IR with its parity report, and a
+   Triton Inference Server model repository (ONNX and OpenVINO models taking raw uint8 patches);
 5. prepare the Hugging Face Hub folder (dry run) and print the command that would upload it.
 
 Each step calls the project's own function for it, with the arguments a user would give the step's command. A
@@ -81,13 +82,11 @@ def train_config(cfg: PipelineConfig, data_dir: Path, output: Path, **over: Any)
 
 
 def _evaluate_step(checkpoint: Path, data_dir: Path, output: Path, tta: int, workers: int) -> dict[str, Any]:
-    """Step 3: evaluate.main's report (today evaluate has no typed entry point but its command)."""
-    from .evaluate import main as evaluate_main
+    """Step 3: the evaluator's report on the test split, threshold chosen on valid, on the CPU's `auto` path."""
+    from .evaluate import EvalConfig, evaluate
 
-    return evaluate_main([
-        '--checkpoint', str(checkpoint), '--data-dir', str(data_dir), '--split', 'test', '--tta', str(tta),
-        '--threshold-from', 'valid', '--output', str(output), '--workers', str(workers),
-    ])
+    return evaluate(EvalConfig(checkpoint=str(checkpoint), data_dir=str(data_dir), split='test', tta=tta,
+                               threshold_from='valid', output=str(output), workers=workers).check())
 
 
 def _export_step(model: str, model_kwargs: dict[str, Any], checkpoint: Path, data_dir: Path, output: Path
@@ -103,13 +102,30 @@ def _export_step(model: str, model_kwargs: dict[str, Any], checkpoint: Path, dat
     return status, onnx_files[0] if onnx_files else None
 
 
+def _serving_step(model: str, checkpoint: Path, data_dir: Path, output: Path) -> dict[str, Any]:
+    """Step 4, continued: the OpenVINO IR (bf16 on CPUs, checked in the parity report) and a Triton repository."""
+    from export.onnx import load_export_model, load_patches
+    from export.openvino import export_openvino
+    from export.triton import build_repository
+
+    net, name = load_export_model(None, str(checkpoint))
+    patches, _, source = load_patches(data_dir, 'valid', 256)
+    ir = export_openvino(net, output / 'openvino', model_name=name, checkpoint=str(checkpoint), precision='fp32',
+                         patches=patches, patch_source=source)
+    repo = build_repository(net, output / 'triton', model_name=name, checkpoint=str(checkpoint),
+                            formats=('onnx', 'openvino', 'tensorrt'))
+    return {'openvino_ir': str(ir['xml']), 'triton_repository': str(output / 'triton'),
+            'triton_models': sorted(repo['models']), 'triton_left_out': repo['skipped']}
+
+
 def _publish_step(checkpoint: Path, report: Path, plots_dir: Path, onnx: Path | None, repo_id: str, output: Path
                   ) -> dict[str, Any]:
     """Step 5: the Hub folder (dry run) and the command that would upload it."""
-    from .publish import build_hub_folder, upload_command
+    from .hub.folder import FolderConfig, build_hub_folder
+    from .hub.upload import upload_command
 
-    result = build_hub_folder(checkpoint=checkpoint, report_path=report, repo_id=repo_id, output=output,
-                              onnx=onnx, plots_dir=plots_dir, log=_logger.info)
+    result = build_hub_folder(FolderConfig(checkpoint=checkpoint, report=report, repo_id=repo_id, output=output,
+                                           onnx=onnx, plots_dir=plots_dir), log=_logger.info)
     message = f'Publish {result["model"]} trained by the synthetic-data demo (not a PCam result)'
     result['upload_command'] = upload_command(result['folder'], repo_id, message)
     return result
@@ -151,6 +167,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
             status, onnx_path = _export_step(cfg.model, cfg.model_kwargs, checkpoint, data_dir, out / 'export')
             artefacts['export'] = str(out / 'export')
             artefacts['tensorrt'] = 'engine built' if status == 0 else f'not built here (exit {status}; see above)'
+            _logger.info('=== 4/5 export: OpenVINO IR and a Triton model repository ===')
+            artefacts.update(_serving_step(cfg.model, checkpoint, data_dir, out / 'export'))
 
         _logger.info('=== 5/5 Hugging Face Hub folder (dry run) ===')
         hub = _publish_step(checkpoint, report_path, eval_dir, onnx_path, cfg.repo_id, out / 'hub')

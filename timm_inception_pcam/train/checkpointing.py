@@ -100,6 +100,7 @@ class RunState:
     history: list[dict[str, Any]] = field(default_factory=list)
     best_metric: float = -math.inf
     best_epoch: int = -1
+    data_provenance: str = 'unknown'  # 'synthetic' | 'pcam' | 'unknown' (data.provenance): in every checkpoint
 
     def restore(self, ckpt: dict[str, Any], cfg: TrainConfig, rank: int, world: int) -> None:
         """Load a checked `last.pth` (see `check_resume`) into this state, the RNGs and the LR schedule."""
@@ -148,9 +149,10 @@ class RunState:
             net, tag = best
             save_checkpoint(out_dir / BEST_NAME, net, arch=self.arch, model_kwargs=self.model_kwargs, epoch=epoch,
                             metrics=metrics, weights=tag, best_metric=self.best_metric, selection='val_roc_auc',
-                            train_state=TRAIN_STATE['best'])
+                            train_state=TRAIN_STATE['best'], data_provenance=self.data_provenance)
         extra: dict[str, Any] = {
             'train_state': TRAIN_STATE['last'], 'epoch': epoch, 'num_updates': self.num_updates, 'metrics': metrics,
+            'data_provenance': self.data_provenance,
             'optimizer': self.optimizer.state_dict(),
             'scheduler': self.scheduler.state_dict() if self.scheduler is not None else None,
             'scaler': self.scaler.state_dict() if self.scaler is not None else None, 'history': self.history,

@@ -120,8 +120,11 @@ def _run(cfg: TrainConfig, out_dir: Path, resume_ckpt: dict[str, Any] | None, de
     optimizer, scheduler, num_epochs, ema, loss_fn = build_optimization(cfg, model, steps)
     scaler = NativeScaler(device=device.type) if amp_dtype == torch.float16 else None
     arch = cfg.model.split('.')[0]
+    from ..data.provenance import folder_provenance
+
+    provenance = folder_provenance(cfg.data_dir, (cfg.train_split, cfg.val_split))['provenance']
     state = RunState(model=model, optimizer=optimizer, scheduler=scheduler, ema=ema, scaler=scaler, arch=arch,
-                     model_kwargs=model_kwargs)
+                     model_kwargs=model_kwargs, data_provenance=provenance)
     if resume_ckpt is not None:
         state.restore(resume_ckpt, cfg, rank, world)
         init_source = f'resumed from {cfg.resume} (epoch {state.start_epoch - 1} done)'
