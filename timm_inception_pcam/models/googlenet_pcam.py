@@ -258,14 +258,18 @@ class GoogLeNetPcam(LayerTrunk, nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+# torchvision's names are ours; its auxiliary heads are untrained ("NOT pretrained", its googlenet() warns), so an
+# aux_logits=True model keeps fresh ones, and the 1000-class classifiers give way to fresh 2-class ones.
+checkpoint_filter_fn = adapt_head_filter('fc', load_aux=False)
+
+
 def _create_googlenet_pcam(variant: str, pretrained: bool = False, **kwargs: Any) -> GoogLeNetPcam:
     check_pretrained_available(variant, pretrained, kwargs, imagenet_tag='tv_in1k')
     return build_model_with_cfg(
         GoogLeNetPcam,
         variant,
         pretrained,
-        # torchvision's auxiliary heads are not trained ("NOT pretrained", its googlenet() warns): keep ours fresh
-        pretrained_filter_fn=adapt_head_filter('fc', load_aux=False),
+        pretrained_filter_fn=checkpoint_filter_fn,
         **kwargs,
     )
 

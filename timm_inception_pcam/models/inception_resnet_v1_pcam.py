@@ -297,11 +297,12 @@ def _create_inception_resnet_v1_pcam(variant: str, pretrained: bool = False, **k
 
 
 default_cfgs = generate_default_cfgs({
-    # No weights source: no ImageNet weights exist for Inception-ResNet-v1, so pretrained=True refuses and says so.
-    'inception_resnet_v1_pcam': pcam_cfg('classif', 'conv2d_1a.conv'),
     # PCam-trained weights, not published yet: pretrained=True on this tag explains what to use instead.
     'inception_resnet_v1_pcam.pcam': pcam_cfg(
         'classif', 'conv2d_1a.conv', hf_hub_id=f'{PCAM_HUB_ORG}/inception_resnet_v1_pcam'),
+    # The default, untagged ('*' makes it the default although listed after a tag with weights): no weights source,
+    # as no ImageNet weights exist for Inception-ResNet-v1; pretrained=True refuses and says so.
+    'inception_resnet_v1_pcam.*': pcam_cfg('classif', 'conv2d_1a.conv'),
 })
 
 

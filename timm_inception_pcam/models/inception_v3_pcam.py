@@ -325,13 +325,17 @@ def _from_timm(key: str, value: torch.Tensor) -> tuple[str, torch.Tensor]:
     return (AUX_PREFIX + key[len('AuxLogits'):] if key.startswith('AuxLogits.') else key), value
 
 
+# timm's names (AuxLogits -> aux); the 1000-class classifiers give way to fresh 2-class ones.
+checkpoint_filter_fn = adapt_head_filter('fc', f'{AUX_PREFIX}.fc', rename=_from_timm)
+
+
 def _create_inception_v3_pcam(variant: str, pretrained: bool = False, **kwargs: Any) -> InceptionV3Pcam:
     check_pretrained_available(variant, pretrained, kwargs, imagenet_tag='tv_in1k')
     return build_model_with_cfg(
         InceptionV3Pcam,
         variant,
         pretrained,
-        pretrained_filter_fn=adapt_head_filter('fc', f'{AUX_PREFIX}.fc', rename=_from_timm),
+        pretrained_filter_fn=checkpoint_filter_fn,
         **kwargs,
     )
 

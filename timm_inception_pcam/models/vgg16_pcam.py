@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 from timm.layers import ClassifierHead, get_device_dtype
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ..errors import UsageError
@@ -211,7 +211,13 @@ class VggPcam(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.features, x)
+            # one checkpoint per stage: a segment must not end on a conv whose in-place ReLU is in the next one
+            start = 0
+            for end, layer in enumerate(self.features, 1):
+                if isinstance(layer, nn.MaxPool2d) or end == len(self.features):
+                    x = checkpoint(self.features[start:end], x)
+                    start = end
+            return x
         return self.features(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -233,6 +239,10 @@ def _from_torchvision(key: str, value: torch.Tensor) -> tuple[str, torch.Tensor]
     return key, value
 
 
+# timm's or torchvision's layout; the 1000-class classifier gives way to a fresh 2-class one.
+checkpoint_filter_fn = adapt_head_filter('head.fc', rename=_from_torchvision)
+
+
 def _create_vgg_pcam(variant: str, pretrained: bool = False, **kwargs: Any) -> VggPcam:
     check_pretrained_available(variant, pretrained, kwargs, imagenet_tag='tv_in1k')
     # features_only: the six taps as timm's vgg (five conv stages, then the last max pool)
@@ -241,7 +251,7 @@ def _create_vgg_pcam(variant: str, pretrained: bool = False, **kwargs: Any) -> V
         VggPcam,
         variant,
         pretrained,
-        pretrained_filter_fn=adapt_head_filter('head.fc', rename=_from_torchvision),
+        pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(flatten_sequential=True, out_indices=out_indices),
         **kwargs,
     )
