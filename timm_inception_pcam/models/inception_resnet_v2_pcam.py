@@ -257,7 +257,7 @@ class InceptionResnetV2Pcam(LayerTrunk, nn.Module):
             dict(num_chs=self.num_features, reduction=16 * r, module='conv2d_7b'),
         ]
         self.feature_ends = [self.layer_names.index(info['module']) for info in self.feature_info]
-        self.aux_taps: dict[str, str] = {}
+        self.aux_taps = {}
         self.global_pool, self.head_drop, self.classif = create_classifier(
             self.num_features, self.num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
         self.head_hidden_size = self.num_features * self.global_pool.feat_mult()

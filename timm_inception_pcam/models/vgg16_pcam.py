@@ -104,8 +104,8 @@ class VggPcam(nn.Module):
         self.grad_checkpointing = False
 
         layers: list[nn.Module] = []
-        self.feature_info: list[dict[str, Any]] = []
-        self.stage_ends: list[int] = []  # index into self.features of each feature tap
+        self.feature_info = []
+        self.stage_ends = []  # index into self.features of each feature tap
         prev_chs, reduction = in_chans, 1
         for v in CONFIG_D:
             if v == 'M':
