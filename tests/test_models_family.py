@@ -348,7 +348,7 @@ def test_stock_state_dict_loads_strictly_apart_from_classifiers(name: str) -> No
     head_keys = {f'{h}.{s}' for h in HEADS[name] for s in ('weight', 'bias')}
     renamed = {k.replace('AuxLogits.', 'aux.'): v for k, v in stock.items()}
     assert set(renamed) - head_keys == set(own) - head_keys
-    assert all(renamed[k].numel() == own[k].numel() for k in set(own) - head_keys)
+    assert all(renamed[k].shape == own[k].shape for k in set(own) - head_keys)
     mapped = FILTERS[name](dict(stock), ours)
     ours.load_state_dict(mapped)  # strict
     loaded = ours.state_dict()
@@ -364,6 +364,24 @@ def _save(state_dict: dict[str, torch.Tensor], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path))
     return path
+
+
+def test_vgg_filter_also_takes_torchvision_layout() -> None:
+    """torchvision's vgg16 keeps FC layers as Linear (`classifier.0/3/6`): they become our 7x7 / 1x1 convolutions."""
+    stock = _stock_state_dict('vgg16_pcam')
+    tv_names = {'pre_logits.fc1.': 'classifier.0.', 'pre_logits.fc2.': 'classifier.3.', 'head.fc.': 'classifier.6.'}
+    torchvision_layout = {}
+    for key, value in stock.items():
+        for ours, theirs in tv_names.items():
+            if key.startswith(ours):
+                key, value = theirs + key[len(ours):], value.flatten(1) if value.ndim == 4 else value
+        torchvision_layout[key] = value
+    assert torchvision_layout['classifier.0.weight'].shape == (4096, 512 * 7 * 7)
+    model = timm.create_model('vgg16_pcam')
+    model.load_state_dict(vgg16_pcam.checkpoint_filter_fn(torchvision_layout, model))  # strict
+    assert torch.equal(model.pre_logits.fc1.weight, stock['pre_logits.fc1.weight'])
+    assert torch.equal(model.pre_logits.fc2.weight, stock['pre_logits.fc2.weight'])
+    assert model.head.fc.weight.shape == (2, 4096)
 
 
 def test_googlenet_tv_in1k_loads_torchvision_weights_fresh_aux_and_head(tmp_path: Path) -> None:
