@@ -14,16 +14,19 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, create_classifier, get_device_dtype
+from timm.layers import create_classifier, get_device_dtype
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 
+from ..errors import UsageError
 from ._common import (
     PCAM_HUB_ORG,
+    LayerTrunk,
+    ScaledResidual,
     adapt_head_filter,
     avg_pool,
     check_no_drop_block,
     check_pretrained_available,
+    layer_group_matcher,
     make_conv_block,
     max_pool,
     pcam_cfg,
@@ -52,24 +55,6 @@ class Mixed_5b(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat((self.branch0(x), self.branch1(x), self.branch2(x), self.branch3(x)), 1)
-
-
-class ScaledResidual(nn.Module):
-    """Shared tail of the Inception-ResNet blocks: 1x1 linear projection, scale, stochastic depth, add, ReLU."""
-
-    def __init__(
-            self,
-            scale: float,
-            drop_path: float = 0.,
-            apply_act: bool = True,
-    ):
-        super().__init__()
-        self.scale = scale
-        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.act = nn.ReLU() if apply_act else nn.Identity()
-
-    def residual(self, shortcut: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
-        return self.act(shortcut + self.drop_path(branch * self.scale))
 
 
 class Block35(ScaledResidual):
@@ -184,7 +169,7 @@ class Block8(ScaledResidual):
         return self.residual(x, out)
 
 
-class InceptionResnetV2Pcam(nn.Module):
+class InceptionResnetV2Pcam(LayerTrunk, nn.Module):
     """Inception-ResNet-v2 on 96x96 PCam patches.
 
     Args:
@@ -224,13 +209,13 @@ class InceptionResnetV2Pcam(nn.Module):
     ) -> None:
         super().__init__()
         if stem_stride not in (1, 2):
-            raise ValueError(f'stem_stride must be 1 or 2, got {stem_stride}')
+            raise UsageError(f'stem_stride must be 1 or 2, got {stem_stride}')
         if output_stride != 32:
-            raise ValueError(f'output_stride must be 32, got {output_stride}')
+            raise UsageError(f'output_stride must be 32, got {output_stride}')
         if len(depths) != 3 or min(depths) < 0:
-            raise ValueError(f'depths must be three block counts (A, B, C), got {depths}')
+            raise UsageError(f'depths must be three block counts (A, B, C), got {depths}')
         if len(scales) != 3:
-            raise ValueError(f'scales must be three residual scales (A, B, C), got {scales}')
+            raise UsageError(f'scales must be three residual scales (A, B, C), got {scales}')
         check_no_drop_block(drop_block_rate)
         dd = dict(device=device, dtype=dtype)
         self.num_classes = num_classes
@@ -272,6 +257,7 @@ class InceptionResnetV2Pcam(nn.Module):
             dict(num_chs=self.num_features, reduction=16 * r, module='conv2d_7b'),
         ]
         self.feature_ends = [self.layer_names.index(info['module']) for info in self.feature_info]
+        self.aux_taps = {}
         self.global_pool, self.head_drop, self.classif = create_classifier(
             self.num_features, self.num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
         self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
@@ -288,16 +274,7 @@ class InceptionResnetV2Pcam(nn.Module):
                 groups.append((name,))
         groups.append(('block8', 'conv2d_7b'))
 
-        def _matcher(param_name: str) -> float:
-            for idx, prefixes in enumerate(groups):
-                if any(param_name.startswith(prefix + '.') for prefix in prefixes):
-                    return idx
-            return float('inf')
-        return _matcher
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
+        return layer_group_matcher(groups)
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -312,47 +289,6 @@ class InceptionResnetV2Pcam(nn.Module):
         self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
         self.global_pool.train(self.training)
         self.classif.train(self.training)
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: int | list[int] | None = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Forward features, also returning the outputs of the stages picked by `indices` (last n if int)."""
-        assert output_fmt in ('NCHW',), 'Output shape must be NCHW.'
-        take_indices, max_index = feature_take_indices(len(self.feature_ends), indices)
-        take_ends = [self.feature_ends[i] for i in take_indices]
-        layer_names = self.layer_names[:self.feature_ends[max_index] + 1] if stop_early else self.layer_names
-
-        intermediates = []
-        for idx, name in enumerate(layer_names):
-            x = getattr(self, name)(x)
-            if idx in take_ends:
-                intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
-
-    def prune_intermediate_layers(
-            self,
-            indices: int | list[int] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> list[int]:
-        """Replace the layers (and head) not needed for the intermediates picked by `indices` with identities."""
-        take_indices, max_index = feature_take_indices(len(self.feature_ends), indices)
-        prune_end = max_index < len(self.feature_ends) - 1
-        for name in self.layer_names[self.feature_ends[max_index] + 1:]:
-            setattr(self, name, nn.Identity())
-        if prune_end:
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
-        if prune_head or prune_end:
-            self.reset_classifier(0, '')
-        return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv2d_1a(x)

@@ -16,11 +16,13 @@ from timm.layers import create_classifier, get_device_dtype
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
+from ..errors import UsageError
 from ._common import (
     PCAM_HUB_ORG,
     adapt_head_filter,
     avg_pool,
     check_no_drop_block,
+    check_no_drop_path,
     check_pretrained_available,
     make_conv_block,
     max_pool,
@@ -229,15 +231,13 @@ class InceptionV4Pcam(nn.Module):
     ) -> None:
         super().__init__()
         if stem_stride not in (1, 2):
-            raise ValueError(f'stem_stride must be 1 or 2, got {stem_stride}')
+            raise UsageError(f'stem_stride must be 1 or 2, got {stem_stride}')
         if output_stride != 32:
-            raise ValueError(f'output_stride must be 32, got {output_stride}')
-        if drop_path_rate:
-            raise ValueError(f'drop_path_rate={drop_path_rate}: Inception-v4 has no residual branches to drop; '
-                             f'use inception_resnet_v2_pcam for stochastic depth, or drop_rate for head dropout')
+            raise UsageError(f'output_stride must be 32, got {output_stride}')
+        check_no_drop_path(drop_path_rate, 'Inception-v4')
         check_no_drop_block(drop_block_rate)
         if len(depths) != 3 or min(depths) < 1:
-            raise ValueError(f'depths must be three positive block counts (A, B, C), got {depths}')
+            raise UsageError(f'depths must be three positive block counts (A, B, C), got {depths}')
         dd = dict(device=device, dtype=dtype)
         self.num_classes = num_classes
         self.in_chans = in_chans
