@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from .errors import CheckpointError
+from .models._common import is_aux_key
 from .storage import atomic_path
 
 __all__ = ['CHECKPOINT_FORMAT', 'CheckpointError', 'read_checkpoint', 'load_model', 'save_checkpoint',
@@ -151,11 +152,14 @@ def load_model(
                                   f'num_classes={model.num_classes}')
         model = timm.create_model(model_name, pretrained=False, **{**kwargs, 'num_classes': stored_classes})
     result = model.load_state_dict(state_dict, strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    # Auxiliary classifiers (GoogLeNet, Inception-v3 trained with --aux-weight) are training-only: a checkpoint's
+    # aux heads are dropped for a model built without them, and a model built with them may start them fresh.
+    missing = [k for k in result.missing_keys if not is_aux_key(k)]
+    unexpected = [k for k in result.unexpected_keys if not is_aux_key(k)]
+    if missing or unexpected:
         raise CheckpointError(
             f'{checkpoint}: weights do not match {model_name} {kwargs or ""}: '
-            f'{len(result.missing_keys)} missing (e.g. {result.missing_keys[:3]}), '
-            f'{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:3]})')
+            f'{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})')
     return model.eval()
 
 

@@ -63,6 +63,7 @@ class TrainConfig:
     clip_grad: float = 1.0
     clip_mode: str = 'norm'
     smoothing: float = 0.1
+    aux_weight: float = 0.0  # > 0: auxiliary classifiers on, their losses added with this weight each
     sched: str = 'cosine'
     sched_on_updates: bool = True
     epochs: int = 10
@@ -100,6 +101,7 @@ class TrainConfig:
             check_range(_option(name), getattr(self, name), low)
         check_range('--lr', self.lr, 0, low_open=True)
         check_range('--smoothing', self.smoothing, 0, 1)
+        check_range('--aux-weight', self.aux_weight, 0, 10)
         check_range('--model-ema-decay', self.model_ema_decay, 0, 1)
         for name in ('drop', 'drop_path'):
             check_range(_option(name), getattr(self, name), 0, 1)
@@ -193,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--clip-grad', type=float, default=d('clip_grad'), help='gradient clipping value; 0 disables')
     g.add_argument('--clip-mode', default=d('clip_mode'), choices=('norm', 'value', 'agc'))
     g.add_argument('--smoothing', type=float, default=d('smoothing'), help='label smoothing')
+    g.add_argument('--aux-weight', type=float, default=d('aux_weight'),
+                   help='turn on the auxiliary classifiers (GoogLeNet, Inception-v3) and add their losses with this '
+                        'weight each (0.3 in the GoogLeNet paper); training only: checkpoints evaluate and export '
+                        'without them')
     g.add_argument('--sched', default=d('sched'), help="timm scheduler name ('cosine', 'step', ...)")
     g.add_argument('--sched-on-updates', action=argparse.BooleanOptionalAction, default=d('sched_on_updates'),
                    help='step the schedule after every update rather than every epoch')

@@ -142,6 +142,14 @@ def diverged_error(what: str, epoch: int, lr: float) -> TrainError:
     return TrainError(f'training diverged: {what} at epoch {epoch} (lr {lr:.3g}); lower --lr or keep --clip-grad on')
 
 
+def training_loss(out: torch.Tensor | tuple, y: torch.Tensor, loss_fn: nn.Module, aux_weight: float) -> torch.Tensor:
+    """The main loss, plus `aux_weight` x each auxiliary classifier's when the model returns `(logits, aux)`."""
+    if isinstance(out, tuple):
+        logits, aux = out
+        return loss_fn(logits, y) + aux_weight * sum(loss_fn(a, y) for a in aux)
+    return loss_fn(out, y)
+
+
 def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
                     cfg: TrainConfig, device: torch.device, epoch: int, num_updates: int,
                     max_steps: int, scheduler=None, ema: ModelEmaV3 | None = None, scaler: NativeScaler | None = None,
@@ -161,7 +169,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
             x = x.contiguous(memory_format=torch.channels_last)
         try:
             with autocast:
-                loss = loss_fn(model(x), y)
+                loss = training_loss(model(x), y, loss_fn, cfg.aux_weight)
             if not torch.isfinite(loss):
                 raise diverged_error(f'the loss became {loss.item()} at step {step}', epoch,
                                      optimizer.param_groups[0]['lr'])

@@ -68,29 +68,33 @@ def create_train_model(cfg: TrainConfig, resume: Mapping[str, Any] | None = None
     if not timm.is_model(name.split('.')[0]):
         pcam = ', '.join(timm.list_models('*pcam*')) or 'none registered'
         raise TrainError(f'--model {name!r}: not a registered timm model (PCam models: {pcam})')
+    aux = {'aux_logits': True} if cfg.aux_weight > 0 else {}  # training-only heads: not in the stored kwargs
     if resume is not None:
         kwargs = architecture_kwargs(cfg, model_kwargs_of(resume))
-        return _create(name, kwargs), kwargs, 'resume'
+        return _create(name, {**kwargs, **aux}), kwargs, 'resume'
     if cfg.initial_checkpoint is not None:
         ckpt = read_checkpoint(cfg.initial_checkpoint)
         kwargs = architecture_kwargs(cfg, model_kwargs_of(ckpt))
         try:
-            model = load_model(name, ckpt, **kwargs)
+            model = load_model(name, ckpt, **kwargs, **aux)
         except CheckpointError as e:
             raise TrainError(f'--initial-checkpoint {cfg.initial_checkpoint}: {e}') from e
         return model, kwargs, f'initial checkpoint {cfg.initial_checkpoint}'
     kwargs = architecture_kwargs(cfg)
     if cfg.pretrained:
-        model, where = _pretrained(name, kwargs)
+        model, where = _pretrained(name, {**kwargs, **aux})
         if model is not None:
             return model, kwargs, where
         _logger.info('notice: pretrained weights for %s are not available (%s); training from random '
                      'initialisation (pass --no-pretrained to silence this)', name, where)
-    return _create(name, kwargs), kwargs, 'random init'
+    return _create(name, {**kwargs, **aux}), kwargs, 'random init'
 
 
 def _create(name: str, kwargs: dict[str, Any]) -> nn.Module:
     try:
         return timm.create_model(name, pretrained=False, **kwargs)
     except TypeError as e:
+        if kwargs.get('aux_logits'):
+            raise TrainError(f'--aux-weight: {name} has no auxiliary classifiers (googlenet_pcam and '
+                             f'inception_v3_pcam have); drop --aux-weight') from e
         raise TrainError(f'--model {name} does not accept these arguments {kwargs}: {e}') from e
