@@ -26,7 +26,7 @@ from timm_inception_pcam.storage import atomic_write_json, file_sha256
 
 from .spec import RAW_SCALE, IOSpec
 
-__all__ = ['FORMAT', 'TENSORRT_MAJOR', 'Profile', 'DEFAULT_PROFILE', 'Sidecar', 'SidecarError', 'PlanMismatchError',
+__all__ = ['FORMAT', 'Profile', 'DEFAULT_PROFILE', 'Sidecar', 'SidecarError', 'PlanMismatchError',
            'sidecar_path', 'make_sidecar', 'write_sidecar', 'parse_sidecar', 'read_sidecar', 'verify_plan_file',
            'check_tensorrt_version', 'check_gpu', 'check_compatible', 'version_triple']
 
@@ -35,7 +35,6 @@ _logger = logging.getLogger(__name__)
 FORMAT = 'timm-inception-pcam-engine/1'
 PRECISIONS = ('fp16', 'fp32')
 ACTIVATIONS = ('softmax', 'none')
-TENSORRT_MAJOR = 11  # oldest TensorRT major version the project builds and runs with (also in export/cpp/CMakeLists)
 _SHA256 = re.compile(r'[0-9a-f]{64}')
 _REBUILD = 'rebuild it on this machine with: python -m export.trt --fp16 --from-onnx <model>.fp16.onnx'
 

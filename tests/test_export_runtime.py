@@ -1,7 +1,9 @@
 """Sidecar contract, shared preprocessing/batching of the runners, GPU detection, and the TensorRT runner's control
 flow against a numpy stand-in for tensorrt/pycuda (no GPU needed)."""
 import json
+import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -9,7 +11,8 @@ import numpy as np
 import pytest
 
 import export.runtime as runtime
-from export.gpu import GpuInfo, detect_gpus, probe
+import export.trt as export_trt
+from export.gpu import CUDA_PYTHON_MIN, GpuInfo, detect_gpus, probe
 from export.sidecar import (
     DEFAULT_PROFILE,
     PlanMismatchError,
@@ -327,3 +330,115 @@ def test_runner_gpu_and_version_rules(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setattr(trt, '__version__', '11.3.9.1')
     with pytest.raises(PlanMismatchError, match='version-compatible plan built with TensorRT 11.4.0.106'):
         runtime.TrtRunner(plan)
+
+
+class _FakeBuilderConfig:
+    """TensorRT builder config stand-in: flags start as TensorRT's defaults (TF32 on); timing caches are bytes."""
+
+    def __init__(self, accept_cache) -> None:
+        self.flags = {'TF32'}
+        self.accept_cache = accept_cache
+        self.cache: bytes | None = None
+        self.limits: dict = {}
+        self.builder_optimization_level = 3
+
+    def set_memory_pool_limit(self, pool, size: int) -> None:
+        self.limits[pool] = size
+
+    def set_flag(self, flag) -> None:
+        self.flags.add(flag)
+
+    def clear_flag(self, flag) -> None:
+        self.flags.discard(flag)
+
+    def create_timing_cache(self, data: bytes):
+        return self.accept_cache(data)
+
+    def set_timing_cache(self, cache, ignore_mismatch: bool) -> bool:
+        self.cache = cache
+        return True
+
+    def get_timing_cache(self):
+        return SimpleNamespace(serialize=lambda: b'timings:' + self.cache)
+
+    def add_optimization_profile(self, profile) -> None:
+        self.profile = profile
+
+
+def _fake_builder_trt(config: _FakeBuilderConfig):
+    network = SimpleNamespace(num_inputs=1, get_input=lambda i: SimpleNamespace(name='input', shape=(-1, 3, 96, 96)))
+    profile = SimpleNamespace(shapes={})
+    profile.set_shape = lambda name, lo, opt, hi: profile.shapes.update({name: (lo, opt, hi)})
+    builder = SimpleNamespace(create_network=lambda: network, create_builder_config=lambda: config,
+                              create_optimization_profile=lambda: profile,
+                              build_serialized_network=lambda net, cfg: b'serialized plan')
+    trt = SimpleNamespace(
+        Logger=SimpleNamespace(VERBOSE=0, WARNING=2), Builder=lambda logger: builder,
+        OnnxParser=lambda net, logger: SimpleNamespace(parse_from_file=lambda path: True),
+        MemoryPoolType=SimpleNamespace(WORKSPACE='WORKSPACE'),
+        BuilderFlag=SimpleNamespace(TF32='TF32', VERSION_COMPATIBLE='VERSION_COMPATIBLE'))
+    trt.Logger = type('Logger', (), {'VERBOSE': 0, 'WARNING': 2, '__init__': lambda self, level: None})
+    return trt, profile
+
+
+def _build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, config: _FakeBuilderConfig, **kwargs) -> bytes:
+    trt, _ = _fake_builder_trt(config)
+    monkeypatch.setattr(export_trt, 'import_tensorrt', lambda: trt)
+    return export_trt.build_engine(tmp_path / 'm.onnx', IOSpec(), profile=Profile(1, 4, 8), workspace_bytes=1 << 30,
+                                   opt_level=2, timing_cache=tmp_path / 'timing.cache', **kwargs)
+
+
+def test_builder_clears_tf32_and_sets_version_compatible(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = _FakeBuilderConfig(lambda data: data)
+    assert _build(tmp_path, monkeypatch, config) == b'serialized plan'
+    assert config.flags == set()  # TF32 (TensorRT's default) cleared: FP32 layers compute in FP32
+    assert config.limits == {'WORKSPACE': 1 << 30} and config.builder_optimization_level == 2
+    assert (tmp_path / 'timing.cache').read_bytes() == b'timings:'
+    config = _FakeBuilderConfig(lambda data: data)
+    _build(tmp_path, monkeypatch, config, version_compatible=True)
+    assert config.flags == {'VERSION_COMPATIBLE'}
+    assert config.cache == b'timings:'  # the saved cache was reused
+
+
+@pytest.mark.parametrize('refusal', ['none', 'raise'])
+def test_builder_survives_a_foreign_timing_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture, refusal: str) -> None:
+    def accept_only_new(data: bytes):
+        if data:
+            if refusal == 'raise':
+                raise RuntimeError('timing cache version mismatch')
+            return None
+        return b'new'
+
+    (tmp_path / 'timing.cache').write_bytes(b'from TensorRT 10')
+    with caplog.at_level('WARNING'):
+        assert _build(tmp_path, monkeypatch, _FakeBuilderConfig(accept_only_new)) == b'serialized plan'
+    assert f'could not load {tmp_path / "timing.cache"}' in caplog.text or 'could not use' in caplog.text
+    assert (tmp_path / 'timing.cache').read_bytes() == b'timings:new'
+    caplog.clear()
+    (tmp_path / 'timing.cache').write_bytes(b'from TensorRT 10')
+    with caplog.at_level('WARNING'):  # not even a new cache: the build goes on without one and saves none
+        assert _build(tmp_path, monkeypatch, _FakeBuilderConfig(lambda data: None)) == b'serialized plan'
+    assert 'building without a timing cache' in caplog.text
+    assert (tmp_path / 'timing.cache').read_bytes() == b'from TensorRT 10'
+
+
+def test_trt_command_flags_and_user_errors(tmp_path: Path) -> None:
+    args = export_trt.build_parser().parse_args(['--output', 'out', '--version-compatible'])
+    assert not args.fp16  # FP32 unless --fp16, as the docstring says
+    assert 'FP32, or mixed FP16 with --fp16' in export_trt.__doc__
+    assert export_trt.finish_command(Path('m.fp16.onnx'), args).endswith('--version-compatible')
+    proc = subprocess.run([sys.executable, '-m', 'export.trt', '--from-onnx', str(tmp_path / 'missing.onnx'),
+                           '--output', str(tmp_path)], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'missing.onnx not found' in lines[0] and 'Traceback' not in proc.stderr
+
+
+def test_gpu_probe_names_the_cuda_python_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, 'cuda.bindings', None)  # as with cuda-python < 12.6.1: no cuda.bindings
+    gpus, problem = detect_gpus()
+    assert gpus == [] and f'install cuda-python>={CUDA_PYTHON_MIN}' in problem
+    assert f'cuda-python {metadata.version("cuda-python")} has no cuda.bindings' in problem
+    pyproject = (Path(__file__).parents[1] / 'pyproject.toml').read_text()
+    assert f'"cuda-python>={CUDA_PYTHON_MIN}"' in pyproject
