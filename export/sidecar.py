@@ -102,6 +102,10 @@ class Sidecar:
     profile: Profile
 
     @property
+    def model(self) -> str:
+        return self.data['model']
+
+    @property
     def tensorrt_version(self) -> str:
         return self.data['tensorrt_version']
 

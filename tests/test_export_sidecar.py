@@ -28,7 +28,7 @@ def test_python_reader_gives_the_manifest_verdict(entry: dict) -> None:
     if entry['verdict'] == 'accept':
         sidecar = read_sidecar(FIXTURES / 'unused.plan', path)
         assert sidecar.profile.as_dict() == {'min': 1, 'opt': 64, 'max': 256}
-        assert sidecar.activation in ('softmax', 'none')
+        assert sidecar.activation in ('softmax', 'none') and sidecar.model == 'inception_v4_pcam'
         return
     with pytest.raises(SidecarError) as error:
         read_sidecar(FIXTURES / 'unused.plan', path)
