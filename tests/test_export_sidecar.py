@@ -54,3 +54,14 @@ def test_python_compatibility_rules(case: dict, caplog: pytest.LogCaptureFixture
     for fragment in case['message']:
         assert fragment in text, f'{text!r} lacks {fragment!r}'
 
+
+
+def test_cmake_and_python_share_the_tensorrt_floor() -> None:
+    import re
+
+    from export.gpu import TENSORRT_MAJOR
+
+    cmake = (Path(__file__).parents[1] / 'export' / 'cpp' / 'CMakeLists.txt').read_text()
+    floors = re.findall(r'_trt_MAJOR LESS (\d+)', cmake)
+    assert floors == [str(TENSORRT_MAJOR)]
+    assert f'TensorRT >= {TENSORRT_MAJOR}' in cmake
