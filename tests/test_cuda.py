@@ -51,12 +51,12 @@ def test_trainer_step_on_cuda(precision: str) -> None:
                                     ema=ema, scaler=scaler, amp_dtype=dtype, show=False)
     assert updates == 4 and np.isfinite(loss) and loss > 0
     params = dict(model.named_parameters())
-    assert all(p.device.type == 'cuda' and p.dtype == torch.float32 for p in params.values())
+    assert all(p.device.type == DEVICE.type and p.dtype == torch.float32 for p in params.values())
     assert all(bool(torch.isfinite(p).all()) for p in params.values())
     moved = [n for n, p in params.items() if not torch.equal(p.detach(), before[n])]
     assert len(moved) > len(params) // 2  # the optimizer updated the weights
     ema_params = dict(ema.module.named_parameters())
-    assert all(p.device.type == 'cuda' for p in ema_params.values())
+    assert all(p.device.type == DEVICE.type for p in ema_params.values())
     assert any(not torch.equal(ema_params[n], params[n]) for n in moved)  # the EMA lags the weights
     if scaler is not None:
         scale = scaler._scaler.get_scale()
