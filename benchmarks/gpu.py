@@ -18,7 +18,8 @@ import torch
 
 from .common import Sizes, create, interleaved_times, summarize
 
-__all__ = ['BATCHES', 'PEAK_FP16_TFLOPS', 'peak_fp16_tflops', 'ceiling', 'run', 'markdown']
+__all__ = ['BATCHES', 'PEAK_FP16_TFLOPS', 'peak_fp16_tflops', 'ceiling', 'time_synced', 'add_flops', 'run',
+           'markdown']
 
 BATCHES = (1, 64, 256)
 MODELS = ('inception_v4_pcam', 'inception_resnet_v2_pcam')
@@ -39,11 +40,23 @@ def ceiling(gmacs: float, peak_tflops: float | None) -> float | None:
     return peak_tflops * 1e12 / (2 * gmacs * 1e9) if peak_tflops and gmacs else None
 
 
-def _cuda_timer(fn, repeats: int, warmup: int) -> dict[str, Any]:
+def time_synced(fn, items: int, repeats: int, warmup: int, device: torch.device | str = 'cuda') -> dict[str, Any]:
+    """`summarize`d wall times of `fn`, each call waited for on `device` (CUDA work is asynchronous)."""
+    cuda = torch.device(device).type == 'cuda'
+
     def synced() -> None:
         fn()
-        torch.cuda.synchronize()
-    return interleaved_times({'f': synced}, repeats, warmup)['f']
+        if cuda:
+            torch.cuda.synchronize()
+    return summarize(interleaved_times({'f': synced}, repeats, warmup)['f'], items)
+
+
+def add_flops(row: dict[str, Any], gmacs: float, peak_tflops: float | None) -> dict[str, Any]:
+    """Adds achieved TFLOP/s (2 FLOPs per MAC) and its fraction of the dense FP16 peak to a `summarize` row."""
+    ips = row.get('items_per_s')
+    row['tflops'] = 2 * gmacs * 1e9 * ips / 1e12 if ips and gmacs else None
+    row['utilisation'] = row['tflops'] / peak_tflops if row['tflops'] and peak_tflops else None
+    return row
 
 
 def _bench_gpu_model(name: str, sizes: Sizes, workdir: Path, gpu, trt_version: str | None,
@@ -67,7 +80,7 @@ def _bench_gpu_model(name: str, sizes: Sizes, workdir: Path, gpu, trt_version: s
     with torch.inference_mode():
         for b in BATCHES:
             x = torch.randn(b, 3, 96, 96, device='cuda', dtype=torch.half).contiguous(memory_format=torch.channels_last)
-            rows[str(b)] = summarize(_cuda_timer(lambda x=x: net(x), sizes.repeats * 5, sizes.warmup + 2), b)
+            rows[str(b)] = time_synced(lambda x=x: net(x), b, sizes.repeats * 5, sizes.warmup + 2)
     out['runtimes']['pytorch_fp16'] = {'status': 'ok', 'batches': rows}
     model = model.float().cpu()
 
@@ -106,7 +119,7 @@ def _bench_gpu_model(name: str, sizes: Sizes, workdir: Path, gpu, trt_version: s
         out['runtimes']['tensorrt_fp16'] = {'status': 'ok', 'batches': rows, 'plan': str(plan)}
     for r in out['runtimes'].values():
         for t in r.get('batches', {}).values():
-            t['utilisation'] = 2 * gmacs * 1e9 * t['items_per_s'] / (peak * 1e12) if peak else None
+            add_flops(t, gmacs, peak)
     base = out['runtimes']['pytorch_fp16']['batches']
     for r in out['runtimes'].values():
         for b, t in r.get('batches', {}).items():

@@ -10,8 +10,13 @@ import importlib
 import importlib.util
 import sys
 from dataclasses import dataclass, field
+from importlib import metadata
 
-__all__ = ['GpuInfo', 'Environment', 'detect_gpus', 'tensorrt_version', 'pycuda_status', 'probe', 'main']
+TENSORRT_MAJOR = 11  # oldest TensorRT major version the project supports; export/cpp/CMakeLists.txt has the same
+CUDA_PYTHON_MIN = '12.6.1'  # first cuda-python with the `cuda.bindings` module layout (pyproject says the same)
+
+__all__ = ['TENSORRT_MAJOR', 'CUDA_PYTHON_MIN', 'GpuInfo', 'Environment', 'detect_gpus', 'tensorrt_version',
+           'pycuda_status', 'probe', 'main']
 
 
 @dataclass(frozen=True)
@@ -54,7 +59,8 @@ def detect_gpus() -> tuple[list[GpuInfo], str | None]:
     try:
         from cuda.bindings import runtime
     except ImportError as e:
-        return [], f'cuda-python is not importable ({e}); cannot look for a GPU'
+        return [], (f'cuda-python {_cuda_python_version()} has no cuda.bindings ({e}); cannot look for a GPU: '
+                    f'install cuda-python>={CUDA_PYTHON_MIN}')
     try:
         err, count = runtime.cudaGetDeviceCount()
         if err != runtime.cudaError_t.cudaSuccess:
@@ -74,6 +80,13 @@ def detect_gpus() -> tuple[list[GpuInfo], str | None]:
         return [], f'CUDA runtime query failed ({type(e).__name__}: {e})'
 
 
+def _cuda_python_version() -> str:
+    try:
+        return metadata.version('cuda-python')
+    except metadata.PackageNotFoundError:
+        return '(not installed)'
+
+
 def _error_name(runtime, err) -> str:
     try:
         ok, name = runtime.cudaGetErrorName(err)
@@ -91,8 +104,9 @@ def tensorrt_version() -> tuple[str | None, str | None]:
     except Exception as e:
         return None, f"TensorRT does not import ({type(e).__name__}: {e}); install the full 'tensorrt' wheel"
     version = str(getattr(trt, '__version__', ''))
-    if not version.split('.')[0].isdigit() or int(version.split('.')[0]) < 11:
-        return None, f'TensorRT {version or "of unknown version"} found, this project needs TensorRT 11 or newer'
+    if not version.split('.')[0].isdigit() or int(version.split('.')[0]) < TENSORRT_MAJOR:
+        return None, (f'TensorRT {version or "of unknown version"} found, this project needs TensorRT '
+                      f'{TENSORRT_MAJOR} or newer')
     return version, None
 
 

@@ -2,7 +2,7 @@
 
     from export.runtime import TrtRunner
     with TrtRunner('runs/export/inception_v4_pcam.fp16.plan') as runner:
-        probs = runner.predict(patches)          # (N, 2), N may exceed the profile's max batch
+        probs = runner.predict(patches)          # (N, 2), N may exceed the profile's max batch or be below its min
 
 The plan is loaded only with its sidecar (`<plan>.json`), only if its sha256 matches and only on the TensorRT version
 and GPU recorded there. Preprocessing (unless baked into the engine) and batching are the functions the CPU paths use.
@@ -14,11 +14,13 @@ from typing import Any
 
 import numpy as np
 
+from timm_inception_pcam.errors import InferenceError
+from timm_inception_pcam.inference.base import RunnerSpec, softmax
 from timm_inception_pcam.preprocess import batch_slices
 
 from .gpu import detect_gpus
 from .sidecar import PlanMismatchError, Sidecar, check_compatible, read_sidecar, verify_plan_file
-from .spec import softmax
+from .spec import IOSpec
 
 __all__ = ['TrtRunner', 'import_runtime']
 
@@ -42,7 +44,11 @@ def import_runtime() -> tuple[ModuleType, ModuleType]:
 
 
 class TrtRunner:
-    """One engine, one execution context, page-locked host and device buffers sized for the profile's max batch."""
+    """One engine, one execution context, page-locked host and device buffers sized for the profile's max batch.
+
+    Implements the runner protocol (`timm_inception_pcam.inference.base.Runner`): `.spec` (a RunnerSpec built from
+    the sidecar), `.logits(uint8 NHWC)` and `.close()`. `.io` is the sidecar's input/output description.
+    """
 
     def __init__(self, plan_path: str | Path, sidecar_path: str | Path | None = None):
         self.plan_path = Path(plan_path)
@@ -50,48 +56,66 @@ class TrtRunner:
         plan = verify_plan_file(self.plan_path, self.sidecar)
         gpus, problem = detect_gpus()
         if not gpus:
-            raise RuntimeError(f'{self.plan_path}: cannot run a TensorRT engine here: {problem}')
+            raise InferenceError(f'{self.plan_path}: cannot run a TensorRT engine here: {problem}')
         trt, cuda = import_runtime()
         check_compatible(self.sidecar, trt.__version__, gpus[0].as_sidecar())
         self._trt, self._cuda = trt, cuda
-        self.spec = self.sidecar.spec
-        self.max_batch = self.sidecar.profile.max
+        self.io: IOSpec = self.sidecar.spec
+        self.spec = RunnerSpec(
+            backend='tensorrt', precision=self.sidecar.precision, source=str(self.plan_path),
+            device=f'cuda:{gpus[0].index}', mean=self.io.mean, std=self.io.std, label_names=self.io.label_names,
+            extra={'tensorrt_version': trt.__version__, 'plan_tensorrt_version': self.sidecar.tensorrt_version,
+                   'gpu': gpus[0].name, 'profile': self.sidecar.profile.as_dict(), 'baked_in': self.io.baked_in,
+                   'activation': self.sidecar.activation, 'version_compatible': self.sidecar.version_compatible})
+        self.min_batch, self.max_batch = self.sidecar.profile.min, self.sidecar.profile.max
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
+        if self.sidecar.version_compatible:  # the plan carries its own lean runtime, which must be allowed to load
+            self._runtime.engine_host_code_allowed = True
         self._engine = self._runtime.deserialize_cuda_engine(plan)
         if self._engine is None:
             raise PlanMismatchError(f'{self.plan_path}: TensorRT could not deserialize the plan (see the log above)')
         self._check_engine()
         self._context = self._engine.create_execution_context()
         if self._context is None:
-            raise RuntimeError(f'{self.plan_path}: could not create an execution context')
-        sample = tuple(self.spec.input_dict()['shape'][1:])
-        n_classes = len(self.spec.label_names)
+            raise InferenceError(f'{self.plan_path}: could not create an execution context')
+        sample = tuple(self.io.input_dict()['shape'][1:])
+        n_classes = len(self.io.label_names)
         self._sample_shape = sample
         self._stream = cuda.Stream()
-        self._host_in = cuda.pagelocked_empty((self.max_batch, *sample), self.spec.input_dtype)
+        self._host_in = cuda.pagelocked_empty((self.max_batch, *sample), self.io.input_dtype)
         self._host_out = cuda.pagelocked_empty((self.max_batch, n_classes), np.float32)
         self._dev_in = cuda.mem_alloc(self._host_in.nbytes)
         self._dev_out = cuda.mem_alloc(self._host_out.nbytes)
-        self._context.set_tensor_address(self.spec.input_name, int(self._dev_in))
-        self._context.set_tensor_address(self.spec.output_name, int(self._dev_out))
+        for name, buffer in ((self.io.input_name, self._dev_in), (self.io.output_name, self._dev_out)):
+            if not self._context.set_tensor_address(name, int(buffer)):
+                raise PlanMismatchError(f'{self.plan_path}: TensorRT refused the device address of tensor {name!r} '
+                                        f'(set_tensor_address); the plan does not match {self.sidecar.path}')
+
+    def _dtype_name(self, trt_dtype: Any) -> str:
+        """numpy name of a TensorRT DataType the sidecar can describe ('float32', 'uint8'), else TensorRT's name."""
+        trt = self._trt
+        known = {trt.DataType.FLOAT: 'float32', trt.DataType.UINT8: 'uint8'}
+        return known.get(trt_dtype, f'TensorRT {getattr(trt_dtype, "name", trt_dtype)}')
 
     def _check_engine(self) -> None:
-        """The engine's IO tensors and profile must be the ones the sidecar describes."""
-        trt, engine, spec = self._trt, self._engine, self.spec
+        """The engine's IO tensors (mode, dtype, shape) and profile must be the ones the sidecar describes."""
+        trt, engine, io = self._trt, self._engine, self.io
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        expected = {spec.input_name: (trt.TensorIOMode.INPUT, spec.input_dtype),
-                    spec.output_name: (trt.TensorIOMode.OUTPUT, np.dtype(np.float32))}
+        expected = {io.input_name: (trt.TensorIOMode.INPUT, io.input_dict()),
+                    io.output_name: (trt.TensorIOMode.OUTPUT, io.output_dict())}
         problems = []
         if sorted(names) != sorted(expected):
             problems.append(f'IO tensors {names}, sidecar says {sorted(expected)}')
         else:
-            for name, (mode, dtype) in expected.items():
-                found = (engine.get_tensor_mode(name), trt.nptype(engine.get_tensor_dtype(name)))
-                if found[0] != mode or np.dtype(found[1]) != np.dtype(dtype):
-                    problems.append(f'{name!r} is {found[0]} {np.dtype(found[1])}, sidecar says {mode} '
-                                    f'{np.dtype(dtype)}')
-            shapes = engine.get_tensor_profile_shape(spec.input_name, 0)
+            for name, (mode, tensor) in expected.items():
+                found_mode = engine.get_tensor_mode(name)
+                found_dtype = self._dtype_name(engine.get_tensor_dtype(name))
+                found_shape = [int(d) for d in engine.get_tensor_shape(name)]
+                if found_mode != mode or found_dtype != tensor['dtype'] or found_shape != tensor['shape']:
+                    problems.append(f'{name!r} is {found_mode} {found_dtype} {found_shape}, sidecar says {mode} '
+                                    f'{tensor["dtype"]} {tensor["shape"]}')
+            shapes = engine.get_tensor_profile_shape(io.input_name, 0)
             batches = [int(s[0]) for s in shapes]
             if batches != [self.sidecar.profile.min, self.sidecar.profile.opt, self.sidecar.profile.max]:
                 problems.append(f'profile batches {batches}, sidecar says {self.sidecar.profile.as_dict()}')
@@ -100,27 +124,37 @@ class TrtRunner:
                                     + '; '.join(problems))
 
     def logits(self, patches: np.ndarray) -> np.ndarray:
-        """Raw uint8 NHWC patches (N, 96, 96, 3) -> float32 logits (N, 2); batches above the profile max are split."""
-        x = self.spec.prepare(patches, source=f'{self.plan_path.name} input')
+        """Raw uint8 NHWC patches (N, 96, 96, 3) -> float32 logits (N, classes).
+
+        Batches above the profile's max are split; a batch below its min is padded with zero rows, which are dropped.
+        With `output.activation` 'none' the engine returns probabilities: their logarithms are returned (softmax of
+        them gives the probabilities back).
+        """
+        x = self.io.prepare(patches, source=f'{self.plan_path.name} input')
         out = np.empty((len(x), self._host_out.shape[1]), np.float32)
         cuda, context, stream = self._cuda, self._context, self._stream
         for s in batch_slices(len(x), self.max_batch):
             b = s.stop - s.start
-            host_in, host_out = self._host_in[:b], self._host_out[:b]
-            host_in[...] = x[s]
+            rows = max(b, self.min_batch)
+            host_in, host_out = self._host_in[:rows], self._host_out[:rows]
+            host_in[:b] = x[s]
+            host_in[b:] = 0
             cuda.memcpy_htod_async(self._dev_in, host_in, stream)
-            if not context.set_input_shape(self.spec.input_name, (b, *self._sample_shape)):
-                raise ValueError(f'{self.plan_path}: batch of {b} rejected by the engine profile '
-                                 f'{self.sidecar.profile.as_dict()}')
+            if not context.set_input_shape(self.io.input_name, (rows, *self._sample_shape)):
+                raise InferenceError(f'{self.plan_path}: batch of {rows} rejected by the engine profile '
+                                     f'{self.sidecar.profile.as_dict()}')
             if not context.execute_async_v3(stream.handle):
-                raise RuntimeError(f'{self.plan_path}: execute_async_v3 failed (see the TensorRT log)')
+                raise InferenceError(f'{self.plan_path}: execute_async_v3 failed (see the TensorRT log)')
             cuda.memcpy_dtoh_async(host_out, self._dev_out, stream)
             stream.synchronize()
-            out[s] = host_out
+            out[s] = host_out[:b]
+        if self.sidecar.activation == 'none':
+            with np.errstate(divide='ignore'):
+                out = np.log(out).astype(np.float32)
         return out
 
     def predict(self, patches: np.ndarray) -> np.ndarray:
-        """Class probabilities (N, 2), softmax of the logits as the sidecar's output.activation says."""
+        """Class probabilities (N, classes): softmax of the logits."""
         return softmax(self.logits(patches))
 
     def close(self) -> None:

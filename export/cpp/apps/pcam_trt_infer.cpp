@@ -179,6 +179,9 @@ int run(const pcam::Options& options) {
     if (!runtime) {
         throw pcam::Error("createInferRuntime failed");
     }
+    if (sidecar.version_compatible) {
+        runtime->setEngineHostCodeAllowed(true);  // a version-compatible plan carries the lean runtime it runs on
+    }
     const std::unique_ptr<nvinfer1::ICudaEngine> engine(runtime->deserializeCudaEngine(plan.data(), plan.size()));
     if (!engine) {
         throw pcam::Error("plan '" + options.engine + "' could not be deserialized (see the TensorRT errors above)");

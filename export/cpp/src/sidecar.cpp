@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 #include <nlohmann/json.hpp>
 
 #include "pcam/error.hpp"
@@ -234,7 +235,7 @@ Sidecar parse_sidecar(const std::string& text, const std::string& source) {
     json root;
     try {
         root = json::parse(text);
-    } catch (const json::parse_error& error) {
+    } catch (const json::exception& error) {  // syntax errors, and numbers that overflow a double
         throw Error(source + ": not valid JSON (" + error.what() + ")");
     }
     if (!root.is_object()) {
@@ -264,14 +265,17 @@ Sidecar parse_sidecar(const std::string& text, const std::string& source) {
         f.fail("gpu.compute_capability", "is '" + s.compute_capability + "', expected 'major.minor' such as '9.0'");
     }
     s.precision = f.choice(root, "", "precision", {"fp16", "fp32"});
+    if (root.contains("version_compatible")) {
+        s.version_compatible = f.boolean(root, "", "version_compatible");
+    }
 
     const json& pre = f.object(root, "", "preprocessing");
     s.baked_in = f.boolean(pre, "preprocessing", "baked_in");
     f.choice(pre, "preprocessing", "raw_layout", {"NHWC"});
     f.choice(pre, "preprocessing", "raw_dtype", {"uint8"});
     s.scale = f.number(pre, "preprocessing", "scale");
-    if (!(s.scale > 0.0) || !std::isfinite(s.scale)) {
-        f.fail("preprocessing.scale", "is " + std::to_string(s.scale) + ", expected a positive number (255.0)");
+    if (s.scale != 255.0) {
+        f.fail("preprocessing.scale", "is " + std::to_string(s.scale) + ", expected 255.0");
     }
     s.mean = f.triple(pre, "preprocessing", "mean");
     s.std = f.triple(pre, "preprocessing", "std");
@@ -373,12 +377,21 @@ void check_tensorrt_version(const Sidecar& sidecar, std::int32_t library_version
     const int lib_major = library_version / 10000;
     const int lib_minor = (library_version / 100) % 100;
     const int lib_patch = library_version % 100;
-    if (major != lib_major || minor != lib_minor || patch != lib_patch) {
-        throw Error("the plan was built with TensorRT " + sidecar.tensorrt_version + " (" + sidecar.source +
-                    ") but this runtime links TensorRT " + std::to_string(lib_major) + "." +
-                    std::to_string(lib_minor) + "." + std::to_string(lib_patch) +
-                    "; a plan only loads in the TensorRT release that built it: rebuild it on this machine with "
-                    "python -m export.trt");
+    const std::string here =
+        std::to_string(lib_major) + "." + std::to_string(lib_minor) + "." + std::to_string(lib_patch);
+    const std::string rebuild = "; rebuild it on this machine with python -m export.trt";
+    if (sidecar.version_compatible) {
+        const bool older = std::make_tuple(lib_major, lib_minor, lib_patch) < std::make_tuple(major, minor, patch);
+        if (lib_major != major || older) {
+            throw Error(sidecar.source + ": version-compatible plan built with TensorRT " + sidecar.tensorrt_version +
+                        ", this runtime links TensorRT " + here + "; it loads in TensorRT " + std::to_string(major) +
+                        ".x from " + std::to_string(major) + "." + std::to_string(minor) + "." +
+                        std::to_string(patch) + " on" + rebuild);
+        }
+    } else if (major != lib_major || minor != lib_minor || patch != lib_patch) {
+        throw Error(sidecar.source + ": plan built with TensorRT " + sidecar.tensorrt_version +
+                    ", this runtime links TensorRT " + here +
+                    "; a plan only loads in the TensorRT release that built it" + rebuild);
     }
 }
 

@@ -237,7 +237,7 @@ TEST_CASE(sidecar_errors) {
         {[](json& d) { d["preprocessing"]["mean"] = {0.5, 0.5}; }, {"'preprocessing.mean'", "2 values", "3"}},
         {[](json& d) { d["preprocessing"]["std"][1] = 0.0; }, {"'preprocessing.std'", "positive"}},
         {[](json& d) { d["preprocessing"]["std"][0] = "x"; }, {"'preprocessing.std'", "3 finite numbers"}},
-        {[](json& d) { d["preprocessing"]["scale"] = -1; }, {"'preprocessing.scale'", "positive"}},
+        {[](json& d) { d["preprocessing"]["scale"] = -1; }, {"'preprocessing.scale'", "expected 255"}},
         {[](json& d) { d["preprocessing"]["raw_layout"] = "NCHW"; }, {"'preprocessing.raw_layout'", "'NCHW'"}},
         {[](json& d) { d["preprocessing"]["baked_in"] = "no"; }, {"'preprocessing.baked_in'", "true or false"}},
         {[](json& d) { d["label_names"] = {"normal"}; }, {"'label_names'", "1 names", "expected 2"}},
@@ -282,6 +282,75 @@ TEST_CASE(gpu_check) {
     CHECK(warnings.str().find("NVIDIA H100 PCIe") != std::string::npos);
     CHECK_THROWS_WITH(pcam::check_gpu(s, "NVIDIA A100-SXM4-40GB", 8, 0, warnings), "compute capability 9.0",
                       "NVIDIA A100-SXM4-40GB", "compute capability 8.0");
+}
+
+// ---- the fixtures shared with the Python tests (tests/golden/sidecar/manifest.json) ------------------------------
+
+json fixture_manifest() {
+    const std::string path = std::string(PCAM_SIDECAR_FIXTURES) + "/manifest.json";
+    std::ifstream in(path);
+    if (!in) {
+        throw std::runtime_error("cannot read " + path + " (configure with -DPCAM_SIDECAR_FIXTURES=<dir>)");
+    }
+    return json::parse(in);
+}
+
+std::string fixture_path(const json& name) { return std::string(PCAM_SIDECAR_FIXTURES) + "/" + name.get<std::string>(); }
+
+TEST_CASE(sidecar_fixtures) {
+    const json manifest = fixture_manifest();
+    CHECK(manifest.at("parse").size() >= 10);
+    for (const json& entry : manifest.at("parse")) {
+        const std::string path = fixture_path(entry.at("file"));
+        if (entry.at("verdict") == "accept") {
+            try {
+                const pcam::Sidecar s = pcam::load_sidecar(path);
+                CHECK_EQ(s.profile_max, 256);
+                CHECK_EQ(s.num_classes(), 2u);
+            } catch (const pcam::Error& error) {
+                testing::fail(__FILE__, __LINE__, path + " should be accepted: " + error.what());
+            }
+        } else {
+            CHECK_EQ(entry.at("verdict").get<std::string>(), "refuse");
+            std::vector<std::string> fragments = entry.at("message").get<std::vector<std::string>>();
+            fragments.push_back(path);
+            CHECK_THROWS_WITH(pcam::load_sidecar(path), fragments.begin(), fragments.end());
+        }
+    }
+}
+
+TEST_CASE(compatibility_fixtures) {
+    const json manifest = fixture_manifest();
+    for (const json& entry : manifest.at("compatibility")) {
+        const pcam::Sidecar s = pcam::load_sidecar(fixture_path(entry.at("sidecar")));
+        int version[3] = {0, 0, 0};
+        std::istringstream release(entry.at("tensorrt").get<std::string>());
+        char dot = 0;
+        release >> version[0] >> dot >> version[1] >> dot >> version[2];
+        const std::int32_t library = (version[0] * 100 + version[1]) * 100 + version[2];
+        const std::string name = entry.at("gpu").at("name").get<std::string>();
+        const std::string capability = entry.at("gpu").at("compute_capability").get<std::string>();
+        const int cc_major = std::stoi(capability.substr(0, capability.find('.')));
+        const int cc_minor = std::stoi(capability.substr(capability.find('.') + 1));
+        std::ostringstream warnings;
+        const auto check = [&]() {
+            pcam::check_tensorrt_version(s, library);
+            pcam::check_gpu(s, name, cc_major, cc_minor, warnings);
+        };
+        const std::string verdict = entry.at("verdict").get<std::string>();
+        const std::vector<std::string> fragments = entry.at("message").get<std::vector<std::string>>();
+        if (verdict == "refuse") {
+            CHECK_THROWS_WITH(check(), fragments.begin(), fragments.end());
+            continue;
+        }
+        check();
+        CHECK_EQ(warnings.str().empty(), verdict == "accept");
+        for (const std::string& fragment : fragments) {
+            if (warnings.str().find(fragment) == std::string::npos) {
+                testing::fail(__FILE__, __LINE__, "warning '" + warnings.str() + "' lacks '" + fragment + "'");
+            }
+        }
+    }
 }
 
 TEST_CASE(sha256_vectors) {

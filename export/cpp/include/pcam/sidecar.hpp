@@ -30,6 +30,7 @@ struct Sidecar {
     std::string gpu_name;
     std::string compute_capability;  // "major.minor"
     std::string precision;           // "fp16" or "fp32"
+    bool version_compatible = false; // built with BuilderFlag::kVERSION_COMPATIBLE (optional field, default false)
     TensorSpec input;
     TensorSpec output;
     std::string activation;  // "softmax": outputs are logits; "none": outputs are probabilities already
@@ -58,11 +59,13 @@ std::string default_sidecar_path(const std::string& plan_path);
 // Refuses a plan whose bytes do not hash to the sidecar's sha256.plan (truncated plan, sidecar of another plan).
 void check_plan_sha256(const Sidecar& sidecar, const std::string& plan_path, const std::string& plan_sha256);
 
-// `library_version` as returned by getInferLibVersion(): (major * 100 + minor) * 100 + patch. Plans only load in
-// the TensorRT release that built them, so major, minor and patch must all match.
+// `library_version` as returned by getInferLibVersion(): (major * 100 + minor) * 100 + patch. An ordinary plan only
+// loads in the TensorRT release that built it (major, minor and patch match); a version-compatible plan in that
+// release or a later one of the same major version. export/sidecar.py applies the same rule.
 void check_tensorrt_version(const Sidecar& sidecar, std::int32_t library_version);
 
-// Refuses a GPU of another compute capability; a different name with the same capability only warns on `warnings`.
+// Refuses a GPU of another compute capability; a different name with the same capability only warns on `warnings`
+// (the same rule as export/sidecar.py).
 void check_gpu(const Sidecar& sidecar, const std::string& gpu_name, int cc_major, int cc_minor,
                std::ostream& warnings);
 
