@@ -4,8 +4,8 @@ The GPU is looked for with `export.gpu.probe` (cuda-python; no TensorRT object i
 Without one the section is skipped with the reason. With one, for each model: PyTorch (fp16 weights,
 channels_last, CUDA-synchronised), onnxruntime's CUDA provider on the FP32 ONNX model (when onnxruntime-gpu is
 installed) and a TensorRT engine built from the mixed-FP16 ONNX model (`export.fp16`, `export.trt`), run by
-`export.runtime.TrtRunner` (host preprocessing and copies included). The ceiling is the GPU's dense FP16 tensor
-peak divided by the model's FLOPs per patch; utilisation = achieved FLOP/s / peak.
+`timm_inception_pcam.inference.trt_runner.TrtRunner` (host preprocessing and copies included). The ceiling is the
+GPU's dense FP16 tensor peak divided by the model's FLOPs per patch; utilisation = achieved FLOP/s / peak.
 """
 from __future__ import annotations
 
@@ -104,9 +104,9 @@ def _bench_gpu_model(name: str, sizes: Sizes, workdir: Path, gpu, trt_version: s
     if trt_version is None:
         out['runtimes']['tensorrt_fp16'] = {'status': 'skipped', 'reason': trt_problem}
     else:
-        from export.runtime import TrtRunner
         from export.sidecar import Profile
         from export.trt import build_from_onnx
+        from timm_inception_pcam.inference.trt_runner import TrtRunner
 
         fp16 = workdir / f'{name}.gpu.fp16.onnx'
         convert_fp16(fp32, fp16, patches[:64])

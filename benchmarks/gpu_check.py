@@ -625,12 +625,5 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if results['failed'] else 0
 
 
-def run_cli(argv: list[str] | None = None) -> int:
-    """errors.cli() around main(), keeping main's exit status (1: a step failed)."""
-    status: list[int] = []
-    code = errors.cli(lambda a: status.append(main(a)), 'python -m benchmarks.gpu_check', argv)
-    return code or (status[0] if status else 0)
-
-
 if __name__ == '__main__':
-    sys.exit(run_cli())
+    sys.exit(errors.cli(main, 'python -m benchmarks.gpu_check'))

@@ -234,12 +234,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_cli(argv: list[str] | None = None) -> int:
-    """errors.cli() around main(), keeping main's exit status (3: no GPU / TensorRT here)."""
-    status: list[int] = []
-    code = errors.cli(lambda a: status.append(main(a)), 'python -m export.trt', argv)
-    return code or (status[0] if status else 0)
-
-
 if __name__ == '__main__':
-    sys.exit(run_cli())
+    sys.exit(errors.cli(main, 'python -m export.trt'))

@@ -24,8 +24,8 @@ if not ENV.can_run:
                 allow_module_level=True)
 
 from export import trt as export_trt  # noqa: E402
-from export.runtime import TrtRunner  # noqa: E402
 from export.sidecar import PlanMismatchError, read_sidecar  # noqa: E402
+from timm_inception_pcam.inference.trt_runner import TrtRunner  # noqa: E402
 
 CPP_RUNNER = Path(os.environ.get('PCAM_TRT_INFER', Path(__file__).parents[1] / 'export/cpp/build/pcam_trt_infer'))
 

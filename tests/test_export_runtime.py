@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-import export.runtime as runtime
 import export.trt as export_trt
+import timm_inception_pcam.inference.trt_runner as runtime
 from export.gpu import CUDA_PYTHON_MIN, GpuInfo, detect_gpus, probe
 from export.sidecar import (
     DEFAULT_PROFILE,

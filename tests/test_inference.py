@@ -421,7 +421,7 @@ def test_bf16_checked_matches_float32_decisions(model: nn.Module, reference: np.
 
 
 def test_plans_go_to_the_tensorrt_runner(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import export.runtime
+    import timm_inception_pcam.inference.trt_runner as trt_runner
 
     plan = tmp_path / 'model.plan'
     with pytest.raises(UsageError, match='runs on an NVIDIA GPU: use device cuda'):
@@ -436,7 +436,7 @@ def test_plans_go_to_the_tensorrt_runner(monkeypatch: pytest.MonkeyPatch, tmp_pa
             opened.append(path)
             super().__init__('tensorrt', np.zeros(1), np.zeros(1))
 
-    monkeypatch.setattr(export.runtime, 'TrtRunner', FakeTrt)
+    monkeypatch.setattr(trt_runner, 'TrtRunner', FakeTrt)
     runner = create_runner(plan, device='auto')
     assert isinstance(runner, FakeTrt) and opened == [plan]
     with pytest.raises(UsageError, match='runs at precision fp32, but fp16 was asked'):

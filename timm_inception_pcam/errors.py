@@ -75,11 +75,14 @@ def check_range(name: str, value: float | int | None, low: float | None = None, 
 
 def cli(main: Callable[[Sequence[str] | None], Any], prog: str,
         argv: Sequence[str] | None = None) -> int:
-    """Run `main(argv)`: a PCamError becomes `prog: error: message` on stderr and exit 2; Ctrl-C exits 130."""
+    """Run `main(argv)`: a PCamError becomes `prog: error: message` on stderr and exit 2; Ctrl-C exits 130.
+
+    An int returned by `main` is the exit status (e.g. export.trt's 3: no GPU here); anything else means 0.
+    """
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format='%(message)s', stream=sys.stderr)
     try:
-        main(argv)
+        result = main(argv)
     except PCamError as e:
         message = ' '.join(str(e).split()) or type(e).__name__
         print(f'{prog}: error: {message}', file=sys.stderr)
@@ -88,4 +91,4 @@ def cli(main: Callable[[Sequence[str] | None], Any], prog: str,
         print(f'{prog}: interrupted; nothing half-written was left visible (rerun to resume or replace)',
               file=sys.stderr)
         return EXIT_INTERRUPTED
-    return 0
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0

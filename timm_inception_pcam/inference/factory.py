@@ -10,7 +10,7 @@ What it takes, and what runs it:
   train.py's, `.safetensors`, `hf-hub:org/name`): `TorchRunner`, or `bf16_checked` (`DecisionCheck` of a `bf16`
   runner by a `channels_last` one);
 - an `.onnx` file (FP32, or FP16 from `export.fp16`): `OnnxRunner` (onnxruntime, CPU);
-- a TensorRT `.plan` / `.engine` with its sidecar: `export.runtime.TrtRunner` (NVIDIA GPU; imported lazily).
+- a TensorRT `.plan` / `.engine` with its sidecar: `trt_runner.TrtRunner` (NVIDIA GPU; imported lazily).
 
 `backend='auto'`: on the CPU `bf16_checked` where the CPU has AMX (plain `bf16` measured about 5x eager float32 but
 changed up to 1 % of decisions; see benchmarks/results) and `channels_last` elsewhere (bf16 without AMX is emulated
@@ -229,7 +229,7 @@ def _file_runner(path: Path, kind: str, device: str, batch_size: int, threads: i
         raise UsageError(f'{path}: a TensorRT plan runs on an NVIDIA GPU: use device cuda (or auto)')
     if not path.is_file():
         raise CheckpointError(f'{path}: no such TensorRT plan')
-    from export.runtime import TrtRunner  # the [trt] extra; moves into this package later
+    from .trt_runner import TrtRunner  # the [trt] extra: tensorrt and pycuda, imported when a runner is made
 
     return TrtRunner(path)
 

@@ -1,6 +1,6 @@
 """Run a TensorRT engine from Python (pycuda): raw uint8 NHWC patches in, class probabilities out.
 
-    from export.runtime import TrtRunner
+    from timm_inception_pcam.inference.trt_runner import TrtRunner
     with TrtRunner('runs/export/inception_v4_pcam.fp16.plan') as runner:
         probs = runner.predict(patches)          # (N, 2), N may exceed the profile's max batch or be below its min
 
@@ -14,13 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from timm_inception_pcam.errors import InferenceError
-from timm_inception_pcam.inference.base import RunnerSpec, softmax
-from timm_inception_pcam.preprocess import batch_slices
+from export.gpu import detect_gpus
+from export.sidecar import PlanMismatchError, Sidecar, check_compatible, read_sidecar, verify_plan_file
+from export.spec import IOSpec
 
-from .gpu import detect_gpus
-from .sidecar import PlanMismatchError, Sidecar, check_compatible, read_sidecar, verify_plan_file
-from .spec import IOSpec
+from ..errors import InferenceError
+from ..preprocess import batch_slices
+from .base import RunnerSpec, softmax
 
 __all__ = ['TrtRunner', 'import_runtime']
 
