@@ -24,17 +24,19 @@ import torch
 
 from timm_inception_pcam.storage import atomic_write_bytes, atomic_write_json
 
-from . import backends, cohort, gpu, models, training
+from . import backends, cohort, family, gpu, models, training
 from .common import FULL, QUICK, Sizes, fmt, machine_info, synthetic_split
 
 __all__ = ['SECTIONS', 'RESULTS_FORMAT', 'build_parser', 'main', 'render_markdown']
 
 RESULTS_FORMAT = 'timm-inception-pcam-bench/1'
 DEFAULT_CACHE = Path(os.environ.get('XDG_CACHE_HOME', Path.home() / '.cache')) / 'timm-inception-pcam' / 'bench'
-SECTIONS = ('models', 'backends', 'data', 'training', 'slide', 'cohort', 'gpu')
+SECTIONS = ('models', 'backends', 'data', 'training', 'slide', 'cohort', 'gpu', 'family')
+DEFAULT_SECTIONS = SECTIONS[:-1]  # family trains six models: its own command (--sections family)
 TITLES = {'models': 'Models at 96 px (CPU)', 'backends': 'CPU inference backends',
           'data': 'Data readers', 'training': 'Training step: our trainer vs a bare PyTorch loop',
           'slide': 'Whole-slide inference (tiles/s)', 'cohort': 'A cohort of slides: Ray workers vs slide after slide',
+          'family': 'The Inception family, one recipe, one data set',
           'gpu': 'GPU: TensorRT FP16 vs PyTorch fp16 vs onnxruntime CUDA'}
 
 
@@ -42,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='python -m benchmarks.run', description=__doc__.split('\n')[0])
     p.add_argument('--output', default='benchmarks/results', help='folder for results.json and results.md')
     p.add_argument('--quick', action='store_true', help='tiny sizes and reduced-depth models (a smoke test)')
-    p.add_argument('--sections', nargs='+', default=list(SECTIONS), choices=SECTIONS, metavar='SECTION',
-                   help=f'what to run (default: all of {", ".join(SECTIONS)})')
+    p.add_argument('--sections', nargs='+', default=list(DEFAULT_SECTIONS), choices=SECTIONS, metavar='SECTION',
+                   help=f'what to run (default: {", ".join(DEFAULT_SECTIONS)}; family: train and compare the whole '
+                        f'Inception family)')
     p.add_argument('--checkpoint', nargs='+', default=[], metavar='PATH',
                    help='trained checkpoints for the backend accuracy comparison, matched to the models by their '
                         'arch (default: models briefly trained here on synthetic patches, kept in --cache-dir)')
@@ -117,7 +120,8 @@ def render_markdown(results: dict[str, Any]) -> str:
                 'files, md5-verified).'), '']
     renderers: dict[str, Callable[[dict[str, Any], Any], list[str]]] = {
         'models': models.markdown, 'backends': backends.markdown, 'training': training.markdown,
-        'gpu': gpu.markdown, 'data': _data_markdown, 'slide': _slide_markdown, 'cohort': cohort.markdown}
+        'gpu': gpu.markdown, 'data': _data_markdown, 'slide': _slide_markdown, 'cohort': cohort.markdown,
+        'family': family.markdown}
     for name, section in results['sections'].items():
         lines += [f'## {TITLES[name]}', '']
         status = section.get('status') if isinstance(section, dict) else None
@@ -167,6 +171,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             'training': lambda: training.run(sizes, args.progress),
             'slide': lambda: _slide_section(args.quick),
             'cohort': lambda: cohort.benchmark_cohort(args.quick),
+            'family': lambda: family.run(sizes, work / 'family', args.data_dir, args.progress),
             'gpu': lambda: gpu.run(sizes, work / 'gpu', args.progress),
         }
         for name in SECTIONS:

@@ -190,3 +190,20 @@ def test_trained_model_is_cached_and_reused(tmp_path: Path) -> None:
     assert f'reused from {cached}' in source and not (tmp_path / 'other').exists()  # no second training
     for (k, a), b in zip(first.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_family_section_trains_and_compares_every_member(tmp_path: Path) -> None:
+    """The family comparison end to end at reduced sizes: every model trained, evaluated and measured."""
+    from benchmarks import family
+
+    results = run.main(['--output', str(tmp_path), '--quick', '--sections', 'family', '--threads', '1',
+                        '--no-progress'])
+    section = results['sections']['family']
+    assert section['data_provenance'] == 'synthetic'
+    assert [m['model'] for m in section['models']] == [name for name, _ in family.FAMILY]
+    for m in section['models']:
+        assert m['params'] > 1e6 and m['gmacs'] > 0.1 and m['grids'][-1] == 3, m['model']  # no collapsed grid
+        assert 0.0 <= m['test']['roc_auc'] <= 1.0 and m['n_test'] == 32 and m['train_seconds'] > 0
+        assert m['eager_patches_per_s'] > 0 and m['auto_patches_per_s'] > 0
+    md = (tmp_path / 'results.md').read_text()
+    assert 'not how it does on PCam' in md and '| googlenet_pcam |' in md
