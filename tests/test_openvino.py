@@ -179,3 +179,15 @@ def test_factory_openvino_backends_keep_float32_decisions(model, patches, refere
         assert stats['patches'] == len(patches) and [s['backend'] for s in stats['stages']] == stages
     cascade = create_runner(model, 'openvino_int8', batch_size=16)
     assert cascade.spec.extra['calibration']['synthetic'] is True  # no calibration given: recorded as synthetic
+
+
+def test_ir_runs_through_the_factory(exported, patches, reference) -> None:
+    from timm_inception_pcam.errors import UsageError
+    from timm_inception_pcam.inference import create_runner
+
+    runner = create_runner(exported['xml'])
+    assert runner.spec.backend == 'openvino_fp32'
+    np.testing.assert_allclose(runner.logits(patches), reference, rtol=1e-3, atol=1e-4 * np.abs(reference).max())
+    assert create_runner(exported['xml'], precision='bf16').spec.backend == 'openvino_bf16'
+    with pytest.raises(UsageError, match='does not run OpenVINO IR files'):
+        create_runner(exported['xml'], 'eager')

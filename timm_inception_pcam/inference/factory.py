@@ -38,7 +38,7 @@ __all__ = ['BACKENDS', 'ARTEFACT_KINDS', 'artefact_kind', 'resolve', 'resolve_ba
 CHECKED_BACKENDS = ('bf16_checked', 'openvino_bf16_checked', 'openvino_cascade')
 OPENVINO_BACKENDS = ('openvino_fp32', 'openvino_bf16', 'openvino_int8')
 BACKENDS = TORCH_BACKENDS + OPENVINO_BACKENDS + CHECKED_BACKENDS + ('onnxruntime', 'tensorrt')
-ARTEFACT_KINDS = ('module', 'checkpoint', 'onnx', 'tensorrt')
+ARTEFACT_KINDS = ('module', 'checkpoint', 'onnx', 'tensorrt', 'openvino')
 PLAN_SUFFIXES = ('.plan', '.engine')
 # the precision a torch backend runs at when none is asked for
 _NATURAL = {'bf16': 'bf16', 'compile_bf16': 'bf16', 'bf16_checked': 'bf16', 'openvino_bf16': 'bf16',
@@ -47,13 +47,16 @@ _FOR_PRECISION = {'fp32': 'channels_last', 'bf16': 'bf16', 'fp16': 'eager'}  # C
 
 
 def artefact_kind(model_or_path: Any) -> str:
-    """'module' (an nn.Module), 'onnx' (.onnx), 'tensorrt' (.plan / .engine) or 'checkpoint' (any other path)."""
+    """'module' (an nn.Module), 'onnx' (.onnx), 'tensorrt' (.plan / .engine), 'openvino' (an IR's .xml) or
+    'checkpoint' (any other path)."""
     if isinstance(model_or_path, nn.Module):
         return 'module'
     if not isinstance(model_or_path, (str, os.PathLike)):
         raise UsageError(f'expected a torch nn.Module or the path of a checkpoint, .onnx file or TensorRT plan, got '
                          f'{type(model_or_path).__name__}')
     suffix = Path(model_or_path).suffix.lower()
+    if suffix == '.xml':
+        return 'openvino'
     return 'onnx' if suffix == '.onnx' else 'tensorrt' if suffix in PLAN_SUFFIXES else 'checkpoint'
 
 
@@ -89,6 +92,13 @@ def resolve(backend: str = 'auto', kind: str = 'module', device: str = 'cpu',
             raise UsageError(f'backend {backend!r} does not run ONNX files: an ONNX file runs on onnxruntime '
                              '(backend "auto" or "onnxruntime")')
         return 'onnxruntime', precision
+    if kind == 'openvino':
+        if backend not in ('auto', 'openvino_fp32', 'openvino_bf16', 'openvino_int8'):
+            raise UsageError(f'backend {backend!r} does not run OpenVINO IR files: an .xml runs on OpenVINO (backend '
+                             '"auto", openvino_fp32 or openvino_bf16; an int8 IR as openvino_int8)')
+        if backend == 'auto':
+            backend = {'bf16': 'openvino_bf16', 'int8': 'openvino_int8'}.get(precision, 'openvino_fp32')
+        return backend, _NATURAL.get(backend, 'fp32') if precision == 'auto' else precision
     if kind == 'tensorrt':
         if backend not in ('auto', 'tensorrt'):
             raise UsageError(f'backend {backend!r} does not run TensorRT plans: a .plan runs on TensorRT '
@@ -167,6 +177,11 @@ def create_runner(
         raise UsageError(f'threads must be at least 1, got {threads}')
     kind = artefact_kind(model_or_path)
     name, precision = resolve(backend, kind, str(device), precision)
+    if kind == 'openvino':
+        from .openvino_runner import OpenVINORunner
+
+        return OpenVINORunner(model_or_path, name.removeprefix('openvino_'), batch_size=batch_size, threads=threads,
+                              mean=tuple(mean) if mean else None, std=tuple(std) if std else None)
     if kind in ('onnx', 'tensorrt'):
         runner = _file_runner(Path(model_or_path), kind, str(device), batch_size, threads)
         _check_file_runner(runner, precision, mean, std)
