@@ -24,7 +24,8 @@ import onnx
 from onnx import TensorProto, numpy_helper
 from tqdm import tqdm
 
-from timm_inception_pcam.inference.onnx_runner import OnnxRunner, ort_options, read_onnx_metadata
+from timm_inception_pcam.errors import check_range, cli
+from timm_inception_pcam.inference.onnx_runner import OnnxRunner, load_onnx_proto, ort_options, read_onnx_metadata
 from timm_inception_pcam.preprocess import batch_slices
 from timm_inception_pcam.storage import atomic_path, atomic_write_json, file_sha256
 
@@ -306,6 +307,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument('--batch-size', type=int, default=64)
     add_fp16_args(parser)
     args = parser.parse_args(argv)
+    check_range('--batch-size', args.batch_size, 1)
+    check_range('--calib-samples', args.calib_samples, 1)
+    check_range('--fp16-parity-samples', args.fp16_parity_samples, 1)
+    load_onnx_proto(args.onnx, '--onnx ' + str(args.onnx))  # a missing or broken file: one line, before any work
     return run_fp16_stage(Path(args.onnx), data_dir=args.data_dir, calib_split=args.calib_split,
                           calib_samples=args.calib_samples, parity_split=args.fp16_parity_split,
                           parity_samples=args.fp16_parity_samples, data_max=args.data_max,
@@ -313,7 +318,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except (ExportError, ValueError, FileNotFoundError) as e:
-        sys.exit(f'error: {e}')
+    sys.exit(cli(main, 'python -m export.fp16'))

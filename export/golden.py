@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from timm_inception_pcam.errors import check_range, cli
 from timm_inception_pcam.inference import probabilities
 from timm_inception_pcam.preprocess import preprocess_patches
 from timm_inception_pcam.storage import atomic_write_bytes, atomic_write_json, file_sha256
@@ -113,13 +114,11 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     parser.add_argument('--static', type=Path, default=None, help='write only the small committed files here')
     parser.add_argument('--patches', type=int, default=64, help='patches in patches.bin / expected.json')
     args = parser.parse_args(argv)
+    check_range('--patches', args.patches, 1)
     files = write_static_golden(args.static) if args.static else write_golden(args.output, n_patches=args.patches)
     print(f'Wrote {len(files)} golden files: ' + ', '.join(sorted(p.name for p in files.values())))
     return files
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f'error: {e}')
+    sys.exit(cli(main, 'python -m export.golden'))

@@ -20,8 +20,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from timm.utils import ParseKwargs
 
-from timm_inception_pcam.errors import ExportError
-from timm_inception_pcam.inference.onnx_runner import OnnxRunner, ort_options, read_onnx_metadata
+from timm_inception_pcam.errors import DataError, ExportError, UsageError, check_range, cli
+from timm_inception_pcam.inference.onnx_runner import OnnxRunner, load_onnx_proto, ort_options, read_onnx_metadata
 from timm_inception_pcam.inference.torch_runner import TorchRunner
 from timm_inception_pcam.storage import atomic_path, atomic_write_json, file_sha256
 
@@ -50,7 +50,7 @@ def export_onnx(
 ) -> Path:
     """Export `model` (float NCHW in, logits out) to one self-contained ONNX file at `path`, checked before rename."""
     if opset < MIN_OPSET:
-        raise ValueError(f'opset {opset} is too old: expected {MIN_OPSET} or newer')
+        raise UsageError(f'opset {opset} is too old: expected {MIN_OPSET} or newer')
     path = Path(path)
     model = model.eval()
     c, h, w = 3, 96, 96
@@ -134,10 +134,7 @@ def check_onnx(path: str | Path, spec: IOSpec | None = None, source: str | None 
     """Full checker, strict shape inference, single file, opset, and the IO contract. Returns the inferred model."""
     path = Path(path)
     source = source or str(path)
-    try:
-        model = onnx.load_model(str(path), load_external_data=False)
-    except Exception as e:
-        raise ExportError(f'{source}: not a readable ONNX model ({e})') from e
+    model = load_onnx_proto(path, source)
     external = [t.name for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL]
     if external:
         raise ExportError(f'{source}: {len(external)} initializers are stored in external files (e.g. '
@@ -216,7 +213,7 @@ def load_patches(data_dir: str | Path | None, split: str, n: int, seed: int = 0,
     ds = PCamDataset(data_dir, split)
     count = min(n, len(ds) - offset)
     if count < 1:
-        raise ValueError(f'{data_dir}: split {split!r} has {len(ds)} patches, none left after offset {offset}')
+        raise DataError(f'{data_dir}: split {split!r} has {len(ds)} patches, none left after offset {offset}')
     patches, labels = ds.read_batch(np.arange(offset, offset + count))
     return patches, labels, f'{data_dir} split {split} [{offset}:{offset + count}]'
 
@@ -230,9 +227,9 @@ def load_export_model(model_name: str | None, checkpoint: str | None, *, use_ema
     from timm_inception_pcam.checkpoint import load_model
     if model_name is not None and not timm.is_model(model_name):
         known = ', '.join(timm.list_models('*pcam*')) or 'none registered'
-        raise ValueError(f'--model: unknown model {model_name!r}; PCam models: {known}')
+        raise UsageError(f'--model: unknown model {model_name!r}; PCam models: {known}')
     if model_name is None and checkpoint is None:
-        raise ValueError('give --model, --checkpoint, or both')
+        raise UsageError('give --model, --checkpoint, or both')
     model = load_model(model_name, checkpoint, pretrained=pretrained, use_ema=use_ema, **model_kwargs)
     name = model_name or (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or type(model).__name__
     return model.eval(), name
@@ -310,7 +307,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_model_args(args: argparse.Namespace) -> None:
+    """Range-check the numbers of `add_model_args` before anything is loaded or written."""
+    check_range('--batch-size', args.batch_size, 1)
+    check_range('--parity-samples', args.parity_samples, 1)
+    check_range('--tolerance', args.tolerance, 0, low_open=True)
+    if hasattr(args, 'opset'):
+        check_range('--opset', args.opset, MIN_OPSET)
+
+
 def onnx_stage_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    check_model_args(args)
     model, name = load_export_model(args.model, args.checkpoint, use_ema=args.use_ema, pretrained=args.pretrained,
                                     **args.model_kwargs)
     patches, _, source = load_patches(args.data_dir, args.split, args.parity_samples)
@@ -330,7 +337,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except (ExportError, ValueError, FileNotFoundError) as e:
-        sys.exit(f'error: {e}')
+    sys.exit(cli(main, 'python -m export.onnx'))

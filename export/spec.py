@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from timm_inception_pcam.constants import LABEL_NAMES, PCAM_INPUT_SIZE, PCAM_MEAN, PCAM_STD
+from timm_inception_pcam.errors import DataError
 from timm_inception_pcam.inference.base import softmax
 from timm_inception_pcam.preprocess import check_patches, preprocess_patches
 
@@ -68,17 +69,17 @@ class IOSpec:
                 output_name=str(out['name']),
             )
         except (KeyError, TypeError) as e:
-            raise ValueError(f'{source}: missing or malformed field {e} (expected the timm-inception-pcam '
+            raise DataError(f'{source}: missing or malformed field {e} (expected the timm-inception-pcam '
                              f'input/output/preprocessing/label_names fields)') from None
         if float(pre.get('scale', RAW_SCALE)) != RAW_SCALE:
-            raise ValueError(f'{source}: preprocessing.scale is {pre.get("scale")}, expected {RAW_SCALE}')
+            raise DataError(f'{source}: preprocessing.scale is {pre.get("scale")}, expected {RAW_SCALE}')
         if any(s <= 0 for s in spec.std):
-            raise ValueError(f'{source}: preprocessing.std must be positive, got {list(spec.std)}')
+            raise DataError(f'{source}: preprocessing.std must be positive, got {list(spec.std)}')
         for key, found, expected in (
                 ('input', inp, spec.input_dict()), ('output', out, spec.output_dict())):
             for k in ('shape', 'dtype') + (('layout',) if key == 'input' else ()):
                 if found.get(k) != expected[k]:
-                    raise ValueError(f'{source}: {key}.{k} is {found.get(k)!r}, expected {expected[k]!r} '
+                    raise DataError(f'{source}: {key}.{k} is {found.get(k)!r}, expected {expected[k]!r} '
                                      f'(preprocessing.baked_in={spec.baked_in})')
         return spec
 
@@ -97,10 +98,10 @@ class IOSpec:
         shape = self.input_dict()['shape']
         if not isinstance(x, np.ndarray) or x.ndim != 4 or list(x.shape[1:]) != shape[1:]:
             found = tuple(x.shape) if isinstance(x, np.ndarray) else type(x).__name__
-            raise ValueError(f'{source}: expected an array of shape (N, {", ".join(map(str, shape[1:]))}) '
+            raise DataError(f'{source}: expected an array of shape (N, {", ".join(map(str, shape[1:]))}) '
                              f'({self.input_dict()["layout"]}), got {found}')
         if x.dtype != self.input_dtype:
-            raise ValueError(f'{source}: expected dtype {self.input_dtype}, got {x.dtype}')
+            raise DataError(f'{source}: expected dtype {self.input_dtype}, got {x.dtype}')
         return np.ascontiguousarray(x)
 
     def onnx_metadata(self, **extra: Any) -> str:
@@ -110,7 +111,7 @@ class IOSpec:
 def _triple(values: Sequence[float], name: str, source: str) -> tuple[float, float, float]:
     values = [float(v) for v in values]
     if len(values) != 3:
-        raise ValueError(f'{source}: {name} must have 3 values (RGB), got {values}')
+        raise DataError(f'{source}: {name} must have 3 values (RGB), got {values}')
     return values[0], values[1], values[2]
 
 

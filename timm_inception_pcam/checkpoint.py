@@ -52,7 +52,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f'{path}: not a readable safetensors file ({e})') from e
         if 'model_kwargs' in meta:
-            meta['model_kwargs'] = json.loads(meta['model_kwargs'])
+            try:
+                meta['model_kwargs'] = json.loads(meta['model_kwargs'])
+            except ValueError as e:
+                raise CheckpointError(f'{path}: its model_kwargs metadata is not JSON ({e}); expected the '
+                                      f'create_model arguments as save_checkpoint writes them') from None
+            if not isinstance(meta['model_kwargs'], dict):
+                raise CheckpointError(f'{path}: its model_kwargs metadata is {type(meta["model_kwargs"]).__name__}, '
+                                      f'expected a JSON object')
         return {**meta, 'state_dict': state_dict}
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):

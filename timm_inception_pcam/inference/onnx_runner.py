@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
-from ..errors import CheckpointError, ExportError, UsageError
+from ..errors import CheckpointError, ExportError, MissingFileError, UsageError
 from ..preprocess import batch_slices
 from .base import RunnerSpec, collect_logits
 
@@ -21,18 +21,39 @@ if TYPE_CHECKING:
 __all__ = ['OnnxRunner', 'read_onnx_metadata', 'ort_options']
 
 
+def load_onnx_proto(path: str | Path, source: str | None = None) -> onnx.ModelProto:
+    """The ONNX model in `path`, or an error naming the file: missing, empty, unreadable, or with no graph."""
+    path = Path(path)
+    source = source or str(path)
+    if not path.is_file():
+        raise MissingFileError(f'{source}: ONNX file not found')
+    if path.stat().st_size == 0:
+        raise ExportError(f'{source}: empty file (0 bytes); expected an ONNX model written by export.onnx')
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends name no file: this does
+        first = (str(e).strip().splitlines() or [''])[0][:200]
+        raise ExportError(f'{source}: not a readable ONNX model ({type(e).__name__}: {first})') from None
+    if not len(model.graph.node):
+        raise ExportError(f'{source}: not an ONNX model (no graph nodes); expected a model written by export.onnx')
+    return model
+
+
 def read_onnx_metadata(model: str | Path | onnx.ModelProto, source: str | None = None) -> tuple['IOSpec', dict]:
     """(IOSpec, the whole metadata dict: model, checkpoint sha256, precision, ...) stored by `export_onnx`."""
     from export.spec import ONNX_METADATA_KEY, IOSpec
 
     if not isinstance(model, onnx.ModelProto):
         source = source or str(model)
-        model = onnx.load_model(str(model), load_external_data=False)
+        model = load_onnx_proto(model, source)
     source = source or 'ONNX model'
     props = {p.key: p.value for p in model.metadata_props}
     if ONNX_METADATA_KEY not in props:
         raise ExportError(f'{source}: no {ONNX_METADATA_KEY!r} metadata; expected a model written by export.onnx')
-    meta = json.loads(props[ONNX_METADATA_KEY])
+    try:
+        meta = json.loads(props[ONNX_METADATA_KEY])
+    except ValueError as e:
+        raise ExportError(f'{source}: its {ONNX_METADATA_KEY!r} metadata is not JSON ({e})') from None
     return IOSpec.from_dict(meta, source), meta
 
 

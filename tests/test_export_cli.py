@@ -1,0 +1,87 @@
+"""The export commands as a user meets them: every user error is one line and exit 2, and nothing is written."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from timm_inception_pcam.errors import cli
+
+
+def _one_line(capsys: pytest.CaptureFixture, expected: str) -> None:
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line]
+    assert len(err) == 1 and expected in err[0] and 'Traceback' not in err[0], err
+
+
+@pytest.mark.parametrize('extra, expected', [
+    (['--model', 'inception_v4_pcam', '--batch-size', '0'], '--batch-size must be >= 1, got 0'),
+    (['--model', 'inception_v4_pcam', '--parity-samples', '-1'], '--parity-samples must be >= 1'),
+    (['--model', 'inception_v4_pcam', '--opset', '11'], '--opset must be >= 18'),
+    (['--model', 'inception_v4_pcam', '--tolerance', '0'], '--tolerance must be > 0'),
+    (['--model', 'no_such_model'], "--model: unknown model 'no_such_model'"),
+    ([], 'give --model, --checkpoint, or both'),
+    (['--checkpoint', '{tmp}/missing.pth'], 'missing.pth: checkpoint file not found'),
+])
+def test_export_onnx_user_errors(extra, expected, tmp_path: Path, capsys) -> None:
+    from export.onnx import main
+
+    out = tmp_path / 'out'
+    assert cli(main, 'python -m export.onnx', ['--output', str(out), *[a.format(tmp=tmp_path) for a in extra]]) == 2
+    _one_line(capsys, expected)
+    assert not out.exists() or not any(out.iterdir())  # nothing under its final name (nor any name)
+
+
+def test_broken_onnx_files_are_named(tmp_path: Path, capsys) -> None:
+    from export.fp16 import main
+    from timm_inception_pcam.evaluate import main as evaluate_main
+
+    empty, garbage, notmodel = tmp_path / 'empty.onnx', tmp_path / 'garbage.onnx', tmp_path / 'text.onnx'
+    empty.write_bytes(b'')
+    garbage.write_bytes(b'\x08\x07\x12\xff\xff\xff garbage')
+    notmodel.write_text('hello')
+    for path, expected in ((empty, 'empty.onnx: empty file (0 bytes)'),
+                           (garbage, 'garbage.onnx: not a readable ONNX model'),
+                           (notmodel, 'text.onnx: not'),
+                           (tmp_path / 'none.onnx', 'none.onnx: ONNX file not found')):
+        assert cli(main, 'python -m export.fp16', ['--onnx', str(path)]) == 2
+        _one_line(capsys, expected)
+    assert cli(evaluate_main, 'evaluate', ['--checkpoint', str(garbage), '--data-dir', str(tmp_path),
+                                           '--output', str(tmp_path / 'e')]) == 2
+    assert 'Traceback' not in capsys.readouterr().err
+    assert cli(main, 'python -m export.fp16', ['--onnx', str(garbage), '--batch-size', '0']) == 2
+    _one_line(capsys, '--batch-size must be >= 1')
+
+
+def test_triton_user_errors(tmp_path: Path, capsys) -> None:
+    pytest.importorskip('tritonclient.grpc', reason='tritonclient is a declared dependency (serve extra)')
+    from export.triton import main
+
+    base = ['--model', 'inception_v4_pcam', '--model-repository', str(tmp_path / 'repo')]
+    assert cli(main, 'python -m export.triton', [*base, '--max-batch-size', '0']) == 2
+    _one_line(capsys, '--max-batch-size must be >= 1')
+    assert cli(main, 'python -m export.triton', [*base, '--plan', str(tmp_path / 'x.plan')]) == 2
+    _one_line(capsys, 'x.plan: file not found')
+    assert not (tmp_path / 'repo').exists()
+
+
+def test_non_json_model_kwargs_in_safetensors_is_one_line(tmp_path: Path, capsys) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from timm_inception_pcam.checkpoint import load_model
+    from timm_inception_pcam.errors import CheckpointError
+
+    path = tmp_path / 'w.safetensors'
+    save_file({'x': torch.zeros(1)}, str(path), metadata={'arch': 'inception_v4_pcam', 'model_kwargs': '{not json'})
+    with pytest.raises(CheckpointError, match='w.safetensors'):
+        load_model(None, path)
+
+
+@pytest.mark.parametrize('module', ['export.onnx', 'export.fp16', 'export.golden', 'export.openvino'])
+def test_modules_exit_2_without_traceback(module: str, tmp_path: Path) -> None:
+    args = {'export.fp16': ['--onnx', str(tmp_path / 'none.onnx')],
+            'export.golden': ['--output', str(tmp_path / 'g'), '--patches', '0']}.get(
+        module, ['--model', 'inception_v4_pcam', '--output', str(tmp_path / 'o'), '--batch-size', '0'])
+    proc = subprocess.run([sys.executable, '-m', module, *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
