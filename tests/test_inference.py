@@ -17,6 +17,7 @@ from timm_inception_pcam.inference.check import DecisionCheck, class1_margin, un
 from timm_inception_pcam.inference.factory import BACKENDS, resolve, resolve_backend
 from timm_inception_pcam.inference.torch_runner import fold_batchnorm
 from timm_inception_pcam.preprocess import preprocess_patches
+from timm_inception_pcam.testing import blob_patches
 
 N = 32
 
@@ -30,21 +31,9 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def _patches(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Noisy patches whose label is visible: class 1 has a dark blob in the centre 32x32 region."""
-    rng = np.random.default_rng(seed)
-    labels = rng.permutation(np.arange(n) % 2)
-    x = rng.normal(200, 25, (n, 96, 96, 3))
-    yy, xx = np.mgrid[:96, :96]
-    for i in np.flatnonzero(labels):
-        cy, cx, r = rng.uniform(38, 58, 2).tolist() + [rng.uniform(5, 12)]
-        x[i][(yy - cy) ** 2 + (xx - cx) ** 2 < r ** 2] -= rng.uniform(60, 120)
-    return np.clip(x, 0, 255).astype(np.uint8), labels
-
-
 @pytest.fixture(scope='module')
 def data() -> tuple[np.ndarray, np.ndarray]:
-    return _patches(N, seed=1)
+    return blob_patches(N, seed=1)
 
 
 @pytest.fixture(scope='module')
@@ -52,7 +41,7 @@ def model() -> nn.Module:
     """Tiny inception_v4_pcam with BN statistics and a classifier fitted to labelled patches: its logits vary."""
     from timm_inception_pcam.testing import train_tiny_model
 
-    patches, labels = _patches(64, seed=0)
+    patches, labels = blob_patches(64, seed=0)
     return train_tiny_model(patches, labels, steps=80)
 
 
@@ -182,7 +171,7 @@ def test_compile_pads_short_batches() -> None:
     net = nn.Sequential(ConvNormAct(3, 8, 3, stride=4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2)).eval()
     net[0].bn.running_mean.uniform_(-0.5, 0.5)
     net[0].bn.running_var.uniform_(0.5, 2.0)
-    patches, _ = _patches(6, seed=3)
+    patches, _ = blob_patches(6, seed=3)
     try:
         runner = create_runner(net, 'compile', batch_size=4)
         out = runner.logits(patches)

@@ -10,33 +10,22 @@ import timm_inception_pcam  # noqa: F401  (registers the models)
 from timm_inception_pcam.errors import InferenceError, UsageError
 from timm_inception_pcam.inference import Runner
 from timm_inception_pcam.preprocess import preprocess_patches
+from timm_inception_pcam.testing import blob_patches
 
 pytest.importorskip('openvino', reason='openvino is a declared dependency; missing only in a broken environment')
 from timm_inception_pcam.inference.openvino_runner import OpenVINORunner, weights_sha256  # noqa: E402
-
-
-def _patches(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Noisy patches whose label is visible (class 1: a dark blob in the centre), so a fitted model's logits vary."""
-    rng = np.random.default_rng(seed)
-    labels = rng.permutation(np.arange(n) % 2)
-    x = rng.normal(200, 25, (n, 96, 96, 3))
-    yy, xx = np.mgrid[:96, :96]
-    for i in np.flatnonzero(labels):
-        cy, cx, r = rng.uniform(38, 58, 2).tolist() + [rng.uniform(5, 12)]
-        x[i][(yy - cy) ** 2 + (xx - cx) ** 2 < r ** 2] -= rng.uniform(60, 120)
-    return np.clip(x, 0, 255).astype(np.uint8), labels
 
 
 @pytest.fixture(scope='module')
 def model() -> torch.nn.Module:
     from timm_inception_pcam.testing import train_tiny_model
 
-    return train_tiny_model(*_patches(64, seed=0), steps=80)
+    return train_tiny_model(*blob_patches(64, seed=0), steps=80)
 
 
 @pytest.fixture(scope='module')
 def patches() -> np.ndarray:
-    return _patches(40, seed=1)[0]
+    return blob_patches(40, seed=1)[0]
 
 
 @pytest.fixture(scope='module')
@@ -102,7 +91,7 @@ def exported(model, tmp_path_factory) -> dict:
     from export.openvino import export_openvino
 
     out = tmp_path_factory.mktemp('ir')
-    patches = _patches(48, seed=2)[0]
+    patches = blob_patches(48, seed=2)[0]
     return export_openvino(model, out, model_name='inception_v4_pcam', checkpoint=None, precision='fp32',
                            patches=patches, patch_source='test patches', stem='tiny')
 

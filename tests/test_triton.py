@@ -6,6 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from timm_inception_pcam.preprocess import preprocess_patches
+from timm_inception_pcam.testing import blob_patches
+
 pytest.importorskip('tritonclient.grpc', reason='tritonclient is a declared dependency (serve extra)')
 
 from kserve_standin import KServeStandIn  # noqa: E402
@@ -18,25 +21,13 @@ from export.triton import (  # noqa: E402
     validate_model_config,
 )
 from timm_inception_pcam.errors import ExportError, InferenceError, OutputExistsError, UsageError, cli  # noqa: E402
-from timm_inception_pcam.preprocess import preprocess_patches  # noqa: E402
-
-
-def _patches(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    labels = rng.permutation(np.arange(n) % 2)
-    x = rng.normal(200, 25, (n, 96, 96, 3))
-    yy, xx = np.mgrid[:96, :96]
-    for i in np.flatnonzero(labels):
-        cy, cx, r = rng.uniform(38, 58, 2).tolist() + [rng.uniform(5, 12)]
-        x[i][(yy - cy) ** 2 + (xx - cx) ** 2 < r ** 2] -= rng.uniform(60, 120)
-    return np.clip(x, 0, 255).astype(np.uint8), labels
 
 
 @pytest.fixture(scope='module')
 def model() -> torch.nn.Module:
     from timm_inception_pcam.testing import train_tiny_model
 
-    return train_tiny_model(*_patches(64, seed=0), steps=80)
+    return train_tiny_model(*blob_patches(64, seed=0), steps=80)
 
 
 @pytest.fixture(scope='module')
@@ -85,7 +76,7 @@ def test_served_models_return_the_model_probabilities(repository, model) -> None
     import openvino as ov
 
     root, _ = repository
-    patches, _ = _patches(20, seed=3)
+    patches, _ = blob_patches(20, seed=3)
     with torch.inference_mode():
         expected = torch.softmax(model(torch.from_numpy(preprocess_patches(patches))), 1).numpy()
     assert expected[:, 1].std() > 0.05  # probabilities vary: the comparison means something
@@ -136,7 +127,7 @@ def test_client_round_trip_against_kserve_standin(repository, model, tmp_path: P
     from timm_inception_pcam.serve_client import infer_patches, main
 
     root, _ = repository
-    patches, _ = _patches(70, seed=4)
+    patches, _ = blob_patches(70, seed=4)
     with torch.inference_mode():
         expected = torch.softmax(model(torch.from_numpy(preprocess_patches(patches))), 1).numpy()
     with KServeStandIn(root) as server:
@@ -156,6 +147,7 @@ def test_client_round_trip_against_kserve_standin(repository, model, tmp_path: P
 
 def test_unreachable_server_is_one_line(tmp_path: Path) -> None:
     from timm_inception_pcam.serve_client import infer_patches
+
 
     with pytest.raises(InferenceError, match='127.0.0.1:9: cannot reach the server'):
         infer_patches('127.0.0.1:9', 'm', np.zeros((1, 96, 96, 3), np.uint8), timeout=2)

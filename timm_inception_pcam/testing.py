@@ -11,10 +11,23 @@ import torch
 
 from .preprocess import batch_slices, preprocess_patches
 
-__all__ = ['TINY_MODEL', 'TINY_KWARGS', 'train_tiny_model']
+__all__ = ['TINY_MODEL', 'TINY_KWARGS', 'blob_patches', 'train_tiny_model']
 
 TINY_MODEL = 'inception_v4_pcam'
 TINY_KWARGS: dict[str, Any] = {'depths': (1, 1, 1)}
+
+
+def blob_patches(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Noisy uint8 patches whose label is visible (class 1: a dark blob in the centre 32x32 region), and the labels:
+    what `train_tiny_model` fits in seconds, and what comparisons of its outputs run on."""
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(n) % 2)
+    x = rng.normal(200, 25, (n, 96, 96, 3))
+    yy, xx = np.mgrid[:96, :96]
+    for i in np.flatnonzero(labels):
+        cy, cx, r = rng.uniform(38, 58, 2).tolist() + [rng.uniform(5, 12)]
+        x[i][(yy - cy) ** 2 + (xx - cx) ** 2 < r ** 2] -= rng.uniform(60, 120)
+    return np.clip(x, 0, 255).astype(np.uint8), labels
 
 
 def train_tiny_model(patches: np.ndarray, labels: np.ndarray, *, steps: int = 60, seed: int = 0,
