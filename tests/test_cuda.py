@@ -11,7 +11,8 @@ import torch
 
 import timm_inception_pcam  # noqa: F401  (registers the models)
 from timm_inception_pcam.checkpoint import load_model, save_checkpoint
-from timm_inception_pcam.evaluate import TorchBackend, predict_probs
+from timm_inception_pcam.inference import create_runner
+from timm_inception_pcam.inference.tta import view_probabilities
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(
     not torch.cuda.is_available(),
@@ -66,15 +67,20 @@ def test_trainer_step_on_cuda(precision: str) -> None:
 def test_evaluator_and_inference_on_cuda_match_cpu() -> None:
     model = _model().eval()
     patches = _patches(20)
-    cpu = predict_probs(copy.deepcopy(model), patches, batch_size=8, device='cpu', progress=False)
-    cuda = predict_probs(copy.deepcopy(model), patches, batch_size=8, device=DEVICE, progress=False)
+
+    def probs(device: str, precision: str = 'auto') -> np.ndarray:
+        runner = create_runner(copy.deepcopy(model), 'eager', device, precision, batch_size=8)
+        return view_probabilities(runner, patches, batch_size=8, tta=1, progress=False)[0]
+
+    cpu, cuda = probs('cpu'), probs(str(DEVICE))
     np.testing.assert_allclose(cuda, cpu, atol=2e-3)  # cuDNN may use TF32 for float32 convolutions
-    fp16 = predict_probs(copy.deepcopy(model), patches, batch_size=8, device=DEVICE, amp='fp16', progress=False)
+    fp16 = probs(str(DEVICE), 'fp16')
     assert fp16.shape == (20,) and np.isfinite(fp16).all()
     np.testing.assert_allclose(fp16, cpu, atol=2e-2)
-    backend = TorchBackend(copy.deepcopy(model), DEVICE, amp='bf16')
-    logits = backend(torch.randn(5, 3, 96, 96))
-    assert logits.device.type == 'cpu' and logits.dtype == torch.float32 and logits.shape == (5, 2)
+    runner = create_runner(copy.deepcopy(model), 'eager', str(DEVICE), 'bf16', batch_size=8)
+    assert runner.spec.device.startswith('cuda') and runner.spec.precision == 'bf16'
+    logits = runner.logits(patches[:5])
+    assert logits.dtype == np.float32 and logits.shape == (5, 2) and np.isfinite(logits).all()
 
 
 @pytest.mark.parametrize('suffix', ['.pth', '.safetensors'])
