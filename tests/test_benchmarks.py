@@ -58,14 +58,16 @@ def test_results_files_and_machine(quick_run) -> None:
     results, out = quick_run
     on_disk = json.loads((out / 'results.json').read_text())
     assert on_disk['format'] == run.RESULTS_FORMAT and on_disk['quick'] is True
-    assert list(on_disk['sections']) == list(run.SECTIONS) and results['failed'] == []
+    assert list(on_disk['sections']) == list(run.DEFAULT_SECTIONS) and results['failed'] == []
+    assert on_disk['data_provenance'] == 'synthetic'
     machine = on_disk['machine']
     assert machine['cores'] >= 1 and machine['torch'] == torch.__version__ and machine['cpu']
     assert not [p.name for p in out.iterdir() if '.partial' in p.name], 'temporary files left behind'
     md = (out / 'results.md').read_text()
     assert machine['cpu'] in md and f'torch {torch.__version__}' in md
-    for title in run.TITLES.values():
-        assert f'## {title}' in md
+    for name in run.DEFAULT_SECTIONS:
+        assert f'## {run.TITLES[name]}' in md
+    assert 'not PCam results' in md
     assert '| ours | 1234.5 |' in md  # the data benchmark's own table is carried over
 
 

@@ -103,7 +103,7 @@ def _export_step(model: str, model_kwargs: dict[str, Any], checkpoint: Path, dat
 
 
 def _serving_step(model: str, checkpoint: Path, data_dir: Path, output: Path) -> dict[str, Any]:
-    """Step 4, continued: the OpenVINO IR (bf16 on CPUs, checked in the parity report) and a Triton repository."""
+    """Step 4, continued: the OpenVINO IR (float32, with its parity report against PyTorch) and a Triton repository."""
     from export.onnx import load_export_model, load_patches
     from export.openvino import export_openvino
     from export.triton import build_repository
