@@ -357,7 +357,7 @@ def three_class_checkpoint(tmp_path_factory):
 
 @pytest.mark.parametrize('case, match', [
     ('unknown_model', "unknown model 'no_such_model'"),
-    ('other_arch', "architecture 'inception_v4_pcam', expected 'inception_resnet_v2_pcam'"),
+    ('other_arch', "weights of 'inception_v4_pcam' do not fit inception_resnet_v2_pcam"),
     ('three_classes', '3 classes, expected 2'),
     ('corrupt', 'cannot load'),
 ])
