@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from timm_inception_pcam import errors
-from timm_inception_pcam.errors import UsageError
+from timm_inception_pcam.errors import MissingFileError, UsageError
 from timm_inception_pcam.storage import atomic_path, atomic_write_bytes, file_sha256
 
 from .fp16 import add_fp16_args, run_fp16_stage
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         onnx_path = args.from_onnx
         if not onnx_path.is_file():
-            raise UsageError(f'--from-onnx: {onnx_path} not found (expected an ONNX file written by export.onnx)')
+            raise MissingFileError(f'--from-onnx: {onnx_path} not found (expected an ONNX file written by export.onnx)')
         check_onnx(onnx_path)
     _, meta = read_onnx_metadata(onnx_path)
     if args.fp16 and meta.get('precision') == 'fp32':
