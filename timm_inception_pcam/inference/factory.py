@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from ..device import cpu_has_amx
@@ -69,9 +70,9 @@ def openvino_available() -> bool:
 def auto_cpu_backend() -> str:
     """`auto` on the CPU: the fastest path with float32's decisions that the benchmark found on this kind of CPU.
 
-    With AMX (bf16 matrix units): OpenVINO bf16 checked in float32 where OpenVINO is installed (about 2x torch's
-    bf16_checked in `make bench`), else torch's bf16_checked; without AMX bf16 is emulated and slower than float32,
-    so channels_last.
+    With AMX (bf16 matrix units): OpenVINO bf16 checked in float32 where OpenVINO is installed (1.6x / 1.4x torch's
+    bf16_checked for v4 / IRv2 in the backends benchmark), else torch's bf16_checked; without AMX bf16 is emulated
+    and slower than float32, so channels_last.
     """
     if not cpu_has_amx():
         return 'channels_last'
@@ -208,7 +209,7 @@ def _openvino_runner(model: nn.Module, name: str, common: dict[str, Any], thresh
     """OpenVINO on the CPU: one precision, bf16 checked in float32, or the int8 -> bf16 -> float32 cascade."""
     from .openvino_runner import OpenVINORunner, default_calibration
 
-    if str(common['device']) not in ('cpu', 'auto') and torch_device_type(common['device']) != 'cpu':
+    if torch.device(common['device']).type != 'cpu':  # 'auto' was resolved to a device before
         raise UsageError(f'backend {name} runs on the CPU; device {common["device"]!r} asked')
     ov_kwargs = dict(batch_size=common['batch_size'], threads=common['threads'], mean=common['mean'],
                      std=common['std'])
@@ -225,11 +226,6 @@ def _openvino_runner(model: nn.Module, name: str, common: dict[str, Any], thresh
                                         **ov_kwargs))
     return DecisionCheck(stages, exact, thresholds, safety, batch_size=common['batch_size'], name=name)
 
-
-def torch_device_type(device: Any) -> str:
-    import torch
-
-    return torch.device(device).type
 
 
 def _file_runner(path: Path, kind: str, device: str, batch_size: int, threads: int | None) -> Runner:
