@@ -277,11 +277,13 @@ def markdown(section: dict[str, Any], fmt) -> list[str]:
             if r.get('check'):
                 c = r['check']
                 stages = ' -> '.join(f'{st["backend"]} passed {st["passed_on"]} on' for st in c.get('stages', []))
+                lo, hi = c['error_range']
                 lines += ['', f'{backend} re-ran {c["rechecked"]} of {c["patches"]} patches in float32 ({stages}) '
-                              f'({c["rechecked_fraction"]:.1%}, the warm-up batch measured in full included); bound '
-                              f'{fmt(c["bound"])} logits = {fmt(c["safety"])} x the {c["error_quantile"]:.0%} '
-                              f'quantile of the measured bf16 margin errors (median {fmt(c["margin_error_median"])}, '
-                              f'largest {fmt(c["margin_error_max"])}).']
+                              f'({c["rechecked_fraction"]:.1%}, the warm-up batch measured in full included); error '
+                              f'range [{fmt(lo)}, {fmt(hi)}] logits: centred on the median measured margin error '
+                              f'({fmt(c["margin_error_median"])}), {fmt(c["safety"])} x the {c["error_quantile"]:.0%} '
+                              f'quantile of the deviations from it, at most {fmt(c["largest_factor"])} x the largest '
+                              f'(largest |error| {fmt(c["margin_error_max"])}).']
         nf = m['input_noise_floor']
         lines += ['', f'Noise floor: eager float32 under uniform +-0.5 grey-level input noise (below 8-bit '
                       f'quantisation) agrees with itself on {nf["decision_agreement"]:.2%} of {nf["n"]} patches '

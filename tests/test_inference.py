@@ -13,7 +13,7 @@ from timm_inception_pcam.errors import CheckpointError, UsageError
 from timm_inception_pcam.inference import Runner, RunnerSpec, create_runner, probabilities
 from timm_inception_pcam.inference import check as check_mod
 from timm_inception_pcam.inference import factory as factory_mod
-from timm_inception_pcam.inference.check import DecisionCheck, class1_margin, undecided
+from timm_inception_pcam.inference.check import LARGEST_FACTOR, DecisionCheck, class1_margin, error_range, undecided
 from timm_inception_pcam.inference.factory import BACKENDS, resolve, resolve_backend
 from timm_inception_pcam.inference.torch_runner import fold_batchnorm
 from timm_inception_pcam.preprocess import preprocess_patches
@@ -244,13 +244,30 @@ def test_bad_input_is_named(model: nn.Module, data, tmp_path: Path) -> None:
 def test_undecided_bounds_the_mean_probability() -> None:
     logit = float(np.log(0.9 / 0.1))  # the margin at which p1 = 0.9
     margins = np.array([0.1, -0.1, 0.3, -0.3, np.nan, np.inf, -np.inf, logit + 0.1])
-    assert undecided(margins, [0.5], 0.2).tolist() == [True, True, False, False, True, False, False, False]
-    assert undecided(margins, [0.5, 0.9], 0.2).tolist() == [True, True, False, False, True, False, False, True]
-    assert not undecided(margins, [], 0.2)[:4].any()
-    # two views far from 0.5 on either side average to p1 = 0.5: in doubt at 0.5 however small the bound
+    assert undecided(margins, [0.5], (-0.2, 0.2)).tolist() == [True, True, False, False, True, False, False, False]
+    assert undecided(margins, [0.5, 0.9], (-0.2, 0.2)).tolist() == [True, True, False, False, True, False, False,
+                                                                      True]
+    assert not undecided(margins, [], (-0.2, 0.2))[:4].any()
+    # a biased fast path: errors in [0.05, 0.35] mean an exact margin in [m - 0.35, m - 0.05]
+    assert undecided(margins, [0.5], (0.05, 0.35)).tolist() == [True, False, True, False, True, False, False, False]
+    # two views far from 0.5 on either side average to p1 = 0.5: in doubt at 0.5 however small the range
     views = np.array([[3.0, 3.0], [-3.0, 3.0]])
-    assert undecided(views, [0.5], 1e-6).tolist() == [True, False]
-    assert not undecided(views, [0.5], 0.0)[1]
+    assert undecided(views, [0.5], (-1e-6, 1e-6)).tolist() == [True, False]
+    assert not undecided(views, [0.5], (0.0, 0.0))[1]
+
+
+def test_error_range_is_centred_and_capped() -> None:
+    assert error_range(np.zeros(0), 12.0) == (float('-inf'), float('inf'))
+    rng = np.random.default_rng(0)
+    errors = -0.05 + rng.uniform(-0.01, 0.01, 500)  # biased, narrowly spread: the cap (3 x the largest) binds
+    lo, hi = error_range(errors, 12.0)
+    deviation = np.abs(errors - np.median(errors))
+    assert (lo + hi) / 2 == pytest.approx(np.median(errors))
+    assert (hi - lo) / 2 == pytest.approx(LARGEST_FACTOR * deviation.max()) and hi < 0
+    heavy = np.concatenate([rng.normal(0, 0.001, 990), [0.2] * 10])  # a heavy tail: the percentile term binds
+    lo, hi = error_range(heavy, 12.0)
+    assert (hi - lo) / 2 == pytest.approx(12.0 * np.quantile(np.abs(heavy - np.median(heavy)), 0.9))
+    assert hi < 0.2, 'a rare outlier alone does not widen the range (it came from patches far from a threshold)'
 
 
 def _indexed(n: int) -> np.ndarray:
@@ -292,17 +309,17 @@ def test_decision_check_settles_what_bf16_could_flip() -> None:
     n = 400
     margins = rng.normal(0, 4, n)
     error = rng.uniform(-0.25, 0.25, n)
-    error[:8] = 0.25  # the first batch measures 0.25: bound = 2 x 0.25
+    error[:8] = [0.25, -0.25] * 4  # the first batch measures +-0.25: a range of 2 x 0.25 either side
     margins[100], error[100] = 30.0, 3.0  # a large error far from any threshold, as bf16 gives huge margins
     fake = _Fake(margins, error)
     check = DecisionCheck(fake.fast, fake.exact, thresholds=(0.5, 0.8), safety=2.0)
     assert isinstance(check, Runner) and check.spec.backend == 'fast_checked'
     x = _indexed(n)
-    assert check.bound == float('inf')
+    assert check.error_range == (float('-inf'), float('inf'))
     out = np.concatenate([check.logits(x[s:s + 8]) for s in range(0, n, 8)])
     got = class1_margin(out)
     assert fake.exact_calls[0] == list(range(8))  # the first batch is measured in full
-    np.testing.assert_allclose(check.errors[:8], 0.25, atol=1e-5)  # measured on the first batch
+    np.testing.assert_allclose(check.errors[:8], error[:8], atol=1e-5)  # measured on the first batch, signed
     for t in (0.5, 0.8):  # decisions at the configured thresholds are float32's ...
         assert ((got >= np.log(t / (1 - t))) == (margins >= np.log(t / (1 - t)))).all()
     plain = margins + error  # ... which the fast path alone misses
@@ -313,7 +330,8 @@ def test_decision_check_settles_what_bf16_could_flip() -> None:
     np.testing.assert_allclose(got[kept], plain[kept], atol=1e-5)
     stats = check.stats()
     assert stats['patches'] == n and stats['rechecked'] == len([i for c in fake.exact_calls for i in c])
-    assert stats['bound'] == pytest.approx(2.0 * np.quantile(np.abs(error[sorted(rechecked)]), 0.9), rel=1e-4)
+    measured = error[sorted(rechecked)]
+    assert stats['error_range'] == pytest.approx(list(error_range(measured, 2.0)), rel=1e-4, abs=1e-6)
 
 
 def test_cascade_settles_planted_near_threshold_patches_in_float32() -> None:
@@ -323,7 +341,7 @@ def test_cascade_settles_planted_near_threshold_patches_in_float32() -> None:
     margins = rng.normal(0, 6, n)
     int8_err = rng.uniform(-0.8, 0.8, n)
     bf16_err = rng.uniform(-0.1, 0.1, n)
-    int8_err[:8], bf16_err[:8] = 0.8, 0.1  # the first batch measures both stages
+    int8_err[:8], bf16_err[:8] = [0.8, -0.8] * 4, [0.1, -0.1] * 4  # the first batch measures both stages
     planted = [50, 51, 52]
     margins[planted] = [0.05, -0.05, 0.5]  # near the 0.5 threshold (margin 0)
     int8_err[planted] = [-0.3, 0.3, -0.7]  # int8 flips all three; bf16 only gets 0.5 right
@@ -349,18 +367,19 @@ def test_cascade_settles_planted_near_threshold_patches_in_float32() -> None:
     assert [s['backend'] for s in stats['stages']] == ['int8', 'bf16']
     assert stats['stages'][0]['passed_on'] == len([i for c in calls['bf16'] for i in c])
     assert stats['rechecked'] == stats['stages'][1]['passed_on'] == len([i for c in calls['exact'] for i in c])
-    assert check.stage_bound(0) > check.stage_bound(1) and check.bound == check.stage_bound(0)
+    (lo0, hi0), (lo1, hi1) = check.stage_range(0), check.stage_range(1)
+    assert lo0 < lo1 < hi1 < hi0 and check.error_range == (lo0, hi0)
 
 
 def test_decision_check_bound_grows_with_what_it_sees() -> None:
     margins = np.array([5.0] * 4 + [0.3] * 4 + [0.01] * 12)
-    error = np.array([0.01] * 4 + [-0.2] * 4 + [0.5] * 12)  # later patches err more than the first batch showed
+    error = np.array([0.01, -0.01] * 2 + [-0.2] * 4 + [0.5] * 12)  # later patches err more than the first batch showed
     fake = _Fake(margins, error)
     check = DecisionCheck(fake.fast, fake.exact, thresholds=(0.5,), safety=4.0)
     x = _indexed(20)
     check.logits(x[:4])
-    assert check.bound == pytest.approx(0.04, rel=1e-3)
-    out = check.logits(x[4:8])  # fast margins 0.1: outside the bound of 0.04, kept (and wrong by 0.2, not flipped)
+    assert check.error_range == pytest.approx((-0.03, 0.03), rel=1e-3)  # 3 x the largest deviation (0.01)
+    out = check.logits(x[4:8])  # fast margins 0.1: outside the range of +-0.03, kept (and wrong by 0.2, not flipped)
     np.testing.assert_allclose(class1_margin(out), 0.1, atol=1e-5)
     out = check.logits(x[8:12])  # fast margins 0.51: far outside, and flipped: an error the first batch did not warn of
     assert (class1_margin(out) > 0).all() and check.rechecked == 4
@@ -379,7 +398,7 @@ def test_decision_check_keeps_a_bounded_history(monkeypatch: pytest.MonkeyPatch)
     assert check.rechecked == 20 and len(check.errors) == 6
     np.testing.assert_allclose(check.errors, error[-6:], rtol=1e-5)  # the most recent measurements
     assert check.stats()['margin_error_max'] == pytest.approx(1.0, rel=1e-5)  # the largest ever is still reported
-    assert check.bound == pytest.approx(100.0 * np.quantile(error[-6:], 0.9), rel=1e-4)
+    assert check.error_range == pytest.approx(error_range(error[-6:], 100.0), rel=1e-4)
     with pytest.raises(ValueError, match='strictly between 0 and 1'):
         DecisionCheck(fake.fast, fake.exact, thresholds=(1.0,))
     with pytest.raises(ValueError, match='safety must be at least 1'):

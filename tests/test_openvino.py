@@ -171,12 +171,20 @@ def test_factory_openvino_backends_keep_float32_decisions(model, patches, refere
 
 
 def test_ir_runs_through_the_factory(exported, patches, reference) -> None:
+    from timm_inception_pcam.device import cpu_has_amx
     from timm_inception_pcam.errors import UsageError
     from timm_inception_pcam.inference import create_runner
 
-    runner = create_runner(exported['xml'])
-    assert runner.spec.backend == 'openvino_fp32'
+    runner = create_runner(exported['xml'], 'openvino_fp32')
     np.testing.assert_allclose(runner.logits(patches), reference, rtol=1e-3, atol=1e-4 * np.abs(reference).max())
     assert create_runner(exported['xml'], precision='bf16').spec.backend == 'openvino_bf16'
+    auto = create_runner(exported['xml'], thresholds=(0.5, 0.3))  # checked bf16 from the IR alone, no torch model
+    assert auto.spec.backend == ('openvino_bf16_checked' if cpu_has_amx() else 'openvino_fp32')
+    if cpu_has_amx():
+        assert auto.spec.extra['checked_by'] == 'openvino_fp32' and auto.spec.source == str(exported['xml'])
+        out, ref = auto.logits(patches), reference
+        for t in (0.5, 0.3):
+            margin = float(np.log(t / (1 - t)))
+            assert ((out[:, 1] - out[:, 0] >= margin) == (ref[:, 1] - ref[:, 0] >= margin)).all(), t
     with pytest.raises(UsageError, match='does not run OpenVINO IR files'):
         create_runner(exported['xml'], 'eager')

@@ -3,16 +3,17 @@
 Every engine implements it (one module per engine in this package), and everything that scores patches
 (the evaluator, slide inference, the benchmarks, the export parity checks) talks to runners only.
 """
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from ..constants import LABEL_NAMES, PCAM_INPUT_SIZE, PCAM_MEAN, PCAM_STD
-from ..errors import InferenceError
+from ..errors import InferenceError, UsageError
 
-__all__ = ['Runner', 'RunnerSpec', 'softmax', 'probabilities', 'label_names_for', 'collect_logits']
+__all__ = ['Runner', 'RunnerSpec', 'softmax', 'probabilities', 'label_names_for', 'collect_logits',
+           'check_normalization']
 
 
 @dataclass(frozen=True)
@@ -76,3 +77,11 @@ def collect_logits(run: Callable[[slice], np.ndarray], slices: Iterable[slice], 
                                  f'expected ({n}, {num_classes})')
         out.append(logits.astype(np.float32, copy=False))
     return np.concatenate(out) if out else np.zeros((0, num_classes), dtype=np.float32)
+
+
+def check_normalization(values: Sequence[float], name: str) -> tuple[float, float, float]:
+    """`values` as a mean or std (`name`) of the three RGB channels; UsageError unless 3 (positive, for std)."""
+    values = tuple(float(v) for v in values)
+    if len(values) != 3 or (name == 'std' and min(values) <= 0):
+        raise UsageError(f'{name} must be 3 {"positive " if name == "std" else ""}values (RGB), got {list(values)}')
+    return values  # type: ignore[return-value]

@@ -24,9 +24,10 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from ..errors import UsageError
 from ..precision import autocast_dtype, parse_precision
 from ..preprocess import batch_slices, check_patches, model_normalization, preprocess_patches
-from .base import RunnerSpec, collect_logits, label_names_for
+from .base import RunnerSpec, check_normalization, collect_logits, label_names_for
 
-__all__ = ['TORCH_BACKENDS', 'TorchRunner', 'fold_batchnorm', 'resolve_device', 'model_name_of']
+__all__ = ['TORCH_BACKENDS', 'TorchRunner', 'check_model_device', 'fold_batchnorm', 'resolve_device',
+           'model_name_of']
 
 TORCH_BACKENDS = ('eager', 'channels_last', 'bf16', 'compile', 'compile_bf16')
 BF16_WEIGHTS = ('bf16', 'compile_bf16')
@@ -64,6 +65,14 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return model
 
 
+def check_model_device(model: nn.Module, device: torch.device) -> None:
+    """UsageError unless the model's parameters and buffers are on the CPU or on `device`."""
+    found = {p.device.type for p in model.parameters()} | {b.device.type for b in model.buffers()}
+    if found - {'cpu', device.type}:
+        raise UsageError(f'the model has parameters on {sorted(found)}, but device {device} was asked for '
+                         f'(move it with model.to({str(device)!r}))')
+
+
 def model_name_of(model: nn.Module) -> str | None:
     """The registered architecture of a timm model (its pretrained_cfg), None for other modules."""
     return (getattr(model, 'pretrained_cfg', None) or {}).get('architecture')
@@ -80,13 +89,6 @@ def _torch_threads(threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def _check_norm(values: Sequence[float], name: str) -> tuple[float, float, float]:
-    values = tuple(float(v) for v in values)
-    if len(values) != 3 or (name == 'std' and min(values) <= 0):
-        raise UsageError(f'{name} must be 3 {"positive " if name == "std" else ""}values (RGB), got {list(values)}')
-    return values  # type: ignore[return-value]
 
 
 class TorchRunner:
@@ -114,13 +116,10 @@ class TorchRunner:
         if threads is not None and threads < 1:
             raise UsageError(f'threads must be at least 1, got {threads}')
         self.device = resolve_device(device)
-        found = {p.device.type for p in model.parameters()} | {b.device.type for b in model.buffers()}
-        if found - {'cpu', self.device.type}:
-            raise UsageError(f'the model has parameters on {sorted(found)}, but device {self.device} was asked for '
-                             f'(move it with model.to({str(self.device)!r}))')
+        check_model_device(model, self.device)
         default_mean, default_std = model_normalization(model)
-        self.mean = _check_norm(default_mean if mean is None else mean, 'mean')
-        self.std = _check_norm(default_std if std is None else std, 'std')
+        self.mean = check_normalization(default_mean if mean is None else mean, 'mean')
+        self.std = check_normalization(default_std if std is None else std, 'std')
         self.num_classes = int(getattr(model, 'num_classes', 2))
         self.batch_size, self.threads = batch_size, threads
         self.channels_last = backend != 'eager'
