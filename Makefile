@@ -25,8 +25,8 @@ setup: $(PYTHON)
 demo: setup
 	$(PYTHON) -m timm_inception_pcam.pipeline --output $(DEMO_DIR) --overwrite
 
-# Each test file runs in a process of its own: a long-lived process mixing torch, OpenVINO and Ray across every file
-# crashed once late in the run (SIGSEGV, no Python traceback; see the README's "Testing" note); each file passes alone.
+# Each test file runs in a process of its own, so one file's native state (threads, signal handlers, AMX state of
+# torch, OpenVINO, onnxruntime, Ray) cannot reach another's: see the README's "Testing" note for the crash that did.
 TEST_FILES = $(sort $(wildcard tests/test_*.py))
 
 # pytest's status 5 ("no tests collected") is a file skipped whole at collection (e.g. GPU-only): not a failure here.

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ['Sizes', 'QUICK', 'FULL', 'machine_info', 'interleaved_times', 'summarize', 'synthetic_split',
-           'trained_model', 'create', 'fmt']
+           'trained_model', 'trained_checkpoint', 'create', 'fmt']
 
 
 @dataclass(frozen=True)
@@ -128,6 +128,18 @@ def trained_model(name: str, sizes: Sizes, workdir: Path, cache_dir: Path | None
                   progress: bool = True) -> tuple[nn.Module, str]:
     """`name` trained the way the main job (`timm_inception_pcam.pipeline`, `make demo`) trains it, and a description.
 
+    See `trained_checkpoint`; this loads it.
+    """
+    from timm_inception_pcam.checkpoint import load_model
+
+    checkpoint, description = trained_checkpoint(name, sizes, workdir, cache_dir, progress)
+    return load_model(None, checkpoint), description
+
+
+def trained_checkpoint(name: str, sizes: Sizes, workdir: Path, cache_dir: Path | None = None,
+                       progress: bool = True) -> tuple[Path, str]:
+    """The checkpoint of `name` trained the way the main job trains it, and a description.
+
     A synthetic sample like the main job's (`sizes.n_fit` training patches, seed 0), our trainer with the main job's
     recipe (random initialisation, `sizes.fit_epochs` epochs, best validation checkpoint). Accuracy costs are only
     meaningful on a model that has learnt something: a random Inception's logits hardly vary, and a few optimiser
@@ -136,7 +148,6 @@ def trained_model(name: str, sizes: Sizes, workdir: Path, cache_dir: Path | None
     """
     import shutil
 
-    from timm_inception_pcam.checkpoint import load_model
     from timm_inception_pcam.data import synthesize_pcam
     from timm_inception_pcam.pipeline import PipelineConfig, train_config
     from timm_inception_pcam.storage import atomic_path
@@ -152,16 +163,16 @@ def trained_model(name: str, sizes: Sizes, workdir: Path, cache_dir: Path | None
     cache = cache_dir / f'{name}-{depths}-demo-n{args.n_train}-e{args.epochs}-b{args.batch_size}.pth' \
         if cache_dir else None
     if cache is not None and cache.is_file():
-        return load_model(None, cache), f'{recipe} (checkpoint reused from {cache})'
+        return cache, f'{recipe} (checkpoint reused from {cache})'
     data_dir = workdir / f'train-{name}' / 'data'
     synthesize_pcam(data_dir, n=args.n_train, seed=args.seed, n_valid=args.n_eval, n_test=2)
     summary = train(train_config(args, data_dir, workdir / f'train-{name}' / 'run'))
-    best = summary.best_checkpoint or summary.last_checkpoint
+    best = Path(summary.best_checkpoint or summary.last_checkpoint)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(cache, suffix='.pth') as tmp:
             shutil.copyfile(best, tmp)
-    return load_model(None, best), f'{recipe}, best validation ROC AUC {summary.best_metric:.3f}'
+    return best, f'{recipe}, best validation ROC AUC {summary.best_metric:.3f}'
 
 
 def fmt(value: Any, digits: int = 3) -> str:

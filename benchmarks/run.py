@@ -24,16 +24,17 @@ import torch
 
 from timm_inception_pcam.storage import atomic_write_bytes, atomic_write_json
 
-from . import backends, cohort, family, gpu, models, training
+from . import backends, cohort, evaluator, family, gpu, models, training
 from .common import FULL, QUICK, Sizes, fmt, machine_info, synthetic_split
 
 __all__ = ['SECTIONS', 'RESULTS_FORMAT', 'build_parser', 'main', 'render_markdown']
 
 RESULTS_FORMAT = 'timm-inception-pcam-bench/1'
 DEFAULT_CACHE = Path(os.environ.get('XDG_CACHE_HOME', Path.home() / '.cache')) / 'timm-inception-pcam' / 'bench'
-SECTIONS = ('models', 'backends', 'data', 'training', 'slide', 'cohort', 'gpu', 'family')
+SECTIONS = ('models', 'backends', 'evaluator', 'data', 'training', 'slide', 'cohort', 'gpu', 'family')
 DEFAULT_SECTIONS = SECTIONS[:-1]  # family trains six models: its own command (--sections family)
 TITLES = {'models': 'Models at 96 px (CPU)', 'backends': 'CPU inference backends',
+          'evaluator': 'The evaluator end to end: eager float32 vs auto',
           'data': 'Data readers', 'training': 'Training step: our trainer vs a bare PyTorch loop',
           'slide': 'Whole-slide inference (tiles/s)', 'cohort': 'A cohort of slides: Ray workers vs slide after slide',
           'family': 'The Inception family, one recipe, one data set',
@@ -119,7 +120,8 @@ def render_markdown(results: dict[str, Any]) -> str:
                 'not PCam results.' if results.get('data_provenance', 'synthetic') != 'pcam' else ' (official PCam '
                 'files, md5-verified).'), '']
     renderers: dict[str, Callable[[dict[str, Any], Any], list[str]]] = {
-        'models': models.markdown, 'backends': backends.markdown, 'training': training.markdown,
+        'models': models.markdown, 'backends': backends.markdown, 'evaluator': evaluator.markdown,
+        'training': training.markdown,
         'gpu': gpu.markdown, 'data': _data_markdown, 'slide': _slide_markdown, 'cohort': cohort.markdown,
         'family': family.markdown}
     for name, section in results['sections'].items():
@@ -167,6 +169,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             'backends': lambda: backends.run(sizes, work / 'onnx', _eval_data(args, sizes, work), args.checkpoint,
                                              Path(args.cache_dir) if args.cache_dir and not args.quick else None,
                                              args.progress),
+            'evaluator': lambda: evaluator.run(sizes, work / 'evaluator',
+                                               Path(args.cache_dir) if args.cache_dir and not args.quick else None,
+                                               args.progress),
             'data': lambda: _data_section(args.quick),
             'training': lambda: training.run(sizes, args.progress),
             'slide': lambda: _slide_section(args.quick),

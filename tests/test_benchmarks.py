@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import benchmarks
-from benchmarks import backends, models, run, training
+from benchmarks import backends, evaluator, models, run, training
 from benchmarks.common import QUICK, interleaved_times, summarize
+from timm_inception_pcam.inference.factory import resolve_backend
 
 TINY = dataclasses.replace(QUICK, batch=4, repeats=1, warmup=1, latency_repeats=1, n_fit=32, fit_epochs=2, n_eval=12,
                            train_batch=4, train_steps=1)
@@ -121,6 +122,20 @@ def test_backends_section(quick_run) -> None:
     floor = m['input_noise_floor']
     assert floor['n'] == min(TINY.n_eval, TINY.batch * backends.NOISE_BATCHES) and floor['max_abs_logit_diff'] > 0
     assert 'Noise floor: eager float32' in (quick_run[1] / 'results.md').read_text()
+
+
+def test_evaluator_section(quick_run) -> None:
+    """The evaluator end to end on eager and auto: float32's threshold and counts either way, timed."""
+    section = quick_run[0]['sections']['evaluator']
+    (m,) = section['models']
+    eager, auto = m['runs']['eager'], m['runs']['auto']
+    assert eager['backend'] == 'eager' and auto['backend'] == resolve_backend('auto')
+    assert eager['n_test'] == auto['n_test'] == section['n_test'] and eager['n_valid'] == section['n_valid']
+    assert m['same_threshold_and_confusion'] and m['threshold_abs_diff'] <= evaluator.THRESHOLD_ATOL
+    assert auto['confusion'] == eager['confusion'] and sum(eager['confusion'].values()) == section['n_test']
+    assert m['speedup'] == pytest.approx(eager['seconds'] / auto['seconds'])
+    assert m['target']['applies'] is False  # quick mode: not the figure the target is about
+    assert 'The evaluator end to end' in (quick_run[1] / 'results.md').read_text()
 
 
 def test_training_and_gpu_sections(quick_run) -> None:

@@ -65,6 +65,28 @@ def test_bf16_and_int8_are_close_and_cached(model, patches, reference, tmp_path:
     assert len([p for p in tmp_path.iterdir() if not p.name.startswith('.')]) == 3  # bf16, two int8: no leftovers
 
 
+def test_signal_stack_holds_the_amx_state(model, patches, tmp_path: Path) -> None:
+    """OpenVINO leaves a 20 KB alternate signal stack, too small once AMX was used: the runner widens it."""
+    import ctypes
+    import subprocess
+    import sys
+
+    from timm_inception_pcam.inference.openvino_runner import SIGNAL_STACK_BYTES
+
+    if not sys.platform.startswith('linux'):
+        pytest.skip('sigaltstack is checked on Linux only')
+
+    class StackT(ctypes.Structure):
+        _fields_ = [('ss_sp', ctypes.c_void_p), ('ss_flags', ctypes.c_int), ('ss_size', ctypes.c_size_t)]
+
+    OpenVINORunner(model, 'bf16', cache_dir=tmp_path, batch_size=16).logits(patches)
+    stack = StackT()
+    assert ctypes.CDLL(None).sigaltstack(None, ctypes.byref(stack)) == 0
+    assert stack.ss_flags & 2 == 0 and stack.ss_size >= SIGNAL_STACK_BYTES  # SS_DISABLE clear: a stack, and large
+    for _ in range(5):  # SIGCHLDs delivered on it: the process lives
+        subprocess.run([sys.executable, '-c', 'pass'], check=True)
+
+
 def test_weights_hash_follows_the_weights(model) -> None:
     before = weights_sha256(model)
     changed = timm.create_model('inception_v4_pcam', depths=(1, 1, 1))

@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -43,6 +44,7 @@ OV_PRECISIONS = ('fp32', 'bf16', 'int8')
 OV_HINTS = ('throughput', 'latency')
 _HINTS = {'fp32': 'f32', 'bf16': 'bf16', 'int8': 'f32'}
 CACHE_FORMAT = 'timm-inception-pcam-openvino/1'
+SS_DISABLE = 2  # sigaltstack's flag: no alternate stack
 
 
 def _openvino():
@@ -169,6 +171,7 @@ class OpenVINORunner:
         if threads:
             config['INFERENCE_NUM_THREADS'] = int(threads)
         self._compiled = self._core.compile_model(_raw_patch_input(ov_model, mean, std), 'CPU', config)
+        widen_signal_stack()
         self._requests = max(1, int(self._compiled.get_property('OPTIMAL_NUMBER_OF_INFER_REQUESTS')))
         self._queue = ov.AsyncInferQueue(self._compiled, self._requests)
         self._queue.set_callback(_store_output)
@@ -231,6 +234,35 @@ class OpenVINORunner:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+SIGNAL_STACK_BYTES = 1 << 20
+_signal_stacks: list[Any] = []  # the stacks given to threads: alive for as long as the process
+
+
+def widen_signal_stack() -> None:
+    """Give this thread an alternate signal stack large enough for the AMX register state (Linux).
+
+    OpenVINO's CPU plugin sets a small alternate signal stack on the thread that creates it. Python's signal
+    handlers run on it (SA_ONSTACK), and once the thread has used AMX its register state no longer fits: the next
+    signal (a SIGCHLD from a DataLoader worker or a subprocess ending) kills the process with SIGSEGV (si_code
+    SI_KERNEL). A stack of `SIGNAL_STACK_BYTES` replaces it; threads without one are left alone.
+    """
+    if not sys.platform.startswith('linux'):
+        return
+    import ctypes
+
+    class StackT(ctypes.Structure):
+        _fields_ = [('ss_sp', ctypes.c_void_p), ('ss_flags', ctypes.c_int), ('ss_size', ctypes.c_size_t)]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    current = StackT()
+    if libc.sigaltstack(None, ctypes.byref(current)) != 0 or current.ss_flags & SS_DISABLE \
+            or current.ss_size >= SIGNAL_STACK_BYTES:
+        return
+    memory = ctypes.create_string_buffer(SIGNAL_STACK_BYTES)
+    if libc.sigaltstack(ctypes.byref(StackT(ctypes.addressof(memory), 0, SIGNAL_STACK_BYTES)), None) == 0:
+        _signal_stacks.append(memory)
 
 
 def _raw_patch_input(ov_model: Any, mean: tuple[float, ...], std: tuple[float, ...]) -> Any:
