@@ -14,8 +14,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-__all__ = ['Sizes', 'QUICK', 'FULL', 'machine_info', 'interleaved_times', 'summarize', 'synthetic_split',
-           'trained_model', 'trained_checkpoint', 'create', 'fmt']
+__all__ = ['DEFAULT_CACHE', 'Sizes', 'QUICK', 'FULL', 'machine_info', 'interleaved_times', 'summarize',
+           'synthetic_split', 'trained_model', 'trained_checkpoint', 'create', 'fmt']
+
+
+DEFAULT_CACHE = Path(os.environ.get('XDG_CACHE_HOME', Path.home() / '.cache')) / 'timm-inception-pcam' / 'bench'
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ here is recorded as skipped with the reason; one that fails is recorded with its
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -25,12 +24,11 @@ import torch
 from timm_inception_pcam.storage import atomic_write_bytes, atomic_write_json
 
 from . import backends, cohort, evaluator, family, gpu, models, training
-from .common import FULL, QUICK, Sizes, fmt, machine_info, synthetic_split
+from .common import DEFAULT_CACHE, FULL, QUICK, Sizes, fmt, machine_info, synthetic_split
 
 __all__ = ['SECTIONS', 'RESULTS_FORMAT', 'build_parser', 'main', 'render_markdown']
 
 RESULTS_FORMAT = 'timm-inception-pcam-bench/1'
-DEFAULT_CACHE = Path(os.environ.get('XDG_CACHE_HOME', Path.home() / '.cache')) / 'timm-inception-pcam' / 'bench'
 SECTIONS = ('models', 'backends', 'evaluator', 'data', 'training', 'slide', 'cohort', 'gpu', 'family')
 DEFAULT_SECTIONS = SECTIONS[:-1]  # family trains six models: its own command (--sections family)
 TITLES = {'models': 'Models at 96 px (CPU)', 'backends': 'CPU inference backends',
@@ -68,10 +66,10 @@ def _data_section(quick: bool) -> dict[str, Any]:
     return bench_data.run(quick=quick)
 
 
-def _slide_section(quick: bool) -> dict[str, Any]:
+def _slide_section(quick: bool, cache_dir: Path | None) -> dict[str, Any]:
     from .slide import benchmark_slide
 
-    return benchmark_slide(quick=quick)
+    return benchmark_slide(quick=quick, cache_dir=cache_dir)
 
 
 def _slide_markdown(section: dict[str, Any], fmt_) -> list[str]:
@@ -174,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                                args.progress),
             'data': lambda: _data_section(args.quick),
             'training': lambda: training.run(sizes, args.progress),
-            'slide': lambda: _slide_section(args.quick),
+            'slide': lambda: _slide_section(args.quick, Path(args.cache_dir) if args.cache_dir else None),
             'cohort': lambda: cohort.benchmark_cohort(args.quick),
             'family': lambda: family.run(sizes, work / 'family', args.data_dir, args.progress),
             'gpu': lambda: gpu.run(sizes, work / 'gpu', args.progress),

@@ -3,9 +3,11 @@
     python -m benchmarks.slide --output benchmarks/results/slide [--quick]
 
 Measures the pipeline alone (reading, resampling, tissue mask, batching; a predictor that returns constants) and
-the pipeline with each benchmark model through the `eager` and `auto` CPU backends. Throughput does not depend on
-the weights, so the models are randomly initialised (their heatmap is flat); with --output the results go to
-`slide.json` and the first model's `auto` run (probability map, heatmap, tile lists, summary) to `example/`.
+the pipeline with each benchmark model through the `eager` and `auto` CPU backends. `auto` checks its decisions,
+and how many tiles it re-runs in float32 depends on the weights: the full run uses the models the backends section
+trains (the main job's recipe, cached), the quick one randomly initialised reduced-depth models. With --output the
+results go to `slide.json` and the first model's `auto` run (probability map, heatmap, tile lists, summary) to
+`example/`.
 """
 from __future__ import annotations
 
@@ -21,10 +23,11 @@ import numpy as np
 
 from timm_inception_pcam.data.synth_slide import write_synthetic_slide
 from timm_inception_pcam.inference import create_runner, probabilities
+from timm_inception_pcam.inference.openvino_runner import default_calibration
 from timm_inception_pcam.storage import atomic_write_json
 from timm_inception_pcam.wsi import SlideOptions, run_slide
 
-from .common import FULL, QUICK, create, machine_info
+from .common import DEFAULT_CACHE, FULL, QUICK, create, machine_info, trained_model
 
 BACKENDS = ('eager', 'auto')
 
@@ -43,8 +46,12 @@ def _constant(patches: np.ndarray) -> np.ndarray:
     return np.tile(np.array([[0.5, 0.5]], dtype=np.float32), (len(patches), 1))
 
 
-def benchmark_slide(quick: bool = True, output: str | Path | None = None) -> dict[str, Any]:
-    """Tiles/s of whole-slide inference on this machine; with `output`, the results JSON and an example run."""
+def benchmark_slide(quick: bool = True, output: str | Path | None = None,
+                    cache_dir: Path | None = None) -> dict[str, Any]:
+    """Tiles/s of whole-slide inference on this machine; with `output`, the results JSON and an example run.
+
+    `cache_dir`: where the full run's trained models are cached (`common.trained_model`).
+    """
     sizes = QUICK if quick else FULL
     rows, cols = (6, 8) if quick else (16, 20)
     tissue, tumour = synthetic_masks(rows, cols)
@@ -57,15 +64,18 @@ def benchmark_slide(quick: bool = True, output: str | Path | None = None) -> dic
         summary = run_slide(slide['path'], _constant, tmp / 'reader', options, progress=False)
         results['runs'].append({'model': None, 'backend': 'pipeline only', 'tiles_per_second':
                                 summary['tiles_per_second'], 'seconds': summary['seconds']})
+        warmup = default_calibration(options.batch_size, seed=1)[0]  # PCam-like patches, not blanks (see the check)
         for name in sizes.backend_models:
-            model = create(name, sizes)
+            model, source = (create(name, sizes), 'random initialisation') if quick else \
+                trained_model(name, sizes, tmp / f'train-{name}', cache_dir, progress=False)
             for backend in BACKENDS:
                 runner = create_runner(model, backend=backend, batch_size=options.batch_size)
-                runner.logits(np.zeros((options.batch_size, 96, 96, 3), dtype=np.uint8))  # warm-up: first-call set-up
+                runner.logits(warmup)  # first-call set-up, and the check's first measurements
                 summary = run_slide(slide['path'], functools.partial(probabilities, runner),
                                     tmp / f'{name}-{backend}', options, progress=False)
                 runner.close()
-                results['runs'].append({'model': name, 'depths': sizes.depths, 'backend': runner.spec.backend,
+                results['runs'].append({'model': name, 'model_source': source, 'depths': sizes.depths,
+                                        'backend': runner.spec.backend,
                                         'tiles_per_second': summary['tiles_per_second'],
                                         'seconds': summary['seconds']})
             if output is not None and name == sizes.backend_models[0]:  # the command's outputs, for a look
@@ -80,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument('--output', default='benchmarks/results/slide')
     p.add_argument('--quick', action='store_true', help='depths=(1, 1, 1) models and a small slide')
     args = p.parse_args(argv)
-    results = benchmark_slide(args.quick, args.output)
+    results = benchmark_slide(args.quick, args.output, DEFAULT_CACHE)
     print('| model | backend | tiles/s |\n| --- | --- | --- |')
     for run in results['runs']:
         print(f"| {run['model'] or '-'} | {run['backend']} | {run['tiles_per_second']:.1f} |")

@@ -258,6 +258,7 @@ def test_undecided_bounds_the_mean_probability() -> None:
 
 def test_error_range_is_centred_and_capped() -> None:
     assert error_range(np.zeros(0), 12.0) == (float('-inf'), float('inf'))
+    assert error_range(np.array([0.1, -0.1] * 32), 12.0) == (float('-inf'), float('inf'))  # two values, 64 times
     rng = np.random.default_rng(0)
     errors = -0.05 + rng.uniform(-0.01, 0.01, 500)  # biased, narrowly spread: the cap (3 x the largest) binds
     lo, hi = error_range(errors, 12.0)
@@ -309,7 +310,7 @@ def test_decision_check_settles_what_bf16_could_flip() -> None:
     n = 400
     margins = rng.normal(0, 4, n)
     error = rng.uniform(-0.25, 0.25, n)
-    error[:8] = [0.25, -0.25] * 4  # the first batch measures +-0.25: a range of 2 x 0.25 either side
+    error[:8] = np.linspace(-0.25, 0.25, 8)  # the first batch measures up to +-0.25
     margins[100], error[100] = 30.0, 3.0  # a large error far from any threshold, as bf16 gives huge margins
     fake = _Fake(margins, error)
     check = DecisionCheck(fake.fast, fake.exact, thresholds=(0.5, 0.8), safety=2.0)
@@ -341,7 +342,7 @@ def test_cascade_settles_planted_near_threshold_patches_in_float32() -> None:
     margins = rng.normal(0, 6, n)
     int8_err = rng.uniform(-0.8, 0.8, n)
     bf16_err = rng.uniform(-0.1, 0.1, n)
-    int8_err[:8], bf16_err[:8] = [0.8, -0.8] * 4, [0.1, -0.1] * 4  # the first batch measures both stages
+    int8_err[:8], bf16_err[:8] = np.linspace(-0.8, 0.8, 8), np.linspace(-0.1, 0.1, 8)  # the first batch: both stages
     planted = [50, 51, 52]
     margins[planted] = [0.05, -0.05, 0.5]  # near the 0.5 threshold (margin 0)
     int8_err[planted] = [-0.3, 0.3, -0.7]  # int8 flips all three; bf16 only gets 0.5 right
@@ -372,17 +373,31 @@ def test_cascade_settles_planted_near_threshold_patches_in_float32() -> None:
 
 
 def test_decision_check_bound_grows_with_what_it_sees() -> None:
-    margins = np.array([5.0] * 4 + [0.3] * 4 + [0.01] * 12)
-    error = np.array([0.01, -0.01] * 2 + [-0.2] * 4 + [0.5] * 12)  # later patches err more than the first batch showed
+    margins = np.array([5.0] * 8 + [0.3] * 4 + [0.01] * 12)
+    error = np.concatenate([np.linspace(-0.01, 0.01, 8), [-0.2] * 4, [0.5] * 12])  # later errors exceed the first
     fake = _Fake(margins, error)
     check = DecisionCheck(fake.fast, fake.exact, thresholds=(0.5,), safety=4.0)
-    x = _indexed(20)
-    check.logits(x[:4])
+    x = _indexed(24)
+    check.logits(x[:8])
     assert check.error_range == pytest.approx((-0.03, 0.03), rel=1e-3)  # 3 x the largest deviation (0.01)
-    out = check.logits(x[4:8])  # fast margins 0.1: outside the range of +-0.03, kept (and wrong by 0.2, not flipped)
+    out = check.logits(x[8:12])  # fast margins 0.1: outside the range of +-0.03, kept (and wrong by 0.2, not flipped)
     np.testing.assert_allclose(class1_margin(out), 0.1, atol=1e-5)
-    out = check.logits(x[8:12])  # fast margins 0.51: far outside, and flipped: an error the first batch did not warn of
-    assert (class1_margin(out) > 0).all() and check.rechecked == 4
+    out = check.logits(x[12:16])  # fast margins 0.51: far outside, and flipped: an error the warm-up did not warn of
+    assert (class1_margin(out) > 0).all() and check.rechecked == 8
+
+
+def test_identical_measurements_draw_no_range() -> None:
+    """A warm-up on identical patches (a blank batch) measures one error 64 times: no range until errors differ."""
+    assert error_range(np.full(64, 0.01), 12.0) == (float('-inf'), float('inf'))
+    margins = np.concatenate([np.full(64, 3.0), np.linspace(-4, 4, 64)])
+    error = np.concatenate([np.full(64, 0.01), np.random.default_rng(0).uniform(-0.05, 0.05, 64)])
+    fake = _Fake(margins, error)
+    check = DecisionCheck(fake.fast, fake.exact, thresholds=(0.5,))
+    x = _indexed(128)
+    check.logits(x[:64])  # the blank warm-up
+    out = check.logits(x[64:])  # every patch re-run: nothing measured said how far bf16 may be off
+    assert check.rechecked == 128 and check.error_range[0] < 0 < check.error_range[1]
+    np.testing.assert_allclose(class1_margin(out), margins[64:], atol=1e-5)
 
 
 def test_decision_check_keeps_a_bounded_history(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,7 +10,8 @@ is never tuned on test. Without a valid split it is 0.5 (source "default"). With
 the 8 dihedral views are averaged, and the report gives the gain over the plain (identity) view, whose metrics come
 from the same forward passes.
 
-On a CPU the default backend (``--backend auto``) is ``bf16_checked`` where the CPU has AMX: bf16 forward passes,
+On a CPU the default backend (``--backend auto``) is a checked bf16 path where the CPU has AMX
+(``openvino_bf16_checked``, or torch's ``bf16_checked`` without OpenVINO): bf16 forward passes,
 then float32 for every patch whose probability could change what the report counts (`Settler`): the valid patches
 that could change the choice of the threshold, and the evaluated patches whose decision at it bf16 rounding could
 flip. The threshold and every count at it (confusion matrix, accuracy, F1, ...) are then float32's; the
@@ -252,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--amp', default=None, metavar='{bf16,fp16,none}',
                    help='deprecated alias of --precision (none = fp32)')
     p.add_argument('--backend', default='auto', choices=('auto', *BACKENDS),
-                   help='inference engine (timm_inception_pcam.inference). auto: bf16_checked on AMX CPUs (bf16, '
+                   help='inference engine (timm_inception_pcam.inference). auto: openvino_bf16_checked (or '
+                        'bf16_checked without OpenVINO) on AMX CPUs (bf16, '
                         'with float32 for every patch that could change the choice of the threshold or a decision '
                         'at it), else channels_last (float32, BatchNorm folded); eager on CUDA; onnxruntime for an '
                         '.onnx file, tensorrt for a .plan; eager = the model as it is')

@@ -23,8 +23,9 @@ from ..metrics import select_threshold, threshold_metric_bounds
 from ..preprocess import batch_slices, check_patches
 from .base import Runner, collect_logits
 
-__all__ = ['DEFAULT_SAFETY', 'ERROR_QUANTILE', 'LARGEST_FACTOR', 'WARMUP_PATCHES', 'ERROR_HISTORY', 'ErrorRange',
-           'DecisionCheck', 'Settler', 'class1_margin', 'error_range', 'mean_prob_bounds', 'straddling', 'undecided']
+__all__ = ['DEFAULT_SAFETY', 'ERROR_QUANTILE', 'LARGEST_FACTOR', 'MIN_DISTINCT', 'WARMUP_PATCHES', 'ERROR_HISTORY',
+           'ErrorRange', 'DecisionCheck', 'Settler', 'class1_margin', 'error_range', 'mean_prob_bounds', 'straddling',
+           'undecided']
 
 # The error range reaches DEFAULT_SAFETY x the 90th percentile of the measured deviations from the median error,
 # capped at LARGEST_FACTOR x the largest deviation. The percentile term guards heavy tails: on the benchmark's
@@ -36,6 +37,7 @@ __all__ = ['DEFAULT_SAFETY', 'ERROR_QUANTILE', 'LARGEST_FACTOR', 'WARMUP_PATCHES
 DEFAULT_SAFETY = 12.0
 ERROR_QUANTILE = 0.9
 LARGEST_FACTOR = 3.0
+MIN_DISTINCT = 8  # different measured errors before a range is drawn from them
 WARMUP_PATCHES = 64  # the first patches a check sees, run by every stage and exactly: its first measurements
 ERROR_HISTORY = 8192  # measurements kept (the most recent): a slide of a million tiles must not grow them unbounded
 
@@ -60,8 +62,13 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 def error_range(errors: np.ndarray, safety: float) -> ErrorRange:
-    """The margin error range assumed from measured signed fast-minus-exact `errors` (see the module docstring)."""
-    if not len(errors):
+    """The margin error range assumed from measured signed fast-minus-exact `errors` (see the module docstring).
+
+    Unbounded until `MIN_DISTINCT` different errors were measured: identical patches (a blank warm-up batch, a
+    slide's uniform background) give identical errors, and a range of width zero built on them would trust every
+    later patch.
+    """
+    if len(np.unique(errors)) < MIN_DISTINCT:
         return UNMEASURED
     center = float(np.median(errors))
     deviation = np.abs(errors - center)

@@ -7,14 +7,15 @@
 What it takes, and what runs it:
 
 - a torch `nn.Module`, or a checkpoint (anything `timm_inception_pcam.checkpoint.load_model` reads: ours, timm
-  train.py's, `.safetensors`, `hf-hub:org/name`): `TorchRunner`, or `bf16_checked` (`DecisionCheck` of a `bf16`
-  runner by a `channels_last` one);
+  train.py's, `.safetensors`, `hf-hub:org/name`): `TorchRunner`, `bf16_checked` (`DecisionCheck` of a `bf16`
+  runner by a `channels_last` one) or the OpenVINO runners and checks;
+- an OpenVINO IR's `.xml` (from `export.openvino`): `OpenVINORunner`, or `openvino_bf16_checked` from the IR alone;
 - an `.onnx` file (FP32, or FP16 from `export.fp16`): `OnnxRunner` (onnxruntime, CPU);
 - a TensorRT `.plan` / `.engine` with its sidecar: `trt_runner.TrtRunner` (NVIDIA GPU; imported lazily).
 
-`backend='auto'`: on the CPU `bf16_checked` where the CPU has AMX (plain `bf16` measured about 5x eager float32 but
-changed up to 1 % of decisions; see benchmarks/results) and `channels_last` elsewhere (bf16 without AMX is emulated
-and slower than float32); `eager` on CUDA; onnxruntime for an ONNX file, TensorRT for a plan. `precision='auto'`
+`backend='auto'`: on the CPU `auto_cpu_backend()` (`openvino_bf16_checked` where the CPU has AMX and OpenVINO is
+installed, `bf16_checked` without OpenVINO, `channels_last` without AMX); `eager` on CUDA; onnxruntime for an ONNX
+file, TensorRT for a plan, the checked OpenVINO bf16 for an IR (its own precision for an int8 one). `precision='auto'`
 is the backend's own (fp32 on CUDA: autocast bf16 / fp16 only when asked); an explicit precision picks the CPU
 backend for it (fp32: channels_last, bf16: bf16, fp16: eager under autocast). A torch module is never exported
 behind the caller's back: to run one on onnxruntime, export it (`export.onnx.export_onnx`) and pass the file.
@@ -69,11 +70,13 @@ def openvino_available() -> bool:
 
 
 def auto_cpu_backend() -> str:
-    """`auto` on the CPU: the fastest path with float32's decisions that the benchmark found on this kind of CPU.
+    """`auto` on the CPU: the fastest path with float32's decisions that needs no calibration data or set-up.
 
-    With AMX (bf16 matrix units): OpenVINO bf16 checked in float32 where OpenVINO is installed (1.6x / 1.4x torch's
-    bf16_checked for v4 / IRv2 in the backends benchmark), else torch's bf16_checked; without AMX bf16 is emulated
-    and slower than float32, so channels_last.
+    With AMX (bf16 matrix units): OpenVINO bf16 checked in float32 where OpenVINO is installed (7.8x / 6.0x eager
+    float32 for v4 / IRv2 in the backends benchmark, about 2x torch's bf16_checked), else torch's bf16_checked;
+    without AMX bf16 is emulated and slower than float32, so channels_last. The `openvino_cascade` is faster still
+    once its int8 model is quantised (8.6x / 7.3x there), but quantising takes a minute or more per model on a small
+    CPU and wants calibration patches from the user's data: a choice for long runs, not the default.
     """
     if not cpu_has_amx():
         return 'channels_last'
