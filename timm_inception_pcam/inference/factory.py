@@ -75,7 +75,7 @@ def auto_cpu_backend() -> str:
     With AMX (bf16 matrix units): OpenVINO bf16 checked in float32 where OpenVINO is installed (7.8x / 6.0x eager
     float32 for v4 / IRv2 in the backends benchmark, about 2x torch's bf16_checked), else torch's bf16_checked;
     without AMX bf16 is emulated and slower than float32, so channels_last. The `openvino_cascade` is faster still
-    once its int8 model is quantised (8.6x / 7.3x there), but quantising takes a minute or more per model on a small
+    once its int8 model is quantised (8.8x / 7.1x there), but quantising takes a minute or more per model on a small
     CPU and wants calibration patches from the user's data: a choice for long runs, not the default.
     """
     if not cpu_has_amx():
