@@ -63,6 +63,9 @@ def test_bf16_and_int8_are_close_and_cached(model, patches, reference, tmp_path:
     other = OpenVINORunner(model, 'int8', cache_dir=tmp_path, calibration=patches[8:40])  # other calibration
     assert other.spec.extra['cache_hit'] is False
     assert len([p for p in tmp_path.iterdir() if not p.name.startswith('.')]) == 3  # bf16, two int8: no leftovers
+    fp32 = OpenVINORunner(model, 'fp32', cache_dir=tmp_path)  # the graph bf16 converted: compiled at f32, not again
+    assert fp32.spec.extra['cache_hit'] is True and fp32.spec.extra['cache'] == bf16.spec.extra['cache']
+    np.testing.assert_allclose(fp32.logits(patches), reference, rtol=1e-4, atol=1e-4 * scale)
 
 
 def test_signal_stack_holds_the_amx_state(model, patches, tmp_path: Path) -> None:

@@ -4,9 +4,10 @@
     logits = runner.logits(patches)                      # uint8 (N, 96, 96, 3) -> float32 (N, 2)
 
 Converted (and, for int8, quantised) models are cached under `cache_dir` (default
-`$XDG_CACHE_HOME/timm-inception-pcam/openvino`), keyed by the sha256 of the weights, the precision, the OpenVINO
-version and, for int8, the calibration patches, so a second run does not convert or calibrate again. An IR file
-(`.xml` with its `.bin`, as `python -m export.openvino` writes it) is compiled as it is.
+`$XDG_CACHE_HOME/timm-inception-pcam/openvino`), keyed by the sha256 of the weights, int8 or not (fp32 and bf16
+compile the same converted graph), the OpenVINO version and, for int8, the calibration patches, so a second run
+does not convert or calibrate again. An IR file (`.xml` with its `.bin`, as `python -m export.openvino` writes it)
+is compiled as it is.
 
 On CPUs with AMX or AVX-512 bf16, OpenVINO's default inference precision is bf16: `fp32` sets it to f32 explicitly.
 int8 quantises what NNCF's post-training quantisation selects and runs the rest in f32. Low precisions change a
@@ -187,7 +188,9 @@ class OpenVINORunner:
     def _cached_model(self, model: Any, precision: str, calibration: np.ndarray | None,
                       calibration_info: Mapping[str, Any] | None, mean: tuple[float, ...], std: tuple[float, ...],
                       cache_root: Path) -> tuple[Any, dict[str, Any]]:
-        key_parts = {'format': CACHE_FORMAT, 'weights_sha256': weights_sha256(model), 'precision': precision,
+        # fp32 and bf16 compile the same converted graph (the precision is a compile hint): one entry serves both
+        key_parts = {'format': CACHE_FORMAT, 'weights_sha256': weights_sha256(model),
+                     'graph': 'int8' if precision == 'int8' else 'float',
                      'openvino': openvino_version(), 'mean': list(mean), 'std': list(std)}
         if precision == 'int8' and calibration is not None:
             key_parts['calibration_sha256'] = hashlib.sha256(np.ascontiguousarray(calibration).tobytes()).hexdigest()
@@ -288,12 +291,12 @@ def _store_output(request: Any, userdata: tuple[np.ndarray, slice]) -> None:
 
 
 def ir_precision(xml: Path) -> str:
-    """The precision an IR was exported at, as its sidecar says (fp32 without one)."""
-    return _read_ir_meta(xml).get('precision') or 'fp32' if xml.is_file() else 'fp32'
+    """The precision an IR was exported at, as its sidecar says (fp32 without one); the files are not hashed here."""
+    return _read_sidecar(xml).get('precision') or 'fp32'
 
 
-def _read_ir_meta(xml: Path) -> dict[str, Any]:
-    """Preprocessing and labels of an IR: the sidecar `python -m export.openvino` writes beside it, if present."""
+def _read_sidecar(xml: Path) -> dict[str, Any]:
+    """The sidecar `python -m export.openvino` writes beside an IR, parsed ({} without one)."""
     sidecar = xml.with_name(xml.name + '.json')
     if not sidecar.is_file():
         return {}
@@ -303,6 +306,15 @@ def _read_ir_meta(xml: Path) -> dict[str, Any]:
         raise InferenceError(f'{sidecar}: unreadable sidecar ({e})') from None
     if not isinstance(data, dict):
         raise InferenceError(f'{sidecar}: expected a JSON object, found {type(data).__name__}')
+    return data
+
+
+def _read_ir_meta(xml: Path) -> dict[str, Any]:
+    """Preprocessing and labels of an IR from its sidecar, if present, after checking the files' sha256s."""
+    data = _read_sidecar(xml)
+    if not data:
+        return {}
+    sidecar = xml.with_name(xml.name + '.json')
     digests = data.get('sha256') if isinstance(data.get('sha256'), dict) else {}
     for key, path in (('xml', xml), ('bin', xml.with_suffix('.bin'))):
         if digests.get(key) is not None and digests[key] != file_sha256(path):
