@@ -195,6 +195,22 @@ def test_factory_openvino_backends_keep_float32_decisions(model, patches, refere
     assert cascade.spec.extra['calibration']['synthetic'] is True  # no calibration given: recorded as synthetic
 
 
+def test_a_check_hashes_the_weights_once(model, monkeypatch: pytest.MonkeyPatch) -> None:
+    from timm_inception_pcam.inference import create_runner, openvino_runner
+
+    calls = []
+
+    def counted(m: torch.nn.Module) -> str:
+        calls.append(m)
+        return weights_sha256(m)
+
+    monkeypatch.setattr(openvino_runner, 'weights_sha256', counted)
+    runner = create_runner(model, 'openvino_cascade', batch_size=16)
+    assert len(calls) == 1  # three runners, one hash
+    digests = {r.spec.extra['weights_sha256'] for r in [*runner.stages, runner.exact]}
+    assert digests == {weights_sha256(model)}
+
+
 def test_ir_runs_through_the_factory(exported, patches, reference) -> None:
     from timm_inception_pcam.device import cpu_has_amx
     from timm_inception_pcam.errors import UsageError

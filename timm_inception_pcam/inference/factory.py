@@ -221,15 +221,16 @@ def _openvino_runner(model: nn.Module | Path, name: str, common: dict[str, Any],
     `model` is a torch module or an IR's .xml. The checks' float32 is OpenVINO's too, compiled for latency: it
     re-runs a handful of patches at a time (at one patch about twice as fast as torch channels_last here).
     """
-    from .openvino_runner import OpenVINORunner, default_calibration
+    from .openvino_runner import OpenVINORunner, default_calibration, weights_sha256
 
     if torch.device(common['device']).type != 'cpu':  # 'auto' was resolved to a device before
         raise UsageError(f'backend {name} runs on the CPU; device {common["device"]!r} asked')
+    ov_kwargs: dict[str, Any] = dict(batch_size=common['batch_size'], threads=common['threads'],
+                                     mean=tuple(common['mean']) if common['mean'] else None,
+                                     std=tuple(common['std']) if common['std'] else None)
     if isinstance(model, nn.Module):
         check_model_device(model, torch.device('cpu'))
-    ov_kwargs = dict(batch_size=common['batch_size'], threads=common['threads'],
-                     mean=tuple(common['mean']) if common['mean'] else None,
-                     std=tuple(common['std']) if common['std'] else None)
+        ov_kwargs['weights_digest'] = weights_sha256(model)  # once for all the runners of a check
     if name in ('openvino_int8', 'openvino_cascade') and calibration is None and isinstance(model, nn.Module):
         calibration, calibration_info = default_calibration()
     if name in OPENVINO_BACKENDS:
