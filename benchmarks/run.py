@@ -74,10 +74,14 @@ def _slide_section(quick: bool, cache_dir: Path | None) -> dict[str, Any]:
 
 def _slide_markdown(section: dict[str, Any], fmt_) -> list[str]:
     lines = [f'Synthetic pyramidal TIFF, {section["tissue_tiles"]} tissue tiles of 96 px, '
-             f'batch {section["batch_size"]}; reading, tissue masking and writing included.', '',
+             f'batch {section["batch_size"]}; reading, tissue masking, batching and inference timed (writing the '
+             f'outputs afterwards not). `{section.get("baseline")}` was `auto` when issue 14 asked for '
+             f'{fmt_(section.get("target"))}x its tiles/s.', '',
              '| model | backend | tiles/s | seconds |', '| --- | --- | --- | --- |']
     lines += [f'| {r["model"] or "(no model: reader only)"} | {r["backend"]} | {fmt_(r["tiles_per_second"])} | '
               f'{fmt_(r["seconds"])} |' for r in section['runs']]
+    lines += [''] + [f'{name}: `auto` {fmt_(ratio)}x `{section["baseline"]}` in tiles/s (target '
+                     f'{fmt_(section["target"])}x).' for name, ratio in section.get('auto_vs_baseline', {}).items()]
     return lines + ['']
 
 

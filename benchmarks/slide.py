@@ -3,7 +3,8 @@
     python -m benchmarks.slide --output benchmarks/results/slide [--quick]
 
 Measures the pipeline alone (reading, resampling, tissue mask, batching; a predictor that returns constants) and
-the pipeline with each benchmark model through the `eager` and `auto` CPU backends. `auto` checks its decisions,
+the pipeline with each benchmark model through the `eager`, `bf16_checked` (issue 14's baseline) and `auto` CPU
+backends. `auto` checks its decisions,
 and how many tiles it re-runs in float32 depends on the weights: the full run uses the models the backends section
 trains (the main job's recipe, cached), the quick one randomly initialised reduced-depth models. With --output the
 results go to `slide.json` and the first model's `auto` run (probability map, heatmap, tile lists, summary) to
@@ -29,7 +30,10 @@ from timm_inception_pcam.wsi import SlideOptions, run_slide
 
 from .common import DEFAULT_CACHE, FULL, QUICK, create, machine_info, trained_model
 
-BACKENDS = ('eager', 'auto')
+# `bf16_checked` was `auto` when issue 14 set the slide target (at least 2x its tiles/s): measured in the same run
+BACKENDS = ('eager', 'bf16_checked', 'auto')
+BASELINE = 'bf16_checked'
+TARGET = 2.0  # `auto` vs BASELINE, tiles/s
 
 
 def synthetic_masks(rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
@@ -57,7 +61,8 @@ def benchmark_slide(quick: bool = True, output: str | Path | None = None,
     tissue, tumour = synthetic_masks(rows, cols)
     options = SlideOptions(batch_size=64, thumbnail_size=512, save_every=1e9)
     results: dict[str, Any] = {'machine': machine_info(), 'quick': quick, 'slide_blocks': [rows, cols],
-                               'tissue_tiles': int(tissue.sum()), 'batch_size': options.batch_size, 'runs': []}
+                               'tissue_tiles': int(tissue.sum()), 'batch_size': options.batch_size,
+                               'baseline': BASELINE, 'target': TARGET, 'runs': []}
     with tempfile.TemporaryDirectory(prefix='pcam-slide-bench-') as tmp:
         tmp = Path(tmp)
         slide = write_synthetic_slide(tmp / 'synthetic.tif', tissue, tumour, seed=0)
@@ -75,9 +80,11 @@ def benchmark_slide(quick: bool = True, output: str | Path | None = None,
                                     tmp / f'{name}-{backend}', options, progress=False)
                 runner.close()
                 results['runs'].append({'model': name, 'model_source': source, 'depths': sizes.depths,
-                                        'backend': runner.spec.backend,
+                                        'asked': backend, 'backend': runner.spec.backend,
                                         'tiles_per_second': summary['tiles_per_second'],
                                         'seconds': summary['seconds']})
+            speed = {r['asked']: r['tiles_per_second'] for r in results['runs'] if r['model'] == name}
+            results.setdefault('auto_vs_baseline', {})[name] = speed['auto'] / speed[BASELINE]
             if output is not None and name == sizes.backend_models[0]:  # the command's outputs, for a look
                 shutil.copytree(tmp / f'{name}-auto', Path(output) / 'example', dirs_exist_ok=True)
     if output is not None:

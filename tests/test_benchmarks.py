@@ -98,8 +98,9 @@ def test_backends_section(quick_run) -> None:
         if r['status'] != 'ok':
             assert r['reason']
             continue
-        assert r['speedup_vs_eager'] == pytest.approx(r['eager_median_s_same_batches'] / r['timing']['median_s'])
-        assert r['timing']['repeats'] <= eager['timing']['repeats']
+        assert r['speedup_vs_eager'] == pytest.approx(r['eager_seconds_same_batches'] / r['seconds'])
+        assert r['patches_per_s'] == pytest.approx(r['timed_batches'] * section['batch'] / r['seconds'])
+        assert r['timed_batches'] == r['timing']['repeats'] <= eager['timing']['repeats']
         acc = r['accuracy']
         assert 0 <= acc['decision_agreement'] <= 1 and acc['n'] > 0, name
         assert acc['disagreements'] == round((1 - acc['decision_agreement']) * acc['n'])
@@ -156,6 +157,10 @@ def test_training_and_gpu_sections(quick_run) -> None:
     slide = sections['slide']
     assert slide['tissue_tiles'] > 0 and slide['runs'][0]['model'] is None
     assert all(r['tiles_per_second'] > 0 for r in slide['runs']) and len(slide['runs']) > 1
+    for name, ratio in slide['auto_vs_baseline'].items():
+        speed = {r['asked']: r['tiles_per_second'] for r in slide['runs'] if r['model'] == name}
+        assert ratio == pytest.approx(speed['auto'] / speed['bf16_checked'])
+    assert 'x `bf16_checked` in tiles/s' in (quick_run[1] / 'results.md').read_text()
 
 
 def test_failing_section_is_recorded(tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
