@@ -18,6 +18,14 @@ def _deterministic() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope='session', autouse=True)
+def _openvino_cache(tmp_path_factory: pytest.TempPathFactory):
+    """The tests' OpenVINO conversions go to a temporary cache, not the user's (their random weights never recur)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv('TIMM_INCEPTION_PCAM_OPENVINO_CACHE', str(tmp_path_factory.mktemp('openvino-cache')))
+        yield
+
+
 @pytest.fixture(scope='session')
 def model_names() -> tuple[str, ...]:
     return MODEL_NAMES

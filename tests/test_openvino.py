@@ -100,6 +100,49 @@ def test_weights_hash_follows_the_weights(model) -> None:
     assert weights_sha256(changed) != before
 
 
+def test_cache_keeps_the_most_recently_used_within_its_limit(model, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import time
+
+    from timm_inception_pcam.inference.openvino_runner import CACHE_GB_ENV, cache_limit_bytes, prune_cache
+
+    first = OpenVINORunner(model, 'fp32', cache_dir=tmp_path)
+    entry = Path(first.spec.extra['cache'])
+    os.utime(entry / 'meta.json', (1, 1))
+    OpenVINORunner(model, 'bf16', cache_dir=tmp_path)  # a hit marks the entry as used now
+    assert (entry / 'meta.json').stat().st_mtime > time.time() - 60
+    changed = timm.create_model('inception_v4_pcam', depths=(1, 1, 1))
+    changed.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        changed.get_classifier().bias.add_(1e-3)
+    monkeypatch.setenv(CACHE_GB_ENV, '0')  # keep only the entry just made
+    second = Path(OpenVINORunner(changed, 'fp32', cache_dir=tmp_path).spec.extra['cache'])
+    assert second != entry and second.is_dir() and not entry.exists()
+
+    # the order: least recently used first, never the entry just made; a killed conversion's folder after a day
+    root = tmp_path / 'fake'
+    now = time.time()
+    for i, name in enumerate(('a', 'b', 'c')):
+        (root / name).mkdir(parents=True)
+        (root / name / 'model.bin').write_bytes(b'x' * 100)
+        (root / name / 'meta.json').write_text('{}')
+        os.utime(root / name / 'meta.json', (now - 100 + i, now - 100 + i))
+    (root / '.k.old.partial').mkdir()
+    os.utime(root / '.k.old.partial', (now - 2 * 86400, now - 2 * 86400))
+    (root / '.k.new.partial').mkdir()
+    assert prune_cache(root, root / 'a', 250) == [root / 'b']
+    assert sorted(p.name for p in root.iterdir()) == ['.k.new.partial', 'a', 'c']
+    assert prune_cache(root, root / 'c', 0) == [root / 'a']
+
+    monkeypatch.setenv(CACHE_GB_ENV, '0.5')
+    assert cache_limit_bytes() == 500_000_000
+    for bad in ('lots', '-1', 'nan'):
+        monkeypatch.setenv(CACHE_GB_ENV, bad)
+        with pytest.raises(UsageError, match=f"{CACHE_GB_ENV}='{bad}': expected a size in gigabytes"):
+            OpenVINORunner(model, 'fp32', cache_dir=tmp_path)
+
+
 def test_errors(model, tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="precision 'fp8' not supported: expected one of fp32, bf16, int8"):
         OpenVINORunner(model, 'fp8', cache_dir=tmp_path)

@@ -4,10 +4,12 @@
     logits = runner.logits(patches)                      # uint8 (N, 96, 96, 3) -> float32 (N, 2)
 
 Converted (and, for int8, quantised) models are cached under `cache_dir` (default
-`$XDG_CACHE_HOME/timm-inception-pcam/openvino`), keyed by the sha256 of the weights, int8 or not (fp32 and bf16
-compile the same converted graph), the OpenVINO version and, for int8, the calibration patches, so a second run
-does not convert or calibrate again. An IR file (`.xml` with its `.bin`, as `python -m export.openvino` writes it)
-is compiled as it is.
+`$TIMM_INCEPTION_PCAM_OPENVINO_CACHE`, else `$XDG_CACHE_HOME/timm-inception-pcam/openvino`), keyed by the sha256 of
+the weights, int8 or not (fp32 and bf16 compile the same converted graph), the OpenVINO version and, for int8, the
+calibration patches, so a second run does not convert or calibrate again. Every new checkpoint adds an entry
+(full-size inception_v4_pcam: 165 MB), so the least recently used ones are removed beyond
+`$TIMM_INCEPTION_PCAM_OPENVINO_CACHE_GB` (default 4) gigabytes. An IR file (`.xml` with its `.bin`, as
+`python -m export.openvino` writes it) is compiled as it is.
 
 On CPUs with AMX or AVX-512 bf16, OpenVINO's default inference precision is bf16: `fp32` sets it to f32 explicitly.
 int8 quantises what NNCF's post-training quantisation selects and runs the rest in f32. Low precisions change a
@@ -21,8 +23,10 @@ cores, the faster for a handful of patches (the checks' float32 re-runs).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -40,13 +44,18 @@ from ..storage import file_sha256
 from .base import RunnerSpec, check_normalization
 
 __all__ = ['OV_PRECISIONS', 'OV_HINTS', 'OpenVINORunner', 'ir_precision', 'openvino_version', 'weights_sha256',
-           'default_cache_dir', 'convert_to_openvino', 'default_calibration']
+           'default_cache_dir', 'cache_limit_bytes', 'prune_cache', 'convert_to_openvino', 'default_calibration']
 
 OV_PRECISIONS = ('fp32', 'bf16', 'int8')
 OV_HINTS = ('throughput', 'latency')
 _HINTS = {'fp32': 'f32', 'bf16': 'bf16', 'int8': 'f32'}
 CACHE_FORMAT = 'timm-inception-pcam-openvino/2'  # 2: int8 with full bias correction
+CACHE_DIR_ENV, CACHE_GB_ENV = 'TIMM_INCEPTION_PCAM_OPENVINO_CACHE', 'TIMM_INCEPTION_PCAM_OPENVINO_CACHE_GB'
+DEFAULT_CACHE_GB = 4.0
+STALE_PARTIAL_S = 24 * 3600  # a conversion folder left this long by a killed process is removed
 SS_DISABLE = 2  # sigaltstack's flag: no alternate stack
+
+_logger = logging.getLogger(__name__)
 
 
 def _openvino():
@@ -62,7 +71,55 @@ def openvino_version() -> str:
 
 
 def default_cache_dir() -> Path:
+    if os.environ.get(CACHE_DIR_ENV):
+        return Path(os.environ[CACHE_DIR_ENV])
     return Path(os.environ.get('XDG_CACHE_HOME', Path.home() / '.cache')) / 'timm-inception-pcam' / 'openvino'
+
+
+def cache_limit_bytes() -> int:
+    """The cache's size limit: `$TIMM_INCEPTION_PCAM_OPENVINO_CACHE_GB` (default 4) gigabytes."""
+    value = os.environ.get(CACHE_GB_ENV, '').strip()
+    try:
+        gb = float(value) if value else DEFAULT_CACHE_GB
+    except ValueError:
+        gb = float('nan')
+    if not gb >= 0:
+        raise UsageError(f'{CACHE_GB_ENV}={value!r}: expected a size in gigabytes (a number >= 0)')
+    return int(gb * 1e9)
+
+
+def _entry_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+
+
+def prune_cache(root: Path, keep: Path, limit: int) -> list[Path]:
+    """Remove the least recently used entries under `root` (never `keep`) until the rest fit in `limit` bytes.
+
+    An entry's last use is its meta.json's modification time (a cache hit touches it). Conversion folders a killed
+    process left behind are removed after a day. Returns the removed entries.
+    """
+    import time
+
+    entries, removed = [], []
+    for folder in root.iterdir():
+        try:
+            if folder.name.startswith('.') and folder.name.endswith('.partial'):
+                if time.time() - folder.stat().st_mtime > STALE_PARTIAL_S:
+                    shutil.rmtree(folder, ignore_errors=True)
+            elif folder.is_dir() and (folder / 'meta.json').is_file():
+                entries.append(((folder / 'meta.json').stat().st_mtime, _entry_bytes(folder), folder))
+        except OSError:  # removed meanwhile by another process
+            continue
+    total = sum(size for _, size, _ in entries)
+    for _, size, folder in sorted(entries, key=lambda e: e[0]):
+        if total <= limit:
+            break
+        if folder == keep:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        total -= size
+        removed.append(folder)
+    return removed
 
 
 def weights_sha256(model: Any) -> str:
@@ -202,10 +259,14 @@ class OpenVINORunner:
         folder = cache_root / key
         xml = folder / 'model.xml'
         info = {'cache': str(folder), 'cache_hit': xml.is_file(), 'weights_sha256': key_parts['weights_sha256']}
+        limit = cache_limit_bytes()
         if xml.is_file():
             meta = json.loads((folder / 'meta.json').read_text())
             info['calibration'] = meta.get('calibration')
-            return self._core.read_model(str(xml)), info
+            ov_model = self._core.read_model(str(xml))
+            with contextlib.suppress(OSError):  # a read-only shared cache is used as it is
+                os.utime(folder / 'meta.json')  # its last use, for pruning
+            return ov_model, info
         ov_model = convert_to_openvino(model, precision, calibration, mean, std)
         calib = None
         if precision == 'int8':
@@ -222,6 +283,9 @@ class OpenVINORunner:
                 pass
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        for gone in prune_cache(cache_root, folder, limit):
+            _logger.info('OpenVINO cache: removed %s (least recently used; the cache keeps %.1f GB, %s)', gone,
+                         limit / 1e9, CACHE_GB_ENV)
         info['calibration'] = calib
         return ov_model, info
 
