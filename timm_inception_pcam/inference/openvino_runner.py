@@ -263,10 +263,9 @@ class OpenVINORunner:
         if xml.is_file():
             meta = json.loads((folder / 'meta.json').read_text())
             info['calibration'] = meta.get('calibration')
-            ov_model = self._core.read_model(str(xml))
             with contextlib.suppress(OSError):  # a read-only shared cache is used as it is
-                os.utime(folder / 'meta.json')  # its last use, for pruning
-            return ov_model, info
+                os.utime(folder / 'meta.json')  # its last use, before reading it: another process prunes the oldest
+            return self._core.read_model(str(xml)), info
         ov_model = convert_to_openvino(model, precision, calibration, mean, std)
         calib = None
         if precision == 'int8':
