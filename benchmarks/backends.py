@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from timm_inception_pcam.device import cpu_has_amx
+from timm_inception_pcam.device import cpu_has_native_bf16
 from timm_inception_pcam.inference import Runner, create_runner
 from timm_inception_pcam.inference.check import DecisionCheck
 from timm_inception_pcam.inference.factory import resolve_backend
@@ -109,9 +109,9 @@ def _noise_floor(eager: TorchRunner, patches: np.ndarray, reference: np.ndarray,
 
 def _candidates(name: str, sizes: Sizes) -> dict[str, str | None]:
     """Backend -> None to measure it, or the reason it is skipped."""
-    compile_name = 'compile_bf16' if cpu_has_amx() else 'compile'
-    no_amx = None if cpu_has_amx() else 'no AMX on this CPU: bfloat16 is emulated'
-    out: dict[str, str | None] = {'eager': None, 'channels_last': None, 'bf16': no_amx, 'bf16_checked': no_amx}
+    compile_name = 'compile_bf16' if cpu_has_native_bf16() else 'compile'
+    no_bf16 = None if cpu_has_native_bf16() else 'neither AMX nor AVX-512 BF16 on this CPU: bfloat16 is emulated'
+    out: dict[str, str | None] = {'eager': None, 'channels_last': None, 'bf16': no_bf16, 'bf16_checked': no_bf16}
     if not sizes.quick and name not in sizes.compile_models:
         out[compile_name] = f'torch.compile takes minutes per full-size model here; measured on ' \
                             f'{", ".join(sizes.compile_models) or "none"}'
@@ -125,7 +125,7 @@ def _candidates(name: str, sizes: Sizes) -> dict[str, str | None]:
 
     for backend in OPENVINO:
         needs_bf16 = 'bf16' in backend or 'cascade' in backend
-        out[backend] = 'openvino is not installed' if not openvino_available() else (no_amx if needs_bf16 else None)
+        out[backend] = 'openvino is not installed' if not openvino_available() else (no_bf16 if needs_bf16 else None)
     return out
 
 

@@ -66,7 +66,7 @@ def machine_info() -> dict[str, Any]:
     import onnxruntime
     import timm
 
-    from timm_inception_pcam.device import cpu_has_amx
+    from timm_inception_pcam.device import cpu_has_amx, cpu_has_avx512_bf16
 
     try:
         load = [round(v, 2) for v in os.getloadavg()]
@@ -75,6 +75,7 @@ def machine_info() -> dict[str, Any]:
     return {
         'cpu': _cpu_model(), 'cores': os.cpu_count(), 'torch_threads': torch.get_num_threads(),
         'cpu_capability': torch.backends.cpu.get_cpu_capability(), 'amx': cpu_has_amx(),
+        'avx512_bf16': cpu_has_avx512_bf16(),
         'load_average_1_5_15': load, 'platform': platform.platform(), 'python': platform.python_version(),
         'torch': torch.__version__, 'timm': timm.__version__, 'onnxruntime': onnxruntime.__version__,
         'numpy': np.__version__, 'cuda_available': torch.cuda.is_available(),

@@ -108,12 +108,17 @@ def _eval_data(args: argparse.Namespace, sizes: Sizes, work: Path):
     return out
 
 
+def _yes_no(flag: bool | None) -> str:
+    return 'not recorded' if flag is None else 'yes' if flag else 'no'
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     m = results['machine']
     threads = f'{m["torch_threads"]} torch threads'
     lines = ['# timm-inception-pcam benchmark', '',
              f'Machine: {m["cpu"]}, {m["cores"]} cores ({threads}, {m["cpu_capability"]}, '
-             f'AMX {"yes" if m["amx"] else "no"}), load average at start {m["load_average_1_5_15"]}; '
+             f'AMX {"yes" if m["amx"] else "no"}, AVX-512 BF16 {_yes_no(m.get("avx512_bf16"))}), '
+             f'load average at start {m["load_average_1_5_15"]}; '
              f'torch {m["torch"]}, timm {m["timm"]}, onnxruntime {m["onnxruntime"]}, Python {m["python"]}. '
              f'{m["date"]}. Mode: {"quick (tiny sizes, not figures to quote)" if results["quick"] else "full"}; '
              f'{fmt(results.get("seconds"))} s.', '',

@@ -183,13 +183,13 @@ def test_compile_pads_short_batches() -> None:
 
 
 def test_auto_follows_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(factory_mod, 'cpu_has_amx', lambda: True)
+    monkeypatch.setattr(factory_mod, 'cpu_has_native_bf16', lambda: True)
     monkeypatch.setattr(factory_mod, 'openvino_available', lambda: True)
     assert resolve_backend('auto') == 'openvino_bf16_checked'
     assert resolve('auto', precision='int8') == ('openvino_cascade', 'int8')
     monkeypatch.setattr(factory_mod, 'openvino_available', lambda: False)
     assert resolve_backend('auto') == 'bf16_checked'
-    monkeypatch.setattr(factory_mod, 'cpu_has_amx', lambda: False)
+    monkeypatch.setattr(factory_mod, 'cpu_has_native_bf16', lambda: False)
     assert resolve_backend('auto') == 'channels_last'
     assert resolve_backend('auto', kind='onnx') == 'onnxruntime'
     assert resolve_backend('auto', kind='tensorrt') == 'tensorrt'
@@ -432,7 +432,7 @@ def test_bf16_checked_matches_float32_decisions(model: nn.Module, reference: np.
     for t in thresholds:
         assert ((class1_margin(logits) >= np.log(t / (1 - t))) == (fp32 >= np.log(t / (1 - t)))).all()
     info = runner.stats()
-    assert info['patches'] == N and 8 <= info['rechecked'] <= N and info['margin_error_median'] > 0
+    assert info['patches'] == N and 8 <= info['rechecked'] <= N and info['margin_error_abs_median'] > 0
     plain = create_runner(model, 'bf16', batch_size=8).logits(data[0])
     exact = create_runner(model, 'channels_last', batch_size=8).logits(data[0])
     kept = np.abs(logits - plain).max(axis=1) == 0  # not re-checked: the bf16 logits as they came

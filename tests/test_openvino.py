@@ -255,7 +255,7 @@ def test_a_check_hashes_the_weights_once(model, monkeypatch: pytest.MonkeyPatch)
 
 
 def test_ir_runs_through_the_factory(exported, patches, reference) -> None:
-    from timm_inception_pcam.device import cpu_has_amx
+    from timm_inception_pcam.device import cpu_has_native_bf16
     from timm_inception_pcam.errors import UsageError
     from timm_inception_pcam.inference import create_runner
 
@@ -263,8 +263,8 @@ def test_ir_runs_through_the_factory(exported, patches, reference) -> None:
     np.testing.assert_allclose(runner.logits(patches), reference, rtol=1e-3, atol=1e-4 * np.abs(reference).max())
     assert create_runner(exported['xml'], precision='bf16').spec.backend == 'openvino_bf16'
     auto = create_runner(exported['xml'], thresholds=(0.5, 0.3))  # checked bf16 from the IR alone, no torch model
-    assert auto.spec.backend == ('openvino_bf16_checked' if cpu_has_amx() else 'openvino_fp32')
-    if cpu_has_amx():
+    assert auto.spec.backend == ('openvino_bf16_checked' if cpu_has_native_bf16() else 'openvino_fp32')
+    if cpu_has_native_bf16():
         assert auto.spec.extra['checked_by'] == 'openvino_fp32' and auto.spec.source == str(exported['xml'])
         out, ref = auto.logits(patches), reference
         for t in (0.5, 0.3):

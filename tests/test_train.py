@@ -80,15 +80,33 @@ def subprocess_env() -> dict[str, str]:
 # ----------------------------------------------------------------------------------------------- helpers
 
 
+def test_native_bf16_is_amx_or_avx512_bf16(monkeypatch) -> None:
+    """bf16 counts as native with AMX tiles or AVX-512 BF16 (AMD Zen 4), from torch's probes or /proc/cpuinfo."""
+    import timm_inception_pcam.device as device
+
+    for amx, avx in ((True, False), (False, True), (False, False)):
+        monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda a=amx: a, raising=False)
+        monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda v=avx: v, raising=False)
+        assert (device.cpu_has_amx(), device.cpu_has_avx512_bf16(), device.cpu_has_native_bf16()) == \
+            (amx, avx, amx or avx)
+    monkeypatch.delattr(torch.cpu, '_is_amx_tile_supported')
+    monkeypatch.delattr(torch.cpu, '_is_avx512_bf16_supported')
+    monkeypatch.setattr(device, '_cpuinfo_flags', lambda: {'avx512f', 'avx512_bf16', 'avx512_vnni'})
+    assert not device.cpu_has_amx() and device.cpu_has_native_bf16()
+    monkeypatch.setattr(device, '_cpuinfo_flags', lambda: {'avx512f', 'avx2'})
+    assert not device.cpu_has_native_bf16()
+
+
 def test_amp_dtype_policy(monkeypatch) -> None:
-    """--amp-dtype goes through precision.py: auto is bf16 on AMX CPUs, fp32 (no autocast) on others."""
+    """--amp-dtype goes through precision.py: auto is bf16 on CPUs with native bf16 (AMX, AVX-512 BF16), fp32 (no
+    autocast) on others."""
     import timm_inception_pcam.precision as precision
     from timm_inception_pcam.precision import autocast_dtype, choose_precision
 
     cpu = torch.device('cpu')
-    monkeypatch.setattr(precision, 'cpu_has_amx', lambda: True)
+    monkeypatch.setattr(precision, 'cpu_has_native_bf16', lambda: True)
     assert autocast_dtype(choose_precision(cpu)) == torch.bfloat16
-    monkeypatch.setattr(precision, 'cpu_has_amx', lambda: False)
+    monkeypatch.setattr(precision, 'cpu_has_native_bf16', lambda: False)
     assert autocast_dtype(choose_precision(cpu)) is None
     assert autocast_dtype(choose_precision(cpu, 'float32')) is None
     assert autocast_dtype(choose_precision(cpu, 'float16')) == torch.float16

@@ -10,8 +10,8 @@ is never tuned on test. Without a valid split it is 0.5 (source "default"). With
 the 8 dihedral views are averaged, and the report gives the gain over the plain (identity) view, whose metrics come
 from the same forward passes.
 
-On a CPU the default backend (``--backend auto``) is a checked bf16 path where the CPU has AMX
-(``openvino_bf16_checked``, or torch's ``bf16_checked`` without OpenVINO): bf16 forward passes,
+On a CPU the default backend (``--backend auto``) is a checked bf16 path where the CPU computes bf16 in hardware,
+AMX or AVX-512 BF16 (``openvino_bf16_checked``, or torch's ``bf16_checked`` without OpenVINO): bf16 forward passes,
 then float32 for every patch whose probability could change what the report counts (`Settler`): the valid patches
 that could change the choice of the threshold, and the evaluated patches whose decision at it bf16 rounding could
 flip. The threshold and every count at it (confusion matrix, accuracy, F1, ...) are then float32's; the
@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help='deprecated alias of --precision (none = fp32)')
     p.add_argument('--backend', default='auto', choices=('auto', *BACKENDS),
                    help='inference engine (timm_inception_pcam.inference). auto: openvino_bf16_checked (or '
-                        'bf16_checked without OpenVINO) on AMX CPUs (bf16, '
+                        'bf16_checked without OpenVINO) on CPUs with AMX or AVX-512 BF16 (bf16, '
                         'with float32 for every patch that could change the choice of the threshold or a decision '
                         'at it), else channels_last (float32, BatchNorm folded); eager on CUDA; onnxruntime for an '
                         '.onnx file, tensorrt for a .plan; eager = the model as it is')

@@ -5,7 +5,7 @@ working; everything recorded (checkpoints, reports, sidecars) uses the canonical
 """
 import torch
 
-from .device import cpu_has_amx
+from .device import cpu_has_native_bf16
 from .errors import UsageError
 
 __all__ = ['PRECISIONS', 'AUTOCAST_PRECISIONS', 'parse_precision', 'autocast_dtype', 'choose_precision']
@@ -30,15 +30,16 @@ def parse_precision(value: str, allowed: tuple[str, ...] = AUTOCAST_PRECISIONS, 
 
 
 def choose_precision(device: torch.device | str, requested: str = 'auto') -> str:
-    """The autocast precision to run on `device`: `auto` is bf16 on AMX CPUs and bf16-capable GPUs, fp16 on older
-    GPUs, fp32 elsewhere; an explicit request is returned canonical."""
+    """The autocast precision to run on `device`: `auto` is bf16 on CPUs that compute it in hardware (AMX,
+    AVX-512 BF16) and on bf16-capable GPUs, fp16 on older GPUs, fp32 elsewhere; an explicit request is returned
+    canonical."""
     requested = parse_precision(requested)
     if requested != 'auto':
         return requested
     device = torch.device(device)
     if device.type == 'cuda':
         return 'bf16' if torch.cuda.is_bf16_supported() else 'fp16'
-    if device.type == 'cpu' and cpu_has_amx():
+    if device.type == 'cpu' and cpu_has_native_bf16():
         return 'bf16'
     return 'fp32'
 

@@ -13,8 +13,9 @@ What it takes, and what runs it:
 - an `.onnx` file (FP32, or FP16 from `export.fp16`): `OnnxRunner` (onnxruntime, CPU);
 - a TensorRT `.plan` / `.engine` with its sidecar: `trt_runner.TrtRunner` (NVIDIA GPU; imported lazily).
 
-`backend='auto'`: on the CPU `auto_cpu_backend()` (`openvino_bf16_checked` where the CPU has AMX and OpenVINO is
-installed, `bf16_checked` without OpenVINO, `channels_last` without AMX); `eager` on CUDA; onnxruntime for an ONNX
+`backend='auto'`: on the CPU `auto_cpu_backend()` (`openvino_bf16_checked` where the CPU computes bf16 in hardware
+(AMX or AVX-512 BF16) and OpenVINO is installed, `bf16_checked` without OpenVINO, `channels_last` without either);
+`eager` on CUDA; onnxruntime for an ONNX
 file, TensorRT for a plan, the checked OpenVINO bf16 for an IR (its own precision for an int8 one). `precision='auto'`
 is the backend's own (fp32 on CUDA: autocast bf16 / fp16 only when asked); an explicit precision picks the CPU
 backend for it (fp32: channels_last, bf16: bf16, fp16: eager under autocast). A torch module is never exported
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..device import cpu_has_amx
+from ..device import cpu_has_native_bf16
 from ..errors import CheckpointError, UsageError
 from ..precision import PRECISIONS, parse_precision
 from .base import Runner
@@ -72,13 +73,14 @@ def openvino_available() -> bool:
 def auto_cpu_backend() -> str:
     """`auto` on the CPU: the fastest path with float32's decisions that needs no calibration data or set-up.
 
-    With AMX (bf16 matrix units): OpenVINO bf16 checked in float32 where OpenVINO is installed (7.8x / 6.0x eager
-    float32 for v4 / IRv2 in the backends benchmark, about 2x torch's bf16_checked), else torch's bf16_checked;
-    without AMX bf16 is emulated and slower than float32, so channels_last. The `openvino_cascade` is faster still
+    Where the CPU computes bf16 in hardware (`cpu_has_native_bf16`: AMX or AVX-512 BF16): OpenVINO bf16 checked in
+    float32 where OpenVINO is installed (7.6x / 6.0x eager float32 for v4 / IRv2 in the backends benchmark on a 2-core
+    AMX Xeon, about 2x torch's bf16_checked; 3.0x for v4 on a 2-core AVX-512 BF16 EPYC), else torch's bf16_checked;
+    elsewhere bf16 is emulated and slower than float32, so channels_last. The `openvino_cascade` is faster still
     once its int8 model is quantised (8.8x / 7.1x there), but quantising takes a minute or more per model on a small
     CPU and wants calibration patches from the user's data: a choice for long runs, not the default.
     """
-    if not cpu_has_amx():
+    if not cpu_has_native_bf16():
         return 'channels_last'
     return 'openvino_bf16_checked' if openvino_available() else 'bf16_checked'
 
@@ -104,7 +106,7 @@ def resolve(backend: str = 'auto', kind: str = 'module', device: str = 'cpu',
                              'openvino_int8)')
         if backend == 'auto':
             backend = {'bf16': 'openvino_bf16', 'int8': 'openvino_int8', 'fp32': 'openvino_fp32'}.get(precision) or (
-                'openvino_bf16_checked' if cpu_has_amx() else 'openvino_fp32')
+                'openvino_bf16_checked' if cpu_has_native_bf16() else 'openvino_fp32')
         return backend, _NATURAL.get(backend, 'fp32') if precision == 'auto' else precision
     if kind == 'tensorrt':
         if backend not in ('auto', 'tensorrt'):

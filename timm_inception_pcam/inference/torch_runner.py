@@ -5,7 +5,7 @@ Backends (`benchmarks/backends.py` measures them side by side, with their accura
 - `eager`: the model as given, NCHW; float32, or under autocast at the requested precision (bf16, fp16).
 - `channels_last`: a copy with BatchNorm folded into the convolutions, channels-last memory format (float32, or
   autocast like `eager`).
-- `bf16`: as `channels_last`, with bfloat16 weights and activations (AMX tiles on Sapphire Rapids and newer).
+- `bf16`: as `channels_last`, with bfloat16 weights and activations (AMX tiles, or AVX-512 BF16 on AMD Zen 4 and newer).
 - `compile` / `compile_bf16`: `torch.compile` (inductor, frozen weights) of the `channels_last` / `bf16` copy,
   specialised to `batch_size` (shorter batches are zero-padded); compiling a full-size model takes minutes.
 

@@ -218,8 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--device', default=None, help='torch device (default: cuda when available, else cpu)')
     g.add_argument('--amp-dtype', dest='precision', default=d('precision'), choices=_AMP_SPELLINGS,
                    help='autocast precision (float32 / bfloat16 / float16 are accepted for fp32 / bf16 / fp16); '
-                        'auto = bf16 on CPUs with AMX and GPUs that support it, fp16 on older GPUs, fp32 (no '
-                        'autocast) otherwise')
+                        'auto = bf16 on CPUs with AMX or AVX-512 BF16 and GPUs that support it, fp16 on older '
+                        'GPUs, fp32 (no autocast) otherwise')
     g.add_argument('--seed', type=int, default=d('seed'))
     g.add_argument('--output', default=None, help='run folder (default: the folder of --resume)')
     g.add_argument('--resume', default=None, metavar='PATH', help=f'continue from this {LAST_NAME}')

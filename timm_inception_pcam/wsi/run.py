@@ -237,8 +237,8 @@ def _make_runner(stack: ExitStack, model_name: str | None, checkpoint: str | Non
 
     The runner comes from `timm_inception_pcam.inference.create_runner` (closed when `stack` closes); `backend` is
     one of its backends ('auto', 'eager', 'bf16', 'onnxruntime', 'tensorrt', ...). Torch models run on the CPU,
-    plans on the GPU. `thresholds`: the tile probabilities at which the checked backends (auto on AMX CPUs) keep
-    float32's decisions. The probability function is ``functools.partial(probabilities, runner)``.
+    plans on the GPU. `thresholds`: the tile probabilities at which the checked backends (auto on CPUs with AMX or
+    AVX-512 BF16) keep float32's decisions. The probability function is ``functools.partial(probabilities, runner)``.
     """
     import functools
 
