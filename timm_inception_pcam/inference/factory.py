@@ -75,7 +75,7 @@ def auto_cpu_backend() -> str:
 
     Where the CPU computes bf16 in hardware (`cpu_has_native_bf16`: AMX or AVX-512 BF16): OpenVINO bf16 checked in
     float32 where OpenVINO is installed (7.6x / 6.0x eager float32 for v4 / IRv2 in the backends benchmark on a 2-core
-    AMX Xeon, about 2x torch's bf16_checked; 3.0x for v4 on a 2-core AVX-512 BF16 EPYC), else torch's bf16_checked;
+    AMX Xeon, about 2x torch's bf16_checked; 2.8x for both on a 2-core AVX-512 BF16 EPYC), else torch's bf16_checked;
     elsewhere bf16 is emulated and slower than float32, so channels_last. The `openvino_cascade` is faster still
     once its int8 model is quantised (8.8x / 7.1x there), but quantising takes a minute or more per model on a small
     CPU and wants calibration patches from the user's data: a choice for long runs, not the default.
