@@ -286,7 +286,10 @@ def markdown(section: dict[str, Any], fmt) -> list[str]:
         for backend, r in m['backends'].items():
             if r.get('check'):
                 c = r['check']
-                stages = ' -> '.join(f'{st["backend"]} passed {st["passed_on"]} on' for st in c.get('stages', []))
+                stages = ' -> '.join(
+                    f'{st["backend"]} passed {st["passed_on"]} on'
+                    + (f', dropped after {st["dropped_after"]} patches: it cost more than it saved'
+                       if st.get('dropped_after') is not None else '') for st in c.get('stages', []))
                 lo, hi = c['error_range']
                 lines += ['', f'{backend} re-ran {c["rechecked"]} of {c["patches"]} patches in float32 ({stages}) '
                               f'({c["rechecked_fraction"]:.1%}, the warm-up batch measured in full included); error '

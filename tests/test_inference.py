@@ -278,17 +278,38 @@ def _indexed(n: int) -> np.ndarray:
     return x
 
 
-class _TableRunner:
-    """A stand-in Runner: logits from a table of margins (plus an error), looked up by the patch's index."""
+class _Clock:
+    """The time the checks read (`check.perf_counter`), advanced only by the stand-in runners' work."""
 
-    def __init__(self, backend: str, margins: np.ndarray, error: np.ndarray, calls: list | None = None):
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> _Clock:
+    fake = _Clock()
+    monkeypatch.setattr(check_mod, 'perf_counter', fake)
+    return fake
+
+
+class _TableRunner:
+    """A stand-in Runner: logits from a table of margins (plus an error), looked up by the patch's index; with a
+    `clock`, each patch takes `cost` seconds of it."""
+
+    def __init__(self, backend: str, margins: np.ndarray, error: np.ndarray, calls: list | None = None,
+                 clock: _Clock | None = None, cost: float = 0.0):
         self.spec = RunnerSpec(backend=backend, precision='fp32', source='table')
-        self.margins, self.error, self.calls = margins, error, calls
+        self.margins, self.error, self.calls, self.clock, self.cost = margins, error, calls, clock, cost
 
     def logits(self, patches: np.ndarray) -> np.ndarray:
         idx = patches[:, 0, 0, 0].astype(np.int64) + 256 * patches[:, 0, 0, 1].astype(np.int64)
         if self.calls is not None:
             self.calls.append(idx.tolist())
+        if self.clock is not None:
+            self.clock.now += self.cost * len(idx)
         m = self.margins[idx] + self.error[idx]
         return np.stack([-m / 2, m / 2], axis=1).astype(np.float32)
 
@@ -335,7 +356,7 @@ def test_decision_check_settles_what_bf16_could_flip() -> None:
     assert stats['error_range'] == pytest.approx(list(error_range(measured, 2.0)), rel=1e-4, abs=1e-6)
 
 
-def test_cascade_settles_planted_near_threshold_patches_in_float32() -> None:
+def test_cascade_settles_planted_near_threshold_patches_in_float32(clock: _Clock) -> None:
     """int8 -> bf16 -> float32: each stage only sees what the one before could not decide, float32 the rest."""
     rng = np.random.default_rng(1)
     n = 320
@@ -348,8 +369,8 @@ def test_cascade_settles_planted_near_threshold_patches_in_float32() -> None:
     int8_err[planted] = [-0.3, 0.3, -0.7]  # int8 flips all three; bf16 only gets 0.5 right
     bf16_err[planted] = [-0.09, 0.09, 0.05]
     calls: dict[str, list[list[int]]] = {'int8': [], 'bf16': [], 'exact': []}
-    stages = [_TableRunner('int8', margins, int8_err, calls['int8']), _TableRunner('bf16', margins, bf16_err,
-                                                                                     calls['bf16'])]
+    stages = [_TableRunner('int8', margins, int8_err, calls['int8'], clock, 1.0),
+              _TableRunner('bf16', margins, bf16_err, calls['bf16'], clock, 2.0)]  # int8 twice as fast
     exact = _TableRunner('exact', margins, np.zeros(n), calls['exact'])
     check = DecisionCheck(stages, exact, thresholds=(0.5,), safety=2.0, name='cascade')
     assert check.spec.backend == 'cascade' and check.spec.extra['stages'] == ['int8', 'bf16']
@@ -370,6 +391,37 @@ def test_cascade_settles_planted_near_threshold_patches_in_float32() -> None:
     assert stats['rechecked'] == stats['stages'][1]['passed_on'] == len([i for c in calls['exact'] for i in c])
     (lo0, hi0), (lo1, hi1) = check.stage_range(0), check.stage_range(1)
     assert lo0 < lo1 < hi1 < hi0 and check.error_range == (lo0, hi0)
+    assert stats['stages'][0]['dropped_after'] is None and stats['stages'][0]['seen'] == n  # int8 pays: kept
+
+
+def test_cascade_drops_a_stage_that_costs_more_than_it_saves(clock: _Clock) -> None:
+    """An int8 stage that quantised badly passes nearly everything on: once measured it is dropped, bf16 goes on
+    alone, and every decision is still float32's."""
+    rng = np.random.default_rng(2)
+    n, batch = 640, 16
+    margins = rng.normal(0, 2, n)
+    int8_err = rng.uniform(-6, 6, n)  # wider than most margins: int8 can decide little
+    bf16_err = rng.uniform(-0.05, 0.05, n)
+    calls: dict[str, list[list[int]]] = {'int8': [], 'bf16': [], 'exact': []}
+    stages = [_TableRunner('int8', margins, int8_err, calls['int8'], clock, 1.0),
+              _TableRunner('bf16', margins, bf16_err, calls['bf16'], clock, 2.0)]
+    check = DecisionCheck(stages, _TableRunner('exact', margins, np.zeros(n), calls['exact']), thresholds=(0.5,),
+                          safety=2.0, batch_size=batch, name='cascade')
+    out = class1_margin(check.logits(_indexed(n)))
+    assert ((out >= 0) == (margins >= 0)).all()
+    stats = check.stats()['stages']
+    when = stats[0]['dropped_after']
+    assert when == batch + check_mod.DROP_AFTER  # judged after DROP_AFTER patches beyond the warm-up (one batch)
+    assert stats[0]['seen'] == when and max(i for c in calls['int8'] for i in c) == when - 1  # no int8 after it
+    assert stats[0]['passed_on'] / stats[0]['seen'] > 0.5 and stats[1]['dropped_after'] is None
+    assert [i for c in calls['bf16'] for i in c][-(n - when):] == list(range(when, n))  # bf16 scores the rest
+    assert check.error_range == check.stage_range(0)  # int8's range still bounds the patches it scored
+
+    good = DecisionCheck([_TableRunner('int8', margins, bf16_err, None, clock, 1.0),
+                          _TableRunner('bf16', margins, bf16_err, None, clock, 2.0)],
+                         _TableRunner('exact', margins, np.zeros(n)), thresholds=(0.5,), batch_size=batch)
+    good.logits(_indexed(n))
+    assert good.stats()['stages'][0]['dropped_after'] is None  # the same costs, few patches passed on: kept
 
 
 def test_decision_check_bound_grows_with_what_it_sees() -> None:

@@ -1,7 +1,9 @@
 """Low-precision logits with float32 decisions: the decision check (`bf16_checked`) and the evaluator's `Settler`.
 
 `DecisionCheck` is itself a Runner: a fast runner (bf16) whose logits are replaced by an exact runner's (float32)
-for every patch whose decision at the configured thresholds the fast path's rounding could have flipped.
+for every patch whose decision at the configured thresholds the fast path's rounding could have flipped. With
+several fast stages (the int8 -> bf16 cascade), a stage that costs more than it saves is dropped once measured:
+see `DecisionCheck.drop_costly_stages`.
 "Could have flipped": the float32 class-1 logit margin it implies, ``fast margin - error`` for any error in the
 stage's error range, lies on both sides of a threshold. The error range is centred on the median of the signed
 fast-minus-exact margin errors measured so far (bf16 errors are often biased: inception_resnet_v2_pcam's are about
@@ -14,6 +16,7 @@ patches whose probability could change the choice of the threshold or a decision
 """
 from collections.abc import Sequence
 from dataclasses import replace
+from time import perf_counter
 from typing import Any, Protocol
 
 import numpy as np
@@ -40,6 +43,7 @@ LARGEST_FACTOR = 3.0
 MIN_DISTINCT = 8  # different measured errors before a range is drawn from them
 WARMUP_PATCHES = 64  # the first patches a check sees, run by every stage and exactly: its first measurements
 ERROR_HISTORY = 8192  # measurements kept (the most recent): a slide of a million tiles must not grow them unbounded
+DROP_AFTER = 256  # patches after the warm-up before a cascade stage's cost is judged (`drop_costly_stages`)
 
 ErrorRange = tuple[float, float]  # (lo, hi): the fast-minus-exact class-1 margin error assumed possible
 UNMEASURED: ErrorRange = (float('-inf'), float('inf'))
@@ -152,6 +156,11 @@ class DecisionCheck:
         self._largest = [0.0 for _ in self.stages]
         self._ranges: list[ErrorRange | None] = [None for _ in self.stages]
         self._passed_on = [0 for _ in self.stages]  # patches each stage sent on to the next (or to exact)
+        self._seen = [0 for _ in self.stages]  # patches each stage scored
+        self._seconds = [0.0 for _ in self.stages]  # the time it took
+        self._dropped: list[int | None] = [None for _ in self.stages]  # self.patches when the stage was dropped
+        self._judged = [False for _ in self.stages]
+        self._warmed = 0  # warm-up patches (every stage scored them and passed them on)
         self.patches = self.rechecked = 0
 
     def __repr__(self) -> str:
@@ -186,6 +195,37 @@ class DecisionCheck:
         self._largest[stage] = max(self._largest[stage], float(np.abs(err).max(initial=0.0)))
         self._ranges[stage] = None
 
+    def _run_stage(self, k: int, patches: np.ndarray) -> np.ndarray:
+        t0 = perf_counter()
+        out = np.array(self.stages[k].logits(patches), dtype=np.float32)
+        self._seconds[k] += perf_counter() - t0
+        self._seen[k] += len(patches)
+        return out
+
+    def drop_costly_stages(self) -> list[int]:
+        """Drop each fast stage that passes on so many patches that the next stage alone would be quicker.
+
+        Judged once, when the stage has scored `DROP_AFTER` patches after the warm-up: with t = seconds per patch
+        measured so far and p = the fraction it passed on, stage k goes when t_k + p_k t_next >= t_next. The next
+        stage's t comes from the small batches it was given, which overstates it (that keeps a stage rather than
+        dropping it). An int8 model that quantised badly passes almost everything on to bf16 (one benchmark model:
+        93 %), and the cascade was then slower than bf16 checked alone. The last fast stage always stays; a dropped
+        stage's error range still counts in `error_range` (earlier patches kept its logits). Returns the dropped.
+        """
+        dropped = []
+        active = [k for k in range(len(self.stages)) if self._dropped[k] is None]
+        for k, nxt in zip(active, active[1:]):
+            judged = self._seen[k] - self._warmed
+            if judged < DROP_AFTER or self._judged[k] or not self._seen[nxt]:
+                continue
+            self._judged[k] = True
+            t_k, t_next = self._seconds[k] / self._seen[k], self._seconds[nxt] / self._seen[nxt]
+            passed = (self._passed_on[k] - self._warmed) / judged
+            if t_k + passed * t_next >= t_next:
+                self._dropped[k] = self.patches
+                dropped.append(k)
+        return dropped
+
     def logits(self, patches: np.ndarray) -> np.ndarray:
         """uint8 (N, 96, 96, 3) NHWC patches -> float32 logits (N, 2), float32's wherever a decision was in doubt."""
         patches = check_patches(patches)
@@ -196,35 +236,38 @@ class DecisionCheck:
     def _checked(self, patches: np.ndarray) -> np.ndarray:
         """Each stage runs the patches the stage before could not decide; those still in doubt run exactly."""
         n = len(patches)
-        logits = np.array(self.stages[0].logits(patches), dtype=np.float32)
-        seen = [logits.copy()]  # what each stage answered, kept to measure it against exact
+        active = [k for k in range(len(self.stages)) if self._dropped[k] is None]
+        logits = self._run_stage(active[0], patches)
+        seen = {active[0]: logits.copy()}  # what each stage answered, kept to measure it against exact
         doubt = np.arange(n)
         if not len(self._errors[0]):  # the first measurements: WARMUP_PATCHES through every stage and exactly
             warm, doubt = doubt[:WARMUP_PATCHES], doubt[WARMUP_PATCHES:]
             exact = self.exact.logits(patches[warm])
-            for k, stage in enumerate(self.stages):
-                self.observe(seen[0][warm] if k == 0 else stage.logits(patches[warm]), exact, k)
+            for k in range(len(self.stages)):
+                self.observe(seen[k][warm] if k in seen else self._run_stage(k, patches[warm]), exact, k)
                 self._passed_on[k] += len(warm)
             logits[warm] = exact
             self.rechecked += len(warm)
-        for k in range(len(self.stages)):
+            self._warmed += len(warm)
+        for i, k in enumerate(active):
             if not len(doubt):
                 break
-            if k:
+            if i:
                 out = np.full_like(logits, np.nan)
-                out[doubt] = self.stages[k].logits(patches[doubt])
+                out[doubt] = self._run_stage(k, patches[doubt])
                 logits[doubt] = out[doubt]
-                seen.append(out)
+                seen[k] = out
             margin = class1_margin(logits[doubt])
             doubt = doubt[undecided(margin, self.thresholds, self.stage_range(k)) | ~np.isfinite(margin)]
             self._passed_on[k] += len(doubt)
         if len(doubt):
             exact = self.exact.logits(patches[doubt])
-            for k, answered in enumerate(seen):
+            for k, answered in seen.items():
                 self.observe(answered[doubt], exact, k)
             logits[doubt] = exact
         self.patches += n
         self.rechecked += len(doubt)
+        self.drop_costly_stages()
         return logits
 
     def stats(self) -> dict[str, Any]:
@@ -237,7 +280,8 @@ class DecisionCheck:
                 'margin_error_abs_median': float(np.median(np.abs(self.errors))) if measured else None,
                 'margin_error_max': self.largest_error if measured else None,
                 'error_range': list(self.error_range) if measured else None,
-                'stages': [{'backend': r.spec.backend, 'passed_on': self._passed_on[k],
+                'stages': [{'backend': r.spec.backend, 'seen': self._seen[k], 'passed_on': self._passed_on[k],
+                            'seconds': self._seconds[k], 'dropped_after': self._dropped[k],
                             'error_range': list(self.stage_range(k)) if len(self._errors[k]) else None}
                            for k, r in enumerate(self.stages)]}
 
