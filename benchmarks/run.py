@@ -117,7 +117,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     threads = f'{m["torch_threads"]} torch threads'
     lines = ['# timm-inception-pcam benchmark', '',
              f'Machine: {m["cpu"]}, {m["cores"]} cores ({threads}, {m["cpu_capability"]}, '
-             f'AMX {"yes" if m["amx"] else "no"}, AVX-512 BF16 {_yes_no(m.get("avx512_bf16"))}), '
+             f'AMX {_yes_no(m["amx"])}, AVX-512 BF16 {_yes_no(m.get("avx512_bf16"))}), '
              f'load average at start {m["load_average_1_5_15"]}; '
              f'torch {m["torch"]}, timm {m["timm"]}, onnxruntime {m["onnxruntime"]}, Python {m["python"]}. '
              f'{m["date"]}. Mode: {"quick (tiny sizes, not figures to quote)" if results["quick"] else "full"}; '

@@ -202,6 +202,9 @@ class DecisionCheck:
         self._seen[k] += len(patches)
         return out
 
+    def _active_stages(self) -> list[int]:
+        return [k for k in range(len(self.stages)) if self._dropped[k] is None]
+
     def drop_costly_stages(self) -> list[int]:
         """Drop each fast stage that passes on so many patches that the next stage alone would be quicker.
 
@@ -213,7 +216,7 @@ class DecisionCheck:
         stage's error range still counts in `error_range` (earlier patches kept its logits). Returns the dropped.
         """
         dropped = []
-        active = [k for k in range(len(self.stages)) if self._dropped[k] is None]
+        active = self._active_stages()
         for k, nxt in zip(active, active[1:]):
             judged = self._seen[k] - self._warmed
             if judged < DROP_AFTER or self._judged[k] or not self._seen[nxt]:
@@ -236,7 +239,7 @@ class DecisionCheck:
     def _checked(self, patches: np.ndarray) -> np.ndarray:
         """Each stage runs the patches the stage before could not decide; those still in doubt run exactly."""
         n = len(patches)
-        active = [k for k in range(len(self.stages)) if self._dropped[k] is None]
+        active = self._active_stages()
         logits = self._run_stage(active[0], patches)
         seen = {active[0]: logits.copy()}  # what each stage answered, kept to measure it against exact
         doubt = np.arange(n)
