@@ -21,7 +21,7 @@ from tqdm import tqdm
 from timm_inception_pcam.device import cpu_has_native_bf16
 from timm_inception_pcam.inference import Runner, create_runner
 from timm_inception_pcam.inference.check import DecisionCheck
-from timm_inception_pcam.inference.factory import resolve_backend
+from timm_inception_pcam.inference.factory import auto_backend
 from timm_inception_pcam.inference.torch_runner import TorchRunner
 from timm_inception_pcam.preprocess import batch_slices, model_normalization, preprocess_patches
 
@@ -229,7 +229,7 @@ def bench_model(name: str, sizes: Sizes, workdir: Path, data: dict[str, tuple[np
     correct = {b: r for b, r in ok.items() if r['accuracy']['decision_agreement'] >= AGREEMENT_TARGET
                and not b.startswith('compile')}
     fastest = max(correct, key=lambda b: correct[b]['patches_per_s']) if correct else None
-    auto = resolve_backend('auto')
+    auto = auto_backend(model)  # the cascade where this run's cascade row kept int8 (its int8 is cached now)
     result = {
         'model': name, 'model_source': source, 'batch': sizes.batch, 'n_eval': int(len(labels)),
         'logit_std_across_inputs': float(logits['eager'].std(axis=0).min()),

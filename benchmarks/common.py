@@ -51,29 +51,19 @@ FULL = Sizes(quick=False, depths=None, batch=64, repeats=3, warmup=1, latency_re
              backend_models=('inception_v4_pcam', 'inception_resnet_v2_pcam'))
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.startswith('model name'):
-                return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_info() -> dict[str, Any]:
     """What the figures depend on: CPU, cores, threads, ISA, load, library versions."""
     import onnxruntime
     import timm
 
-    from timm_inception_pcam.device import cpu_has_amx, cpu_has_avx512_bf16
+    from timm_inception_pcam.device import cpu_has_amx, cpu_has_avx512_bf16, cpu_model_name
 
     try:
         load = [round(v, 2) for v in os.getloadavg()]
     except OSError:
         load = None
     return {
-        'cpu': _cpu_model(), 'cores': os.cpu_count(), 'torch_threads': torch.get_num_threads(),
+        'cpu': cpu_model_name(), 'cores': os.cpu_count(), 'torch_threads': torch.get_num_threads(),
         'cpu_capability': torch.backends.cpu.get_cpu_capability(), 'amx': cpu_has_amx(),
         'avx512_bf16': cpu_has_avx512_bf16(),
         'load_average_1_5_15': load, 'platform': platform.platform(), 'python': platform.python_version(),

@@ -265,18 +265,20 @@ def test_evaluate_valid_split_predicts_once(pcam_dir, checkpoint, tmp_path, monk
 
 
 class _ScoreRunner:
-    """A bf16_checked stand-in: exact = a position-weighted score, fast = that plus a patch-dependent error."""
+    """A bf16_checked stand-in: exact = a position-weighted score, fast = that plus a patch-dependent error (`error`
+    x 20 at most: 0.05 -> 0.1), each patch it scores counted in `seen`."""
 
-    def __init__(self, error: bool):
-        self.net, self.error = PositionNet().eval(), error
-        self.spec = RunnerSpec(backend='fast' if error else 'exact', precision='fp32', source='test')
+    def __init__(self, error: float, backend: str | None = None):
+        self.net, self.error, self.seen = PositionNet().eval(), error, 0
+        self.spec = RunnerSpec(backend=backend or ('fast' if error else 'exact'), precision='fp32', source='test')
 
     def logits(self, patches: np.ndarray) -> np.ndarray:
+        self.seen += len(patches)
         x = torch.from_numpy(preprocess_patches(patches, PCAM_MEAN, PCAM_STD))
         with torch.no_grad():  # margins about -14..10 on these random patches
             logits = 150 * self.net(x).numpy() + np.array([0.0, 243.75], dtype=np.float32)
-        if self.error:  # margin error up to 0.1, depending only on the patch
-            logits[:, 1] += (0.05 * x[:, 1, 0, 0].numpy()).astype(np.float32)
+        if self.error:  # margin error depending only on the patch
+            logits[:, 1] += (self.error * x[:, 1, 0, 0].numpy()).astype(np.float32)
         return logits
 
     def close(self) -> None:
@@ -285,7 +287,7 @@ class _ScoreRunner:
 
 def _checked_views(n: int, tta: int):
     patches = _patches(n, seed=3)
-    check = DecisionCheck(_ScoreRunner(error=True), _ScoreRunner(error=False), thresholds=())
+    check = DecisionCheck(_ScoreRunner(0.05), _ScoreRunner(0.0), thresholds=())
     views = view_probabilities(check, patches, batch_size=8, tta=tta, progress=False)
     reference = view_probabilities(check.exact, patches, batch_size=8, tta=tta, progress=False)
     assert check.rechecked == 8  # the first batch, once
@@ -302,6 +304,30 @@ def test_settler_recomputes_the_decisions_in_doubt():
     np.testing.assert_allclose(views[:, settler.exact], reference[:, settler.exact], rtol=1e-6)
     assert not np.allclose(views[:, ~settler.exact], reference[:, ~settler.exact])  # the others keep fast values
     assert settler.at(threshold) == 0  # nothing is settled twice
+
+
+def test_settler_goes_through_the_cascade_stages(monkeypatch):
+    """int8 views in doubt are re-scored in bf16 first; only those bf16 leaves in doubt go on to float32."""
+    from timm_inception_pcam.inference import check as check_mod
+
+    monkeypatch.setattr(check_mod, 'DROP_AFTER', 10 ** 6)  # these stand-ins cost the same: int8 must not be dropped
+    patches = _patches(400, seed=3)
+    int8, bf16, exact = _ScoreRunner(0.05, 'int8'), _ScoreRunner(0.005, 'bf16'), _ScoreRunner(0.0)
+    check = DecisionCheck([int8, bf16], exact, thresholds=())
+    views = view_probabilities(check, patches, batch_size=8, tta=1, progress=False)
+    reference = view_probabilities(_ScoreRunner(0.0), patches, batch_size=8, tta=1, progress=False)
+    assert int8.seen == 400 and bf16.seen == exact.seen == 8  # the warm-up batch only
+    settler = Settler(check, patches, views, 8)
+    rng = np.random.default_rng(0)
+    labels = (reference[0] + rng.normal(0, 0.1, 400) > np.median(reference[0])).astype(np.int64)
+    assert settler.choose(labels, 'f1') == pytest.approx(select_threshold(labels, reference[0], 'f1'), abs=1e-9)
+    threshold = float(np.median(reference[0]))
+    settler.at(threshold)
+    np.testing.assert_array_equal(views[0] >= threshold, reference[0] >= threshold)
+    rescored, settled = settler.rescored[1], settler.settled
+    assert bf16.seen - 8 == rescored and exact.seen - 8 == settled  # each patch re-run once per stage at most
+    assert 0 < settled < rescored < 400 // 2  # bf16 decided most of what int8 could not
+    np.testing.assert_allclose(views[:, settler.exact], reference[:, settler.exact], rtol=1e-6)
 
 
 @pytest.mark.parametrize('method', ['youden', 'f1'])

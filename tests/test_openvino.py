@@ -148,6 +148,8 @@ def test_errors(model, tmp_path: Path) -> None:
         OpenVINORunner(model, 'fp8', cache_dir=tmp_path)
     with pytest.raises(UsageError, match='int8 needs calibration patches'):
         OpenVINORunner(model, 'int8', cache_dir=tmp_path)
+    with pytest.raises(UsageError, match='no cached int8 model of these weights for calibration 0000'):
+        OpenVINORunner(model, 'int8', cache_dir=tmp_path, calibration_sha256='0' * 64)
     with pytest.raises(InferenceError, match='missing.xml: OpenVINO IR not found'):
         OpenVINORunner(tmp_path / 'missing.xml')
     with pytest.raises(UsageError, match='batch_size must be >= 1'):
@@ -272,3 +274,52 @@ def test_ir_runs_through_the_factory(exported, patches, reference) -> None:
             assert ((out[:, 1] - out[:, 0] >= margin) == (ref[:, 1] - ref[:, 0] >= margin)).all(), t
     with pytest.raises(UsageError, match='does not run OpenVINO IR files'):
         create_runner(exported['xml'], 'eager')
+
+
+def test_auto_runs_the_cascade_where_its_int8_is_cached_and_has_not_cost_more(
+        model, patches, reference, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`auto` never quantises; once this model's int8 is cached it runs the cascade, until a cascade here finds that
+    int8 costlier than it saves (recorded in the cache entry): then bf16 checked again."""
+    import copy
+    import json
+
+    from timm_inception_pcam.inference import check as check_mod
+    from timm_inception_pcam.inference import create_runner, factory
+    from timm_inception_pcam.inference.openvino_runner import cached_int8, this_cpu
+
+    monkeypatch.setenv('TIMM_INCEPTION_PCAM_OPENVINO_CACHE', str(tmp_path))
+    monkeypatch.setattr(factory, 'cpu_has_native_bf16', lambda: True)
+    assert factory.auto_backend(model) == 'openvino_bf16_checked'
+    assert create_runner(model, batch_size=16).spec.backend == 'openvino_bf16_checked'
+    assert not list(tmp_path.glob('*/meta.json'))[1:]  # the float graph only: auto quantised nothing
+
+    create_runner(model, 'openvino_int8', batch_size=16).close()  # an explicit int8 run quantises and caches it
+    assert factory.auto_backend(model) == 'openvino_cascade'
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)
+    assert factory.auto_backend(other) == 'openvino_bf16_checked'  # another model's weights: not its int8
+
+    auto = create_runner(model, batch_size=16, thresholds=(0.5,))
+    assert auto.spec.backend == 'openvino_cascade' and auto.spec.extra['stages'] == ['openvino_int8', 'openvino_bf16']
+    assert auto.stages[0].spec.extra['cache_hit'] is True  # its int8 from the cache, no calibration patches needed
+    many = np.concatenate([patches] * 4)  # 160 patches
+    assert (auto.logits(many).argmax(1) == np.tile(reference.argmax(1), 4)).all()
+
+    # int8 made slow on a fake clock: the cascade drops it after DROP_AFTER patches and records it in the cache
+    now = [0.0]
+    monkeypatch.setattr(check_mod, 'perf_counter', lambda: now[0])
+    monkeypatch.setattr(check_mod, 'DROP_AFTER', 32)
+    cascade = create_runner(model, batch_size=16, thresholds=(0.5,))
+    for k, cost in ((0, 10.0), (1, 1.0)):  # seconds per patch: int8 ten times bf16's
+        stage, run = cascade.stages[k], cascade.stages[k].logits
+        stage.logits = lambda x, run=run, cost=cost: (now.__setitem__(0, now[0] + cost * len(x)), run(x))[1]
+    out = cascade.logits(many)
+    assert (out.argmax(1) == np.tile(reference.argmax(1), 4)).all()
+    assert cascade.stats()['stages'][0]['dropped_after'] == 16 + 32  # the warm-up (first batch), DROP_AFTER more
+    meta = json.loads((Path(cascade.stages[0].spec.extra['cache']) / 'meta.json').read_text())
+    assert meta['costly_on'][this_cpu()]['dropped_after'] == 48
+    assert cached_int8(meta['weights_sha256'], tuple(meta['mean']), tuple(meta['std'])) is None
+    assert factory.auto_backend(model) == 'openvino_bf16_checked'
+    assert create_runner(model, batch_size=16).spec.backend == 'openvino_bf16_checked'
+    assert create_runner(model, 'openvino_cascade', batch_size=16).spec.extra['stages'][0] == 'openvino_int8'

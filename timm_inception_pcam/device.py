@@ -5,11 +5,12 @@ dot products (AMD Zen 4 and newer, Intel Cooper Lake). On the 2-core AMD EPYC (A
 this project, 2026-12-04, inception_v4_pcam at batch 64: torch bf16 2.6x eager float32 and OpenVINO bf16 3.1x
 (channels_last 1.3x); a bf16 training step 1.4x float32's. Elsewhere bf16 is emulated and slower than float32.
 """
+import platform
 from pathlib import Path
 
 import torch
 
-__all__ = ['cpu_has_amx', 'cpu_has_avx512_bf16', 'cpu_has_native_bf16']
+__all__ = ['cpu_model_name', 'cpu_has_amx', 'cpu_has_avx512_bf16', 'cpu_has_native_bf16']
 
 
 def _cpu_feature(probe_name: str, cpuinfo_flag: str) -> bool:
@@ -21,6 +22,17 @@ def _cpu_feature(probe_name: str, cpuinfo_flag: str) -> bool:
         except RuntimeError:
             pass
     return cpuinfo_flag in _cpuinfo_flags()
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name (/proc/cpuinfo; else what the platform module says)."""
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'):
+                return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _cpuinfo_flags() -> set[str]:

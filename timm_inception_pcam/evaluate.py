@@ -344,7 +344,9 @@ def _evaluate(cfg: EvalConfig, split: str, dataset: PCamDataset, runner: Any, ar
         if plain_threshold is not None:
             settler.at(plain_threshold, plain=True)
         backend_check = {**settler.check.stats(), 'settled': settler.settled, 'settled_at': threshold['value'],
-                         'valid_settled': threshold.pop('valid_settled', None)}
+                         'valid_settled': threshold.pop('valid_settled', None),
+                         'rescored': {r.spec.backend: n
+                                      for r, n in zip(settler.check.stages[1:], settler.rescored[1:])}}
     result = evaluate_split(labels, views, threshold['value'], plain_threshold, cfg.bootstrap, cfg.seed)
 
     out = Path(cfg.output)

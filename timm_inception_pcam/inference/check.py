@@ -14,7 +14,7 @@ them, and every re-checked patch is one more measurement.
 `Settler` does the same for an evaluation whose threshold is chosen only after scoring: it re-runs in float32 the
 patches whose probability could change the choice of the threshold or a decision at it.
 """
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from time import perf_counter
 from typing import Any, Protocol
@@ -128,10 +128,12 @@ class DecisionCheck:
     whose margins are in the hundreds, nowhere near a threshold, and a range built on them alone would send every
     patch to float32. `exact` is also what `Settler` runs to settle the patches in doubt at a threshold chosen
     later. Non-finite fast logits are always re-run. An empty `thresholds` only measures the warm-up patches.
+    `on_drop(k, figures)` is called when stage k is dropped (`drop_costly_stages`), with its entry of `stats()`.
     """
 
     def __init__(self, fast: Runner | Sequence[Runner], exact: Runner, thresholds: Sequence[float],
-                 safety: float = DEFAULT_SAFETY, batch_size: int | None = None, name: str | None = None):
+                 safety: float = DEFAULT_SAFETY, batch_size: int | None = None, name: str | None = None,
+                 on_drop: Callable[[int, dict[str, Any]], None] | None = None):
         if not safety >= 1.0:
             raise UsageError(f'safety must be at least 1 (a multiple of the measured bf16 error), got {safety}')
         if batch_size is not None and batch_size < 1:
@@ -140,6 +142,7 @@ class DecisionCheck:
         if not self.stages:
             raise UsageError('a decision check needs at least one fast runner')
         self.fast, self.exact, self.safety, self.batch_size = self.stages[0], exact, float(safety), batch_size
+        self.on_drop = on_drop
         self.thresholds = _check_thresholds(thresholds)
         self.num_classes = len(self.fast.spec.label_names)
         if self.num_classes != 2:
@@ -227,6 +230,8 @@ class DecisionCheck:
             if t_k + passed * t_next >= t_next:
                 self._dropped[k] = self.patches
                 dropped.append(k)
+                if self.on_drop is not None:
+                    self.on_drop(k, self._stage_stats(k))
         return dropped
 
     def logits(self, patches: np.ndarray) -> np.ndarray:
@@ -283,10 +288,12 @@ class DecisionCheck:
                 'margin_error_abs_median': float(np.median(np.abs(self.errors))) if measured else None,
                 'margin_error_max': self.largest_error if measured else None,
                 'error_range': list(self.error_range) if measured else None,
-                'stages': [{'backend': r.spec.backend, 'seen': self._seen[k], 'passed_on': self._passed_on[k],
-                            'seconds': self._seconds[k], 'dropped_after': self._dropped[k],
-                            'error_range': list(self.stage_range(k)) if len(self._errors[k]) else None}
-                           for k, r in enumerate(self.stages)]}
+                'stages': [self._stage_stats(k) for k in range(len(self.stages))]}
+
+    def _stage_stats(self, k: int) -> dict[str, Any]:
+        return {'backend': self.stages[k].spec.backend, 'seen': self._seen[k], 'passed_on': self._passed_on[k],
+                'seconds': self._seconds[k], 'dropped_after': self._dropped[k],
+                'error_range': list(self.stage_range(k)) if len(self._errors[k]) else None}
 
     def close(self) -> None:
         for runner in self.stages:
@@ -298,28 +305,45 @@ class Settler:
     """Float32 for a checked evaluation wherever the fast path could change what the report counts.
 
     `views` (tta, N) are class-1 probabilities of the patches of `data` from the `DecisionCheck` `check`; a patch
-    is *settled* when all its views are recomputed by `check.exact` (in place). `at` settles the patches whose
-    decision at a threshold is in doubt; `choose` picks the valid threshold float32 would pick.
+    is *settled* when all its views are recomputed by `check.exact` (in place). With several fast stages (the
+    cascade) a patch in doubt first goes to the next stage (int8's views re-scored in bf16), and to float32 only if
+    still in doubt within that stage's error range. `at` settles the patches whose decision at a threshold is in
+    doubt; `choose` picks the valid threshold float32 would pick.
     """
 
     def __init__(self, check: DecisionCheck, data: PatchSource | np.ndarray, views: np.ndarray, batch_size: int):
         self.check, self.data, self.views, self.batch_size = check, data, views, batch_size
         self.exact = np.zeros(views.shape[1], dtype=bool)
+        # 0: the views as the check gave them (any stage's error); k >= 1: re-scored by the check's stage k
+        self.level = np.zeros(views.shape[1], dtype=np.int64)
+        self.rescored = [0 for _ in check.stages]  # patches re-scored by each stage (index 0 unused)
 
     @property
     def settled(self) -> int:
         return int(self.exact.sum())
 
     def rerun(self, doubt: np.ndarray) -> int:
-        """Settle the patches of the boolean mask `doubt` not settled yet; returns how many."""
+        """Re-score the patches of the boolean mask `doubt` not settled yet one stage further (float32 after the last
+        fast stage); returns how many."""
         from .tta import view_probabilities
 
         idx = np.flatnonzero(doubt & ~self.exact)
-        if len(idx):
-            patches = self.data[idx] if isinstance(self.data, np.ndarray) else self.data.read_batch(idx)[0]
-            self.views[:, idx] = view_probabilities(self.check.exact, patches, self.batch_size, self.views.shape[0],
-                                                    desc='settle in float32')
-            self.exact[idx] = True
+        if not len(idx):
+            return 0
+        patches = self.data[idx] if isinstance(self.data, np.ndarray) else self.data.read_batch(idx)[0]
+        step = self.level[idx] + 1
+        for k in np.unique(step):
+            part = step == k
+            final = k >= len(self.check.stages)
+            runner = self.check.exact if final else self.check.stages[k]
+            self.views[:, idx[part]] = view_probabilities(
+                runner, patches[part], self.batch_size, self.views.shape[0],
+                desc='settle in float32' if final else f're-score in {runner.spec.backend}')
+            if final:
+                self.exact[idx[part]] = True
+            else:
+                self.level[idx[part]] = k
+                self.rescored[k] += int(part.sum())
         return int(len(idx))
 
     def bounds(self, plain: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -328,14 +352,24 @@ class Settler:
         views = self.views[:1] if plain else self.views
         with np.errstate(divide='ignore'):
             margins = np.log(views) - np.log1p(-views)
-        lo, hi = mean_prob_bounds(margins, self.check.error_range)
+        lo, hi = np.empty(views.shape[1]), np.empty(views.shape[1])
+        for level in np.unique(self.level):
+            at = self.level == level
+            lo[at], hi[at] = mean_prob_bounds(margins[:, at], self.check.stage_range(int(level)) if level
+                                              else self.check.error_range)
         p = views.mean(axis=0)
         lo[self.exact], hi[self.exact] = p[self.exact], p[self.exact]
         return p, lo, hi
 
     def at(self, threshold: float, plain: bool = False) -> int:
-        _, lo, hi = self.bounds(plain)
-        return self.rerun(straddling(lo, hi, [threshold]))
+        """Re-score, stage after stage, every patch whose decision at `threshold` is in doubt; returns the re-runs."""
+        runs = 0
+        while True:
+            _, lo, hi = self.bounds(plain)
+            done = self.rerun(straddling(lo, hi, [threshold]))
+            if not done:
+                return runs
+            runs += done
 
     def choose(self, labels: np.ndarray, method: str, plain: bool = False) -> float:
         """`select_threshold` on float32 probabilities, settling only the patches that could change its choice.

@@ -14,8 +14,9 @@ What it takes, and what runs it:
 - a TensorRT `.plan` / `.engine` with its sidecar: `trt_runner.TrtRunner` (NVIDIA GPU; imported lazily).
 
 `backend='auto'`: on the CPU `auto_cpu_backend()` (`openvino_bf16_checked` where the CPU computes bf16 in hardware
-(AMX or AVX-512 BF16) and OpenVINO is installed, `bf16_checked` without OpenVINO, `channels_last` without either);
-`eager` on CUDA; onnxruntime for an ONNX
+(AMX or AVX-512 BF16) and OpenVINO is installed, `bf16_checked` without OpenVINO, `channels_last` without either),
+and for a module whose int8 model is cached here `openvino_cascade` instead (`auto_backend`); `eager` on CUDA;
+onnxruntime for an ONNX
 file, TensorRT for a plan, the checked OpenVINO bf16 for an IR (its own precision for an int8 one). `precision='auto'`
 is the backend's own (fp32 on CUDA: autocast bf16 / fp16 only when asked); an explicit precision picks the CPU
 backend for it (fp32: channels_last, bf16: bf16, fp16: eager under autocast). A torch module is never exported
@@ -36,7 +37,7 @@ from .base import Runner
 from .check import DEFAULT_SAFETY, DecisionCheck
 from .torch_runner import TORCH_BACKENDS, TorchRunner, check_model_device, resolve_device
 
-__all__ = ['BACKENDS', 'ARTEFACT_KINDS', 'artefact_kind', 'resolve', 'resolve_backend', 'create_runner']
+__all__ = ['BACKENDS', 'ARTEFACT_KINDS', 'artefact_kind', 'resolve', 'resolve_backend', 'auto_backend', 'create_runner']
 
 CHECKED_BACKENDS = ('bf16_checked', 'openvino_bf16_checked', 'openvino_cascade')
 OPENVINO_BACKENDS = ('openvino_fp32', 'openvino_bf16', 'openvino_int8')
@@ -76,10 +77,16 @@ def auto_cpu_backend() -> str:
     Where the CPU computes bf16 in hardware (`cpu_has_native_bf16`: AMX or AVX-512 BF16): OpenVINO bf16 checked in
     float32 where OpenVINO is installed (7.6x / 6.0x eager float32 for v4 / IRv2 in the backends benchmark on a 2-core
     AMX Xeon, about 2x torch's bf16_checked; 2.8x for both on a 2-core AVX-512 BF16 EPYC), else torch's bf16_checked;
-    elsewhere bf16 is emulated and slower than float32, so channels_last. The `openvino_cascade` is faster still
-    once its int8 model is quantised (8.8x / 7.1x there), but quantising takes a minute or more per model on a small
-    CPU, wants calibration patches from the user's data, and int8 does not always quantise well (the EPYC's v4: 31 %
-    of int8 decisions wrong, all caught, the cascade 2.0x): a choice for long runs, not the default.
+    elsewhere bf16 is emulated and slower than float32, so channels_last.
+
+    The `openvino_cascade` is faster still once its int8 model is quantised (8.8x / 7.4x on the AMX Xeon, IRv2 5.5x
+    on the EPYC), but quantising takes from 15 s to 4 min per model on a small CPU, and int8 does not always quantise
+    well (the EPYC's v4: 31 % of int8 decisions wrong, all caught; the cascade dropped int8 after 320 patches). So
+    `auto` never quantises: for a module whose int8 model is already in the OpenVINO cache (an explicit
+    `openvino_cascade` or `openvino_int8` run made it), `create_runner` runs the cascade instead of
+    `openvino_bf16_checked`, unless a cascade on this CPU found that int8 model costlier than it saved
+    (`DecisionCheck.drop_costly_stages`, recorded in the cache): the fastest checked path measured here
+    (`auto_backend`). Decisions are float32's either way.
     """
     if not cpu_has_native_bf16():
         return 'channels_last'
@@ -195,7 +202,7 @@ def create_runner(
         if str(device) not in ('cpu', 'auto'):
             raise UsageError(f'{model_or_path}: an OpenVINO IR runs on the CPU here; device {device!r} asked')
         common = dict(device='cpu', batch_size=batch_size, threads=threads, mean=mean, std=std)
-        return _openvino_runner(Path(model_or_path), name, common, thresholds, safety, None, None)
+        return _openvino_runner(Path(model_or_path), name, common, thresholds, safety, None, None, False)
     if kind in ('onnx', 'tensorrt'):
         runner = _file_runner(Path(model_or_path), kind, str(device), batch_size, threads)
         _check_file_runner(runner, precision, mean, std)
@@ -213,16 +220,38 @@ def create_runner(
         exact = TorchRunner(model_or_path, 'channels_last', precision='fp32', **common)
         return DecisionCheck(fast, exact, thresholds, safety, batch_size=batch_size)
     if name.startswith('openvino_'):
-        return _openvino_runner(model_or_path, name, common, thresholds, safety, calibration, calibration_info)
+        return _openvino_runner(model_or_path, name, common, thresholds, safety, calibration, calibration_info,
+                                backend == 'auto')
     return TorchRunner(model_or_path, name, precision=precision, **common)
 
 
+def auto_backend(model: nn.Module, mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> str:
+    """The backend `create_runner(model)` (backend 'auto', on the CPU) runs for this module here: `resolve`'s, or
+    `openvino_cascade` where `auto_cpu_backend` is `openvino_bf16_checked` and this model's int8 is cached here
+    (see `auto_cpu_backend`)."""
+    from .openvino_runner import weights_sha256
+
+    name = resolve_backend('auto')
+    if name == 'openvino_bf16_checked' and _cached_int8(model, weights_sha256(model), tuple(mean) if mean else None,
+                                                         tuple(std) if std else None):
+        return 'openvino_cascade'
+    return name
+
+
+def _cached_int8(model: nn.Module, digest: str, mean: tuple[float, ...] | None,
+                 std: tuple[float, ...] | None) -> str | None:
+    from .openvino_runner import cached_int8, module_normalization
+
+    return cached_int8(digest, *module_normalization(model, mean, std))
+
+
 def _openvino_runner(model: nn.Module | Path, name: str, common: dict[str, Any], thresholds: Sequence[float],
-                     safety: float, calibration: Any, calibration_info: dict[str, Any] | None) -> Runner:
+                     safety: float, calibration: Any, calibration_info: dict[str, Any] | None, auto: bool) -> Runner:
     """OpenVINO on the CPU: one precision, bf16 checked in float32, or the int8 -> bf16 -> float32 cascade.
 
     `model` is a torch module or an IR's .xml. The checks' float32 is OpenVINO's too, compiled for latency: it
-    re-runs a handful of patches at a time (at one patch about twice as fast as torch channels_last here).
+    re-runs a handful of patches at a time (at one patch about twice as fast as torch channels_last here). `auto`:
+    `openvino_bf16_checked` was `auto`'s choice, which becomes the cascade where its int8 model is cached.
     """
     from .openvino_runner import OpenVINORunner, default_calibration, weights_sha256
 
@@ -231,11 +260,15 @@ def _openvino_runner(model: nn.Module | Path, name: str, common: dict[str, Any],
     ov_kwargs: dict[str, Any] = dict(batch_size=common['batch_size'], threads=common['threads'],
                                      mean=tuple(common['mean']) if common['mean'] else None,
                                      std=tuple(common['std']) if common['std'] else None)
+    cached_int8 = None  # auto's cascade: the calibration of this model's cached int8
     if isinstance(model, nn.Module):
         check_model_device(model, torch.device('cpu'))
         ov_kwargs['weights_digest'] = weights_sha256(model)  # once for all the runners of a check
-    if name in ('openvino_int8', 'openvino_cascade') and calibration is None and isinstance(model, nn.Module):
-        calibration, calibration_info = default_calibration()
+        if auto and name == 'openvino_bf16_checked':
+            cached_int8 = _cached_int8(model, ov_kwargs['weights_digest'], ov_kwargs['mean'], ov_kwargs['std'])
+            name = 'openvino_cascade' if cached_int8 else name
+        if name in ('openvino_int8', 'openvino_cascade') and calibration is None and not cached_int8:
+            calibration, calibration_info = default_calibration()
     if name in OPENVINO_BACKENDS:
         precision = name.removeprefix('openvino_')
         return OpenVINORunner(model, precision, calibration=calibration if precision == 'int8' else None,
@@ -244,8 +277,9 @@ def _openvino_runner(model: nn.Module | Path, name: str, common: dict[str, Any],
     stages = [OpenVINORunner(model, 'bf16', **ov_kwargs)]
     if name == 'openvino_cascade':
         stages.insert(0, OpenVINORunner(model, 'int8', calibration=calibration, calibration_info=calibration_info,
-                                        **ov_kwargs))
-    return DecisionCheck(stages, exact, thresholds, safety, batch_size=common['batch_size'], name=name)
+                                        calibration_sha256=cached_int8, **ov_kwargs))
+    return DecisionCheck(stages, exact, thresholds, safety, batch_size=common['batch_size'], name=name,
+                         on_drop=lambda k, figures: stages[k].record_costly(figures))
 
 
 

@@ -44,7 +44,8 @@ from ..storage import file_sha256
 from .base import RunnerSpec, check_normalization
 
 __all__ = ['OV_PRECISIONS', 'OV_HINTS', 'OpenVINORunner', 'ir_precision', 'openvino_version', 'weights_sha256',
-           'default_cache_dir', 'cache_limit_bytes', 'prune_cache', 'convert_to_openvino', 'default_calibration']
+           'default_cache_dir', 'cache_limit_bytes', 'prune_cache', 'convert_to_openvino', 'default_calibration',
+           'cached_int8', 'this_cpu', 'module_normalization']
 
 OV_PRECISIONS = ('fp32', 'bf16', 'int8')
 OV_HINTS = ('throughput', 'latency')
@@ -54,6 +55,7 @@ CACHE_DIR_ENV, CACHE_GB_ENV = 'TIMM_INCEPTION_PCAM_OPENVINO_CACHE', 'TIMM_INCEPT
 DEFAULT_CACHE_GB = 4.0
 STALE_PARTIAL_S = 24 * 3600  # a conversion folder left this long by a killed process is removed
 SS_DISABLE = 2  # sigaltstack's flag: no alternate stack
+COSTLY_FIGURES = ('seen', 'passed_on', 'seconds', 'dropped_after')  # what `record_costly` keeps of a check's stage
 
 _logger = logging.getLogger(__name__)
 
@@ -175,6 +177,51 @@ def convert_to_openvino(model: Any, precision: str = 'fp32', calibration: np.nda
     return ov_model
 
 
+def _key_parts(digest: str, precision: str, mean: tuple[float, ...], std: tuple[float, ...]) -> dict[str, Any]:
+    """What a cache entry is keyed by (besides int8's calibration). fp32 and bf16 compile the same converted graph
+    (the precision is a compile hint): one entry serves both."""
+    return {'format': CACHE_FORMAT, 'weights_sha256': digest, 'graph': 'int8' if precision == 'int8' else 'float',
+            'openvino': openvino_version(), 'mean': list(mean), 'std': list(std)}
+
+
+def module_normalization(model: Any, mean: tuple[float, ...] | None,
+                         std: tuple[float, ...] | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) a module's runner uses: those given, else the model's pretrained_cfg's."""
+    norm = model_normalization(model)
+    return check_normalization(mean or norm[0], 'mean'), check_normalization(std or norm[1], 'std')
+
+
+def this_cpu() -> str:
+    """Whose costs a cascade measured: the CPU's model name and this machine's core count."""
+    from ..device import cpu_model_name
+
+    return f'{cpu_model_name()}; {os.cpu_count()} cores'
+
+
+def cached_int8(digest: str, mean: tuple[float, ...], std: tuple[float, ...],
+                cache_root: Path | None = None) -> str | None:
+    """The calibration sha256 of the most recently used cached int8 model of these weights that no cascade on this
+    CPU found costlier than it saved (`OpenVINORunner.record_costly`); None without one. Marks its use."""
+    root = cache_root or default_cache_dir()
+    want = _key_parts(digest, 'int8', mean, std)
+    found = []
+    for meta_path in root.glob('*/meta.json') if root.is_dir() else ():
+        try:
+            meta, used = json.loads(meta_path.read_text()), meta_path.stat().st_mtime
+        except (OSError, ValueError):
+            continue
+        if (isinstance(meta, dict) and all(meta.get(k) == v for k, v in want.items())
+                and meta.get('calibration_sha256') and this_cpu() not in (meta.get('costly_on') or {})
+                and (meta_path.parent / 'model.xml').is_file()):
+            found.append((used, meta_path, meta['calibration_sha256']))
+    if not found:
+        return None
+    _, meta_path, sha = max(found)
+    with contextlib.suppress(OSError):
+        os.utime(meta_path)  # its use, before a concurrent prune could take it
+    return sha
+
+
 class OpenVINORunner:
     """A PCam classifier compiled by OpenVINO for the CPU; a `Runner` (uint8 NHWC patches in, float32 logits out)."""
 
@@ -192,9 +239,12 @@ class OpenVINORunner:
             mean: tuple[float, ...] | None = None,
             std: tuple[float, ...] | None = None,
             weights_digest: str | None = None,
+            calibration_sha256: str | None = None,
     ) -> None:
         """`weights_digest`: the module's `weights_sha256`, when the caller already has it (a check builds two or
-        three runners of one module; hashing full-size inception_resnet_v2_pcam takes 0.2 s each time)."""
+        three runners of one module; hashing full-size inception_resnet_v2_pcam takes 0.2 s each time).
+        `calibration_sha256` (int8, without `calibration`): the cached int8 model of these weights quantised on those
+        calibration patches (`cached_int8` finds one); its patches are not needed once it is cached."""
         if precision not in OV_PRECISIONS:
             raise UsageError(f'OpenVINO precision {precision!r} not supported: expected one of '
                              f'{", ".join(OV_PRECISIONS)}')
@@ -224,13 +274,12 @@ class OpenVINORunner:
                 raise InferenceError(f'{xml}: not a readable OpenVINO IR ({first})') from None
             extra['ir'] = meta
         else:
-            norm = model_normalization(model)
-            mean, std = check_normalization(mean or norm[0], 'mean'), check_normalization(std or norm[1], 'std')
+            mean, std = module_normalization(model, mean, std)
             label_names = tuple((getattr(model, 'pretrained_cfg', None) or {}).get('label_names',
                                                                                   ('normal', 'metastatic')))
             ov_model, cache_info = self._cached_model(model, precision, calibration, calibration_info, mean, std,
                                                       Path(cache_dir) if cache_dir else default_cache_dir(),
-                                                      weights_digest or weights_sha256(model))
+                                                      weights_digest or weights_sha256(model), calibration_sha256)
             source = 'module'
             extra.update(cache_info)
         config: dict[str, Any] = {'INFERENCE_PRECISION_HINT': _HINTS[precision], 'PERFORMANCE_HINT': hint.upper()}
@@ -248,17 +297,19 @@ class OpenVINORunner:
 
     def _cached_model(self, model: Any, precision: str, calibration: np.ndarray | None,
                       calibration_info: Mapping[str, Any] | None, mean: tuple[float, ...], std: tuple[float, ...],
-                      cache_root: Path, digest: str) -> tuple[Any, dict[str, Any]]:
-        # fp32 and bf16 compile the same converted graph (the precision is a compile hint): one entry serves both
-        key_parts = {'format': CACHE_FORMAT, 'weights_sha256': digest,
-                     'graph': 'int8' if precision == 'int8' else 'float',
-                     'openvino': openvino_version(), 'mean': list(mean), 'std': list(std)}
+                      cache_root: Path, digest: str, calibration_sha256: str | None) -> tuple[Any, dict[str, Any]]:
+        key_parts = _key_parts(digest, precision, mean, std)
         if precision == 'int8' and calibration is not None:
             key_parts['calibration_sha256'] = hashlib.sha256(np.ascontiguousarray(calibration).tobytes()).hexdigest()
+        elif precision == 'int8' and calibration_sha256:
+            key_parts['calibration_sha256'] = calibration_sha256
         key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:32]
         folder = cache_root / key
         xml = folder / 'model.xml'
         info = {'cache': str(folder), 'cache_hit': xml.is_file(), 'weights_sha256': key_parts['weights_sha256']}
+        if 'calibration_sha256' in key_parts and calibration is None and not xml.is_file():
+            raise UsageError(f'{folder}: no cached int8 model of these weights for calibration {calibration_sha256} '
+                             f'(removed meanwhile?): pass calibration patches to quantise it again')
         limit = cache_limit_bytes()
         if xml.is_file():
             meta = json.loads((folder / 'meta.json').read_text())
@@ -287,6 +338,22 @@ class OpenVINORunner:
                          limit / 1e9, CACHE_GB_ENV)
         info['calibration'] = calib
         return ov_model, info
+
+    def record_costly(self, stage: Mapping[str, Any]) -> None:
+        """Note in this model's cache entry that a cascade found it costlier than it saved on this CPU (`stage`: the
+        check's figures for it), so that `cached_int8` no longer offers it to `auto` here. No-op for an IR."""
+        folder = self.spec.extra.get('cache')
+        if not folder:
+            return
+        meta_path = Path(folder) / 'meta.json'
+        try:
+            meta = json.loads(meta_path.read_text())
+            meta.setdefault('costly_on', {})[this_cpu()] = {k: stage.get(k) for k in COSTLY_FIGURES}
+            tmp = meta_path.with_name(f'.meta.{os.getpid()}.json')
+            tmp.write_text(json.dumps(meta, indent=2) + '\n')
+            os.replace(tmp, meta_path)
+        except (OSError, ValueError) as e:  # a read-only or pruned entry: the next cascade judges it again
+            _logger.info('OpenVINO cache: could not record %s as costly here (%s)', folder, e)
 
     def logits(self, patches: np.ndarray) -> np.ndarray:
         """uint8 (N, 96, 96, 3) NHWC patches -> float32 logits (N, classes); each batch split across the requests."""
