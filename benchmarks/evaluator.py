@@ -40,11 +40,7 @@ def _evaluate(checkpoint: Path, data: Path, output: Path, backend: str) -> tuple
 
 def bench_model(name: str, sizes: Sizes, workdir: Path, data: Path, cache_dir: Path | None,
                 progress: bool) -> dict[str, Any]:
-    from timm_inception_pcam.checkpoint import load_model
-    from timm_inception_pcam.inference.factory import auto_backend
-
     checkpoint, source = trained_checkpoint(name, sizes, workdir, cache_dir, progress)
-    expected = auto_backend(load_model(None, checkpoint))  # `auto` for these weights here, to check the command's
     runs: dict[str, dict[str, Any]] = {}
     for backend in BACKENDS:
         report, seconds = _evaluate(checkpoint, data, workdir / f'eval-{name}-{backend}', backend)
@@ -54,13 +50,13 @@ def bench_model(name: str, sizes: Sizes, workdir: Path, data: Path, cache_dir: P
                          'roc_auc': report['metrics']['roc_auc'], 'n_test': report['n'],
                          'n_valid': report['threshold'].get('valid_n'),
                          'settled_test': check.get('settled'), 'settled_valid': check.get('valid_settled'),
-                         'rechecked_warmup': check.get('rechecked'), 'rescored': check.get('rescored'),
+                         'rechecked_warmup': check.get('rechecked'),
                          'conversion_cached': report['artefact']['runner']['extra'].get('cache_hit')}
     eager, auto = runs['eager'], runs['auto']
     speedup = eager['seconds'] / auto['seconds']
     threshold_diff = abs(auto['threshold'] - eager['threshold'])
     same = threshold_diff <= THRESHOLD_ATOL and auto['confusion'] == eager['confusion']
-    return {'model': name, 'model_source': source, 'auto_backend': expected, 'runs': runs, 'speedup': speedup,
+    return {'model': name, 'model_source': source, 'runs': runs, 'speedup': speedup,
             'threshold_abs_diff': threshold_diff, 'same_threshold_and_confusion': same,
             'roc_auc_change': None if eager['roc_auc'] is None or auto['roc_auc'] is None
             else auto['roc_auc'] - eager['roc_auc'],
@@ -91,8 +87,6 @@ def markdown(section: dict[str, Any], fmt) -> list[str]:
         for r in m['runs'].values():
             c = r['confusion']
             settled = '-' if r['settled_valid'] is None else f'{fmt(r["settled_valid"])} / {fmt(r["settled_test"])}'
-            for stage, n in (r.get('rescored') or {}).items():  # the cascade: test patches in doubt went there first
-                settled += f' ({fmt(n)} test re-scored in {stage})'
             lines.append(f'| {m["model"]} | {r["backend"]} | {fmt(r["seconds"])} | {fmt(eager_s / r["seconds"])} | '
                          f'{r["threshold"]:.6f} | {c["tp"]} / {c["fp"]} / {c["tn"]} / {c["fn"]} | '
                          f'{fmt(r["roc_auc"])} | {settled} |')

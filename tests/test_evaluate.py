@@ -366,6 +366,24 @@ def test_evaluate_bf16_checked_counts_float32_decisions(pcam_dir, checkpoint, tm
     assert report['metrics']['roc_auc'] == pytest.approx(exact['metrics']['roc_auc'], abs=0.05)
 
 
+def test_evaluate_auto_is_never_the_int8_cascade(pcam_dir, checkpoint, tmp_path, monkeypatch):
+    """Elsewhere `auto` runs the cascade once a model's int8 is cached; the evaluator's figures would carry int8's
+    unbounded probability error, so its `auto` stays bf16 checked (the cascade only when asked)."""
+    from timm_inception_pcam.inference import create_runner, factory
+
+    monkeypatch.setenv('TIMM_INCEPTION_PCAM_OPENVINO_CACHE', str(tmp_path / 'cache'))
+    monkeypatch.setattr(factory, 'cpu_has_native_bf16', lambda: True)
+    model = load_model(None, checkpoint)
+    create_runner(model, 'openvino_int8', batch_size=BATCH).close()  # its int8 is cached now
+    assert factory.auto_backend(model) == 'openvino_cascade'
+    report = evaluate.main(_args(pcam_dir, checkpoint, tmp_path / 'auto'))
+    assert report['backend'] == 'openvino_bf16_checked'
+    asked = evaluate.main(_args(pcam_dir, checkpoint, tmp_path / 'cascade', '--backend', 'openvino_cascade'))
+    assert asked['backend'] == 'openvino_cascade' and set(asked['backend_check']['rescored']) == {'openvino_bf16'}
+    assert asked['threshold']['value'] == pytest.approx(report['threshold']['value'], abs=1e-6)
+    assert all(asked['metrics'][k] == report['metrics'][k] for k in ('tp', 'fp', 'tn', 'fn'))
+
+
 def test_missing_split_file_is_named(pcam_dir, checkpoint, tmp_path):
     data = _only_split(pcam_dir, tmp_path / 'only_valid', 'valid')
     with pytest.raises((FileNotFoundError, ValueError), match='camelyonpatch_level_2_split_test'):

@@ -15,8 +15,11 @@ AMX or AVX-512 BF16 (``openvino_bf16_checked``, or torch's ``bf16_checked`` with
 then float32 for every patch whose probability could change what the report counts (`Settler`): the valid patches
 that could change the choice of the threshold, and the evaluated patches whose decision at it bf16 rounding could
 flip. The threshold and every count at it (confusion matrix, accuracy, F1, ...) are then float32's; the
-threshold-free figures (ROC AUC, AP, NLL, ECE) come from the bf16 probabilities (about 1e-4 off). The report's
-``backend_check`` says how many patches were settled. ``--backend channels_last`` runs float32 throughout.
+threshold-free figures (ROC AUC, AP, NLL, ECE) come from the bf16 probabilities (about 1e-4 off). Unlike the
+slide command's, the evaluator's ``auto`` never becomes the int8 cascade, whose error on those figures is not bounded;
+``--backend openvino_cascade`` runs it (int8 first, the patches in doubt re-scored in bf16, those still in doubt in
+float32). The report's ``backend_check`` says how many patches were settled. ``--backend channels_last`` runs
+float32 throughout.
 """
 import argparse
 import dataclasses
@@ -42,7 +45,7 @@ from .data.files import normalize_split
 from .data.provenance import folder_provenance
 from .errors import CheckpointError, DataError, UsageError, check_range, cli
 from .inference.check import DecisionCheck, Settler
-from .inference.factory import BACKENDS, artefact_kind, create_runner
+from .inference.factory import BACKENDS, artefact_kind, create_runner, resolve
 from .inference.torch_runner import model_name_of
 from .inference.tta import MAX_TTA, view_probabilities
 from .metrics import (
@@ -254,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help='deprecated alias of --precision (none = fp32)')
     p.add_argument('--backend', default='auto', choices=('auto', *BACKENDS),
                    help='inference engine (timm_inception_pcam.inference). auto: openvino_bf16_checked (or '
-                        'bf16_checked without OpenVINO) on CPUs with AMX or AVX-512 BF16 (bf16, '
+                        'bf16_checked without OpenVINO; never the int8 cascade here) on CPUs with AMX or '
+                        'AVX-512 BF16 (bf16, '
                         'with float32 for every patch that could change the choice of the threshold or a decision '
                         'at it), else channels_last (float32, BatchNorm folded); eager on CUDA; onnxruntime for an '
                         '.onnx file, tensorrt for a .plan; eager = the model as it is')
@@ -277,6 +281,16 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     fields = {f.name for f in dataclasses.fields(EvalConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields}
     return EvalConfig(**{**values, 'precision': precision or 'auto'}).check()
+
+
+def _backend(cfg: EvalConfig, kind: str, device: str) -> str:
+    """`cfg.backend`, with `auto` for a checkpoint resolved here, so that it never becomes the int8 cascade (as the
+    factory's `auto` does once a model's int8 is cached): ROC AUC, AP, NLL and ECE come from the fast path's
+    probabilities, and only bf16's error on them is known to be small. An int8 model that quantised badly changed a
+    benchmark model's AUC by -0.32 with every decision still float32's. `--backend openvino_cascade` runs it."""
+    if cfg.backend != 'auto' or kind != 'checkpoint':
+        return cfg.backend
+    return resolve('auto', 'module', device, cfg.precision)[0]
 
 
 def _load(cfg: EvalConfig):
@@ -313,7 +327,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     # when a finished report is there).
     with claim_output_dir(cfg.output, overwrite=cfg.overwrite, finished=('report.json',), replaces=OUTPUT_NAMES):
         # No per-batch thresholds: the threshold is chosen later, and `Settler` settles what depends on it.
-        runner = create_runner(artefact, cfg.backend, device, cfg.precision, cfg.batch_size, thresholds=())
+        runner = create_runner(artefact, _backend(cfg, kind, device), device, cfg.precision, cfg.batch_size,
+                               thresholds=())
         try:
             return _evaluate(cfg, split, dataset, runner, artefact, kind, t0)
         finally:
