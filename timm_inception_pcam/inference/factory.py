@@ -79,7 +79,7 @@ def auto_cpu_backend() -> str:
     AMX Xeon, about 2x torch's bf16_checked; 2.8x for both on a 2-core AVX-512 BF16 EPYC), else torch's bf16_checked;
     elsewhere bf16 is emulated and slower than float32, so channels_last.
 
-    The `openvino_cascade` is faster still once its int8 model is quantised (8.8x / 7.4x on the AMX Xeon, IRv2 5.5x
+    The `openvino_cascade` is faster still once its int8 model is quantised (8.8x / 7.4x on the AMX Xeon, IRv2 5.3x
     on the EPYC), but quantising takes from 15 s to 4 min per model on a small CPU, and int8 does not always quantise
     well (the EPYC's v4: 31 % of int8 decisions wrong, all caught; the cascade dropped int8 after 320 patches). So
     `auto` never quantises: for a module whose int8 model is already in the OpenVINO cache (an explicit
