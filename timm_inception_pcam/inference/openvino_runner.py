@@ -8,8 +8,9 @@ Converted (and, for int8, quantised) models are cached under `cache_dir` (defaul
 the weights, int8 or not (fp32 and bf16 compile the same converted graph), the OpenVINO version and, for int8, the
 calibration patches, so a second run does not convert or calibrate again. Every new checkpoint adds an entry
 (full-size inception_v4_pcam: 165 MB), so the least recently used ones are removed beyond
-`$TIMM_INCEPTION_PCAM_OPENVINO_CACHE_GB` (default 4) gigabytes. An IR file (`.xml` with its `.bin`, as
-`python -m export.openvino` writes it) is compiled as it is.
+`$TIMM_INCEPTION_PCAM_OPENVINO_CACHE_GB` (default 4) gigabytes. An int8 entry also records the CPUs on which a cascade
+found it costlier than it saved (`record_costly`): `cached_int8` offers the others to the factory's `auto`. An IR
+file (`.xml` with its `.bin`, as `python -m export.openvino` writes it) is compiled as it is.
 
 On CPUs with AMX or AVX-512 bf16, OpenVINO's default inference precision is bf16: `fp32` sets it to f32 explicitly.
 int8 quantises what NNCF's post-training quantisation selects and runs the rest in f32. Low precisions change a
@@ -346,14 +347,16 @@ class OpenVINORunner:
         if not folder:
             return
         meta_path = Path(folder) / 'meta.json'
+        tmp = meta_path.with_name(f'.meta.{os.getpid()}.json')
         try:
             meta = json.loads(meta_path.read_text())
             meta.setdefault('costly_on', {})[this_cpu()] = {k: stage.get(k) for k in COSTLY_FIGURES}
-            tmp = meta_path.with_name(f'.meta.{os.getpid()}.json')
             tmp.write_text(json.dumps(meta, indent=2) + '\n')
             os.replace(tmp, meta_path)
         except (OSError, ValueError) as e:  # a read-only or pruned entry: the next cascade judges it again
             _logger.info('OpenVINO cache: could not record %s as costly here (%s)', folder, e)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
 
     def logits(self, patches: np.ndarray) -> np.ndarray:
         """uint8 (N, 96, 96, 3) NHWC patches -> float32 logits (N, classes); each batch split across the requests."""
