@@ -5,8 +5,11 @@
 
 `fp32` and `bf16` write the same float32 IR; the sidecar records which inference precision to compile it with.
 `int8` quantises with NNCF's post-training quantisation, calibrated on a seeded sample of the training split of
-`--data-dir` (random patches without one, recorded as such). The sidecar (`<stem>.xml.json`) carries the same
-preprocessing, labels, versions and sha256s as the TensorRT export's, and the runner reads it:
+`--data-dir` (random patches without one, recorded as such). The conversion goes through the inference layer's
+OpenVINO cache, so after an int8 export the CPU `auto` of `create_runner`, the slide and cohort commands runs the
+checked int8 cascade for this checkpoint on this machine, calibrated on the same patches. The sidecar
+(`<stem>.xml.json`) carries the same preprocessing, labels, versions and sha256s as the TensorRT export's, and the
+runner reads it:
 
     from timm_inception_pcam.inference.openvino_runner import OpenVINORunner
     runner = OpenVINORunner('DIR/inception_v4_pcam.xml', 'bf16')
@@ -66,12 +69,13 @@ def export_openvino(model: Any, output: Path, *, model_name: str, checkpoint: st
     """Convert, save, compare with PyTorch; returns {'xml', 'bin', 'sidecar', 'parity_report', 'parity'}."""
     import openvino as ov
 
-    from timm_inception_pcam.inference.openvino_runner import OpenVINORunner, convert_to_openvino, openvino_version
+    from timm_inception_pcam.inference.openvino_runner import OpenVINORunner, cached_model, openvino_version
 
     stem = stem or model_name
     output.mkdir(parents=True, exist_ok=True)
     spec = IOSpec()
-    ov_model = convert_to_openvino(model, 'int8' if precision == 'int8' else 'fp32', calibration, spec.mean, spec.std)
+    ov_model, _ = cached_model(model, 'int8' if precision == 'int8' else 'fp32', calibration, calibration_info,
+                               spec.mean, spec.std)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{stem}.', suffix='.partial', dir=output))
     try:
         xml, bin_ = tmp / f'{stem}.xml', tmp / f'{stem}.bin'

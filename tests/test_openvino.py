@@ -323,3 +323,22 @@ def test_auto_runs_the_cascade_where_its_int8_is_cached_and_has_not_cost_more(
     assert factory.auto_backend(model) == 'openvino_bf16_checked'
     assert create_runner(model, batch_size=16).spec.backend == 'openvino_bf16_checked'
     assert create_runner(model, 'openvino_cascade', batch_size=16).spec.extra['stages'][0] == 'openvino_int8'
+
+
+def test_an_int8_export_leaves_the_cascade_to_auto(model, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`export.openvino --precision int8` quantises through the cache: `auto` then runs the cascade on those
+    calibration patches (the user's training split, for a real export), without quantising again."""
+    from export.openvino import export_openvino
+    from timm_inception_pcam.inference import create_runner, factory
+
+    monkeypatch.setenv('TIMM_INCEPTION_PCAM_OPENVINO_CACHE', str(tmp_path / 'cache'))
+    monkeypatch.setattr(factory, 'cpu_has_native_bf16', lambda: True)
+    assert factory.auto_backend(model) == 'openvino_bf16_checked'
+    calibration = blob_patches(32, seed=5)[0]
+    info = {'source': 'test calibration patches', 'seed': 5, 'n': 32}
+    export_openvino(model, tmp_path / 'ir', model_name='inception_v4_pcam', checkpoint=None, precision='int8',
+                    patches=blob_patches(48, seed=2)[0], patch_source='test patches', calibration=calibration,
+                    calibration_info=info, stem='tiny')
+    assert factory.auto_backend(model) == 'openvino_cascade'
+    int8 = create_runner(model, batch_size=16).stages[0]
+    assert int8.spec.extra['cache_hit'] is True and int8.spec.extra['calibration']['source'] == info['source']

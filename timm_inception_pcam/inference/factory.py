@@ -82,10 +82,10 @@ def auto_cpu_backend() -> str:
     The `openvino_cascade` is faster still once its int8 model is quantised (8.8x / 7.4x on the AMX Xeon, IRv2 5.3x
     on the EPYC), but quantising takes from 15 s to 4 min per model on a small CPU, and int8 does not always quantise
     well (the EPYC's v4: 31 % of int8 decisions wrong, all caught; the cascade dropped int8 after 320 patches). So
-    `auto` never quantises: for a module whose int8 model is already in the OpenVINO cache (an explicit
-    `openvino_cascade` or `openvino_int8` run made it), `create_runner` runs the cascade instead of
-    `openvino_bf16_checked`, unless a cascade on this CPU found that int8 model costlier than it saved
-    (`DecisionCheck.drop_costly_stages`, recorded in the cache): the fastest checked path measured here
+    `auto` never quantises: for a module whose int8 model is already in the OpenVINO cache (an int8
+    `export.openvino`, or an explicit `openvino_cascade` or `openvino_int8` run made it), `create_runner` runs the
+    cascade instead of `openvino_bf16_checked`, unless a cascade on this CPU found that int8 model costlier than it
+    saved (`DecisionCheck.drop_costly_stages`, recorded in the cache): the fastest checked path measured here
     (`auto_backend`). Decisions are float32's either way.
     """
     if not cpu_has_native_bf16():

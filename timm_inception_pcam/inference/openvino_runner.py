@@ -46,7 +46,7 @@ from .base import RunnerSpec, check_normalization
 
 __all__ = ['OV_PRECISIONS', 'OV_HINTS', 'OpenVINORunner', 'ir_precision', 'openvino_version', 'weights_sha256',
            'default_cache_dir', 'cache_limit_bytes', 'prune_cache', 'convert_to_openvino', 'default_calibration',
-           'cached_int8', 'this_cpu', 'module_normalization']
+           'cached_model', 'cached_int8', 'this_cpu', 'module_normalization']
 
 OV_PRECISIONS = ('fp32', 'bf16', 'int8')
 OV_HINTS = ('throughput', 'latency')
@@ -223,6 +223,57 @@ def cached_int8(digest: str, mean: tuple[float, ...], std: tuple[float, ...],
     return sha
 
 
+def cached_model(model: Any, precision: str, calibration: np.ndarray | None = None,
+                 calibration_info: Mapping[str, Any] | None = None, mean: tuple[float, ...] = PCAM_MEAN,
+                 std: tuple[float, ...] = PCAM_STD, cache_root: Path | None = None, digest: str | None = None,
+                 calibration_sha256: str | None = None) -> tuple[Any, dict[str, Any]]:
+    """(`openvino.Model`, what the cache says of it): `model` converted (int8: quantised on `calibration`), from the
+    cache (module docstring) when it holds it, else converted and added to it. `digest`: the `weights_sha256`, when
+    the caller has it; `calibration_sha256` instead of `calibration`: the cached int8 model of those patches."""
+    cache_root = cache_root or default_cache_dir()
+    digest = digest or weights_sha256(model)
+    key_parts = _key_parts(digest, precision, mean, std)
+    if precision == 'int8' and calibration is not None:
+        key_parts['calibration_sha256'] = hashlib.sha256(np.ascontiguousarray(calibration).tobytes()).hexdigest()
+    elif precision == 'int8' and calibration_sha256:
+        key_parts['calibration_sha256'] = calibration_sha256
+    key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:32]
+    folder = cache_root / key
+    xml = folder / 'model.xml'
+    info = {'cache': str(folder), 'cache_hit': xml.is_file(), 'weights_sha256': key_parts['weights_sha256']}
+    if 'calibration_sha256' in key_parts and calibration is None and not xml.is_file():
+        raise UsageError(f'{folder}: no cached int8 model of these weights for calibration {calibration_sha256} '
+                         f'(removed meanwhile?): pass calibration patches to quantise it again')
+    limit = cache_limit_bytes()
+    if xml.is_file():
+        meta = json.loads((folder / 'meta.json').read_text())
+        info['calibration'] = meta.get('calibration')
+        with contextlib.suppress(OSError):  # a read-only shared cache is used as it is
+            os.utime(folder / 'meta.json')  # its last use, before reading it: another process prunes the oldest
+        return _openvino().Core().read_model(str(xml)), info
+    ov_model = convert_to_openvino(model, precision, calibration, mean, std)
+    calib = None
+    if precision == 'int8':
+        calib = {'n': int(len(calibration)), 'sha256': key_parts['calibration_sha256'],
+                 **dict(calibration_info or {})}
+    cache_root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{key}.', suffix='.partial', dir=cache_root))
+    try:
+        _openvino().save_model(ov_model, str(tmp / 'model.xml'), compress_to_fp16=False)
+        (tmp / 'meta.json').write_text(json.dumps({**key_parts, 'calibration': calib}, indent=2) + '\n')
+        try:
+            os.replace(tmp, folder)  # another process may have filled it meanwhile: theirs is as good
+        except OSError:
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for gone in prune_cache(cache_root, folder, limit):
+        _logger.info('OpenVINO cache: removed %s (least recently used; the cache keeps %.1f GB, %s)', gone,
+                     limit / 1e9, CACHE_GB_ENV)
+    info['calibration'] = calib
+    return ov_model, info
+
+
 class OpenVINORunner:
     """A PCam classifier compiled by OpenVINO for the CPU; a `Runner` (uint8 NHWC patches in, float32 logits out)."""
 
@@ -278,9 +329,9 @@ class OpenVINORunner:
             mean, std = module_normalization(model, mean, std)
             label_names = tuple((getattr(model, 'pretrained_cfg', None) or {}).get('label_names',
                                                                                   ('normal', 'metastatic')))
-            ov_model, cache_info = self._cached_model(model, precision, calibration, calibration_info, mean, std,
-                                                      Path(cache_dir) if cache_dir else default_cache_dir(),
-                                                      weights_digest or weights_sha256(model), calibration_sha256)
+            ov_model, cache_info = cached_model(model, precision, calibration, calibration_info, mean, std,
+                                                Path(cache_dir) if cache_dir else None, weights_digest,
+                                                calibration_sha256)
             source = 'module'
             extra.update(cache_info)
         config: dict[str, Any] = {'INFERENCE_PRECISION_HINT': _HINTS[precision], 'PERFORMANCE_HINT': hint.upper()}
@@ -295,50 +346,6 @@ class OpenVINORunner:
         extra.update(hint=hint, infer_requests=self._requests)
         self.spec = RunnerSpec(backend=f'openvino_{precision}', precision=precision, source=source, device='cpu',
                                mean=self._mean, std=self._std, label_names=label_names, extra=extra)
-
-    def _cached_model(self, model: Any, precision: str, calibration: np.ndarray | None,
-                      calibration_info: Mapping[str, Any] | None, mean: tuple[float, ...], std: tuple[float, ...],
-                      cache_root: Path, digest: str, calibration_sha256: str | None) -> tuple[Any, dict[str, Any]]:
-        key_parts = _key_parts(digest, precision, mean, std)
-        if precision == 'int8' and calibration is not None:
-            key_parts['calibration_sha256'] = hashlib.sha256(np.ascontiguousarray(calibration).tobytes()).hexdigest()
-        elif precision == 'int8' and calibration_sha256:
-            key_parts['calibration_sha256'] = calibration_sha256
-        key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:32]
-        folder = cache_root / key
-        xml = folder / 'model.xml'
-        info = {'cache': str(folder), 'cache_hit': xml.is_file(), 'weights_sha256': key_parts['weights_sha256']}
-        if 'calibration_sha256' in key_parts and calibration is None and not xml.is_file():
-            raise UsageError(f'{folder}: no cached int8 model of these weights for calibration {calibration_sha256} '
-                             f'(removed meanwhile?): pass calibration patches to quantise it again')
-        limit = cache_limit_bytes()
-        if xml.is_file():
-            meta = json.loads((folder / 'meta.json').read_text())
-            info['calibration'] = meta.get('calibration')
-            with contextlib.suppress(OSError):  # a read-only shared cache is used as it is
-                os.utime(folder / 'meta.json')  # its last use, before reading it: another process prunes the oldest
-            return self._core.read_model(str(xml)), info
-        ov_model = convert_to_openvino(model, precision, calibration, mean, std)
-        calib = None
-        if precision == 'int8':
-            calib = {'n': int(len(calibration)), 'sha256': key_parts['calibration_sha256'],
-                     **dict(calibration_info or {})}
-        cache_root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f'.{key}.', suffix='.partial', dir=cache_root))
-        try:
-            _openvino().save_model(ov_model, str(tmp / 'model.xml'), compress_to_fp16=False)
-            (tmp / 'meta.json').write_text(json.dumps({**key_parts, 'calibration': calib}, indent=2) + '\n')
-            try:
-                os.replace(tmp, folder)  # another process may have filled it meanwhile: theirs is as good
-            except OSError:
-                pass
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        for gone in prune_cache(cache_root, folder, limit):
-            _logger.info('OpenVINO cache: removed %s (least recently used; the cache keeps %.1f GB, %s)', gone,
-                         limit / 1e9, CACHE_GB_ENV)
-        info['calibration'] = calib
-        return ov_model, info
 
     def record_costly(self, stage: Mapping[str, Any]) -> None:
         """Note in this model's cache entry that a cascade found it costlier than it saved on this CPU (`stage`: the
