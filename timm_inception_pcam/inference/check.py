@@ -375,8 +375,9 @@ class Settler:
         """`select_threshold` on float32 probabilities, settling only the patches that could change its choice.
 
         A threshold t competes with the current choice c when its criterion could reach c's lowest possible
-        value; the patches whose probability interval straddles a competitor are settled (those of the more
-        promising half of the competitors first, which often rules out the rest), and the choice is made again,
+        value; the patches whose probability interval straddles a competitor are re-run (`rerun`: the next stage,
+        float32 at the end; those of the more promising half of the competitors first, which often rules out the
+        rest), and the choice is made again,
         until no unsettled patch straddles any competitor: then every criterion value that could beat c is exact,
         and c is float32's choice. How many patches that takes depends on how flat the criterion is around its
         maximum: a few percent of valid on a sharp one, most of it on a badly calibrated model.
