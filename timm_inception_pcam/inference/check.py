@@ -12,7 +12,8 @@ fast-minus-exact margin errors measured so far (bf16 errors are often biased: in
 them, and every re-checked patch is one more measurement.
 
 `Settler` does the same for an evaluation whose threshold is chosen only after scoring: it re-runs in float32 the
-patches whose probability could change the choice of the threshold or a decision at it.
+patches whose probability could change the choice of the threshold or a decision at it (through a cascade's later
+stages first).
 """
 from collections.abc import Callable, Sequence
 from dataclasses import replace
