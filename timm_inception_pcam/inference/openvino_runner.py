@@ -41,7 +41,7 @@ import numpy as np
 from ..constants import PCAM_INPUT_SIZE, PCAM_MEAN, PCAM_STD
 from ..errors import InferenceError, UsageError
 from ..preprocess import batch_slices, check_patches, model_normalization, preprocess_patches
-from ..storage import file_sha256
+from ..storage import atomic_write_json, file_sha256
 from .base import RunnerSpec, check_normalization
 
 __all__ = ['OV_PRECISIONS', 'OV_HINTS', 'OpenVINORunner', 'ir_precision', 'openvino_version', 'weights_sha256',
@@ -226,10 +226,11 @@ def cached_int8(digest: str, mean: tuple[float, ...], std: tuple[float, ...],
 def cached_model(model: Any, precision: str, calibration: np.ndarray | None = None,
                  calibration_info: Mapping[str, Any] | None = None, mean: tuple[float, ...] = PCAM_MEAN,
                  std: tuple[float, ...] = PCAM_STD, cache_root: Path | None = None, digest: str | None = None,
-                 calibration_sha256: str | None = None) -> tuple[Any, dict[str, Any]]:
+                 calibration_sha256: str | None = None, core: Any = None) -> tuple[Any, dict[str, Any]]:
     """(`openvino.Model`, what the cache says of it): `model` converted (int8: quantised on `calibration`), from the
     cache (module docstring) when it holds it, else converted and added to it. `digest`: the `weights_sha256`, when
-    the caller has it; `calibration_sha256` instead of `calibration`: the cached int8 model of those patches."""
+    the caller has it; `calibration_sha256` instead of `calibration`: the cached int8 model of those patches; `core`:
+    the caller's `openvino.Core`, to read a cached model with."""
     cache_root = cache_root or default_cache_dir()
     digest = digest or weights_sha256(model)
     key_parts = _key_parts(digest, precision, mean, std)
@@ -250,7 +251,7 @@ def cached_model(model: Any, precision: str, calibration: np.ndarray | None = No
         info['calibration'] = meta.get('calibration')
         with contextlib.suppress(OSError):  # a read-only shared cache is used as it is
             os.utime(folder / 'meta.json')  # its last use, before reading it: another process prunes the oldest
-        return _openvino().Core().read_model(str(xml)), info
+        return (core or _openvino().Core()).read_model(str(xml)), info
     ov_model = convert_to_openvino(model, precision, calibration, mean, std)
     calib = None
     if precision == 'int8':
@@ -331,7 +332,7 @@ class OpenVINORunner:
                                                                                   ('normal', 'metastatic')))
             ov_model, cache_info = cached_model(model, precision, calibration, calibration_info, mean, std,
                                                 Path(cache_dir) if cache_dir else None, weights_digest,
-                                                calibration_sha256)
+                                                calibration_sha256, self._core)
             source = 'module'
             extra.update(cache_info)
         config: dict[str, Any] = {'INFERENCE_PRECISION_HINT': _HINTS[precision], 'PERFORMANCE_HINT': hint.upper()}
@@ -354,16 +355,12 @@ class OpenVINORunner:
         if not folder:
             return
         meta_path = Path(folder) / 'meta.json'
-        tmp = meta_path.with_name(f'.meta.{os.getpid()}.json')
         try:
             meta = json.loads(meta_path.read_text())
             meta.setdefault('costly_on', {})[this_cpu()] = {k: stage.get(k) for k in COSTLY_FIGURES}
-            tmp.write_text(json.dumps(meta, indent=2) + '\n')
-            os.replace(tmp, meta_path)
+            atomic_write_json(meta_path, meta)
         except (OSError, ValueError) as e:  # a read-only or pruned entry: the next cascade judges it again
             _logger.info('OpenVINO cache: could not record %s as costly here (%s)', folder, e)
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
 
     def logits(self, patches: np.ndarray) -> np.ndarray:
         """uint8 (N, 96, 96, 3) NHWC patches -> float32 logits (N, classes); each batch split across the requests."""
