@@ -207,6 +207,9 @@ def build_repository(model: Any, repository: Path, *, model_name: str, checkpoin
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown or not formats:
         raise UsageError(f'--formats {",".join(formats)}: expected a comma-separated subset of {",".join(FORMATS)}')
+    if set(formats) == {'tensorrt'} and not plans:
+        raise UsageError('--formats tensorrt without --plan: nothing to write; build the plan on the GPU machine from '
+                         'the serving ONNX (--formats onnx,tensorrt writes it), then pass it with --plan')
     if repository.exists():
         if not (repository / MARKER).is_file():
             raise OutputExistsError(f'{repository}: exists and is not a repository written by export.triton; '
@@ -257,10 +260,11 @@ def build_repository(model: Any, repository: Path, *, model_name: str, checkpoin
                              {**base, 'plans': {cc: data for cc, (_, data) in by_cc.items()}}, io, cc_files)
                 written['models'][name] = 'tensorrt'
             else:
-                written['skipped'][name] = (
-                    f'no --plan given: on the GPU machine run `python -m export.trt --fp16 --from-onnx '
-                    f'{repository / onnx_name / "1" / "model.onnx"} --output PLANS`, then rerun with --plan and '
-                    f'--overwrite')
+                build = (f'on the GPU machine run `python -m export.trt --fp16 --from-onnx '
+                         f'{repository / onnx_name / "1" / "model.onnx"} --output PLANS`')
+                if 'onnx' not in formats:  # that ONNX is not kept: the plan needs it
+                    build = f'rerun with --formats onnx,{",".join(formats)} for the serving ONNX, {build}'
+                written['skipped'][name] = f'no --plan given: {build}, then rerun with --plan and --overwrite'
         if 'onnx' not in formats:
             shutil.rmtree(tmp / onnx_name)
         (tmp / MARKER).write_text(json.dumps({**written, 'formats': list(formats)}, indent=2) + '\n')

@@ -122,6 +122,18 @@ def test_tensorrt_plans_map_per_compute_capability(model, repository, tmp_path: 
     assert (out / 'tiny_tensorrt' / '1' / 'model_sm90.plan').read_bytes() == b'fake plan for 9.0'  # old one kept
 
 
+def test_tensorrt_without_a_plan_says_how_to_get_one(model, tmp_path: Path) -> None:
+    out = tmp_path / 'repo'
+    with pytest.raises(UsageError, match='--formats tensorrt without --plan: nothing to write'):
+        build_repository(model, out, model_name='tiny', checkpoint=None, formats=['tensorrt'])
+    assert not out.exists() and not list(tmp_path.iterdir())
+    result = build_repository(model, out, model_name='tiny', checkpoint=None, formats=['openvino', 'tensorrt'])
+    assert result['models'] == {'tiny_openvino': 'openvino'} and not (out / 'tiny_onnx').exists()
+    # the ONNX the plan is built from was not kept: the message asks for it rather than naming a missing file
+    assert result['skipped']['tiny_tensorrt'].startswith(
+        'no --plan given: rerun with --formats onnx,openvino,tensorrt for the serving ONNX, on the GPU machine run')
+
+
 def test_client_round_trip_against_kserve_standin(repository, model, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture) -> None:
     from timm_inception_pcam.serve_client import infer_patches, main
