@@ -68,6 +68,18 @@ def test_bf16_and_int8_are_close_and_cached(model, patches, reference, tmp_path:
     np.testing.assert_allclose(fp32.logits(patches), reference, rtol=1e-4, atol=1e-4 * scale)
 
 
+@pytest.mark.parametrize('damage', ['model.xml', 'model.bin', 'meta.json'])
+def test_a_damaged_cache_entry_is_converted_again(model, patches, reference, damage: str, tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    OpenVINORunner(model, 'fp32', cache_dir=tmp_path)
+    (entry,) = [p for p in tmp_path.iterdir() if not p.name.startswith('.')]
+    (entry / damage).write_bytes(b'garbage')
+    again = OpenVINORunner(model, 'fp32', cache_dir=tmp_path)
+    assert again.spec.extra['cache_hit'] is False and f'{entry} is unreadable' in caplog.text
+    np.testing.assert_allclose(again.logits(patches), reference, rtol=1e-3, atol=1e-4 * np.abs(reference).max())
+    assert OpenVINORunner(model, 'fp32', cache_dir=tmp_path).spec.extra['cache_hit'] is True  # mended in place
+
+
 def test_signal_stack_holds_the_amx_state(model, patches, tmp_path: Path) -> None:
     """OpenVINO leaves a 20 KB alternate signal stack, too small once AMX was used: the runner widens it."""
     import ctypes
@@ -148,7 +160,7 @@ def test_errors(model, tmp_path: Path) -> None:
         OpenVINORunner(model, 'fp8', cache_dir=tmp_path)
     with pytest.raises(UsageError, match='int8 needs calibration patches'):
         OpenVINORunner(model, 'int8', cache_dir=tmp_path)
-    with pytest.raises(UsageError, match='no cached int8 model of these weights for calibration 0000'):
+    with pytest.raises(UsageError, match='no readable cached int8 model of these weights for calibration 0000'):
         OpenVINORunner(model, 'int8', cache_dir=tmp_path, calibration_sha256='0' * 64)
     with pytest.raises(InferenceError, match='missing.xml: OpenVINO IR not found'):
         OpenVINORunner(tmp_path / 'missing.xml')

@@ -241,17 +241,24 @@ def cached_model(model: Any, precision: str, calibration: np.ndarray | None = No
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:32]
     folder = cache_root / key
     xml = folder / 'model.xml'
-    info = {'cache': str(folder), 'cache_hit': xml.is_file(), 'weights_sha256': key_parts['weights_sha256']}
-    if 'calibration_sha256' in key_parts and calibration is None and not xml.is_file():
-        raise UsageError(f'{folder}: no cached int8 model of these weights for calibration {calibration_sha256} '
-                         f'(removed meanwhile?): pass calibration patches to quantise it again')
-    limit = cache_limit_bytes()
+    info = {'cache': str(folder), 'cache_hit': False, 'weights_sha256': key_parts['weights_sha256']}
     if xml.is_file():
-        meta = json.loads((folder / 'meta.json').read_text())
-        info['calibration'] = meta.get('calibration')
         with contextlib.suppress(OSError):  # a read-only shared cache is used as it is
             os.utime(folder / 'meta.json')  # its last use, before reading it: another process prunes the oldest
-        return (core or _openvino().Core()).read_model(str(xml)), info
+        try:
+            meta = json.loads((folder / 'meta.json').read_text())
+            ov_model = (core or _openvino().Core()).read_model(str(xml))
+        except (OSError, ValueError, RuntimeError) as e:  # damaged (or pruned meanwhile): a miss, converted again
+            first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            _logger.warning('OpenVINO cache: %s is unreadable (%s); converting again', folder, first)
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            info.update(cache_hit=True, calibration=meta.get('calibration') if isinstance(meta, dict) else None)
+            return ov_model, info
+    if 'calibration_sha256' in key_parts and calibration is None:
+        raise UsageError(f'{folder}: no readable cached int8 model of these weights for calibration '
+                         f'{calibration_sha256} (removed meanwhile?): pass calibration patches to quantise it again')
+    limit = cache_limit_bytes()
     ov_model = convert_to_openvino(model, precision, calibration, mean, std)
     calib = None
     if precision == 'int8':
