@@ -337,6 +337,20 @@ def test_auto_runs_the_cascade_where_its_int8_is_cached_and_has_not_cost_more(
     assert create_runner(model, 'openvino_cascade', batch_size=16).spec.extra['stages'][0] == 'openvino_int8'
 
 
+def test_auto_with_a_damaged_cached_int8_is_bf16_checked(model, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    from timm_inception_pcam.inference import create_runner, factory
+
+    monkeypatch.setenv('TIMM_INCEPTION_PCAM_OPENVINO_CACHE', str(tmp_path))
+    monkeypatch.setattr(factory, 'cpu_has_native_bf16', lambda: True)
+    int8 = create_runner(model, 'openvino_int8', batch_size=16)
+    int8.close()
+    assert factory.auto_backend(model) == 'openvino_cascade'
+    (Path(int8.spec.extra['cache']) / 'model.bin').write_bytes(b'garbage')
+    assert create_runner(model, batch_size=16).spec.backend == 'openvino_bf16_checked'
+    assert 'is unreadable' in caplog.text and factory.auto_backend(model) == 'openvino_bf16_checked'
+
+
 def test_an_int8_export_leaves_the_cascade_to_auto(model, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """`export.openvino --precision int8` quantises through the cache: `auto` then runs the cascade on those
     calibration patches (the user's training split, for a real export), without quantising again."""

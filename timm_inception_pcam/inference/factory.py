@@ -276,8 +276,13 @@ def _openvino_runner(model: nn.Module | Path, name: str, common: dict[str, Any],
     exact = OpenVINORunner(model, 'fp32', hint='latency', **ov_kwargs)
     stages = [OpenVINORunner(model, 'bf16', **ov_kwargs)]
     if name == 'openvino_cascade':
-        stages.insert(0, OpenVINORunner(model, 'int8', calibration=calibration, calibration_info=calibration_info,
-                                        calibration_sha256=cached_int8, **ov_kwargs))
+        try:
+            stages.insert(0, OpenVINORunner(model, 'int8', calibration=calibration, calibration_info=calibration_info,
+                                            calibration_sha256=cached_int8, **ov_kwargs))
+        except UsageError:
+            if not cached_int8:
+                raise
+            name = 'openvino_bf16_checked'  # auto's cached int8 was unreadable (logged, removed): auto as before it
     return DecisionCheck(stages, exact, thresholds, safety, batch_size=common['batch_size'], name=name,
                          on_drop=lambda k, figures: stages[k].record_costly(figures))
 
