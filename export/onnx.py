@@ -18,8 +18,8 @@ import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
-from timm.utils import ParseKwargs
 
+from timm_inception_pcam.checkpoint import ModelKwargsAction
 from timm_inception_pcam.errors import DataError, ExportError, UsageError, check_range, cli
 from timm_inception_pcam.inference.onnx_runner import OnnxRunner, load_onnx_proto, ort_options, read_onnx_metadata
 from timm_inception_pcam.inference.torch_runner import TorchRunner
@@ -285,7 +285,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help='our checkpoint, timm train.py .pth.tar, .safetensors or hf-hub:org/name')
     parser.add_argument('--pretrained', action='store_true', help='load the registered pretrained weights')
     parser.add_argument('--use-ema', action='store_true', help='export the EMA weights of the checkpoint')
-    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ModelKwargsAction, metavar='KEY=VALUE',
                         help='extra create_model arguments, e.g. depths=1,1,1')
     parser.add_argument('--output', default='output/export', help='artefact folder')
     parser.add_argument('--name', default=None, help='file stem of the artefacts (default: the model name)')

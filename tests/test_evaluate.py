@@ -404,6 +404,8 @@ def three_class_checkpoint(tmp_path_factory):
     ('other_arch', "weights of 'inception_v4_pcam' do not fit inception_resnet_v2_pcam"),
     ('three_classes', '3 classes, expected 2'),
     ('corrupt', 'cannot load'),
+    ('other_depths', r'tensors of other shapes \(e\.g\. features\.'),
+    ('unknown_kwarg', "model argument bogus=1: inception_v4_pcam does not take 'bogus'"),
 ])
 def test_bad_checkpoints_surface_cleanly(case, match, pcam_dir, checkpoint, three_class_checkpoint, tmp_path,
                                          capsys):
@@ -414,17 +416,35 @@ def test_bad_checkpoints_surface_cleanly(case, match, pcam_dir, checkpoint, thre
         extra = ['--model', 'inception_resnet_v2_pcam']
     elif case == 'three_classes':
         ckpt = three_class_checkpoint
+    elif case in ('other_depths', 'unknown_kwarg'):
+        extra = ['--model-kwargs', 'depths=2,2,2' if case == 'other_depths' else 'bogus=1']
     else:
         ckpt = tmp_path / 'corrupt.pth.tar'
         ckpt.write_bytes(checkpoint.read_bytes()[:5000])  # truncated
     argv = _args(pcam_dir, ckpt, tmp_path / 'eval', *extra)
-    with pytest.raises(CheckpointError, match=match) as info:
+    with pytest.raises(UsageError if case == 'unknown_kwarg' else CheckpointError, match=match) as info:
         evaluate.main(argv)
-    if case != 'unknown_model':
+    if case not in ('unknown_model', 'unknown_kwarg'):
         assert str(ckpt) in str(info.value)
     assert cli(evaluate.main, 'evaluate', argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith('evaluate: error:') and len(err.splitlines()) == 1 and 'Traceback' not in err
+    assert not (tmp_path / 'eval').exists()
+
+
+@pytest.mark.parametrize('extra, message', [
+    (['--seed', '-1'], '--seed must be >= 0 and <= 4294967295, got -1'),
+    (['--workers', '100000'], '--workers must be >= 0 and <= 256, got 100000'),
+    (['--model-kwargs', 'foo'], "--model-kwargs 'foo': expected KEY=VALUE"),
+])
+def test_bad_options_are_one_line_before_any_work(extra, message, pcam_dir, checkpoint, tmp_path, capsys):
+    try:
+        status = cli(evaluate.main, 'evaluate', _args(pcam_dir, checkpoint, tmp_path / 'eval', *extra))
+    except SystemExit as e:  # argparse's own usage error
+        status = e.code
+    assert status == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err.splitlines()[-1] and 'Traceback' not in err
     assert not (tmp_path / 'eval').exists()
 
 

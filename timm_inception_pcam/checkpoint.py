@@ -6,6 +6,7 @@ Checkpoints are never unpickled beyond tensors and plain containers: `.pth`/`.pt
 import argparse
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -13,13 +14,14 @@ from typing import Any
 import timm
 import torch
 import torch.nn as nn
+from timm.utils import ParseKwargs
 
-from .errors import CheckpointError
+from .errors import CheckpointError, UsageError
 from .models._common import is_aux_key
 from .storage import atomic_path
 
 __all__ = ['CHECKPOINT_FORMAT', 'CheckpointError', 'read_checkpoint', 'load_model', 'save_checkpoint',
-           'model_kwargs_of']
+           'model_kwargs_of', 'ModelKwargsAction']
 
 # The one format of every checkpoint this project writes (the trainer's last.pth / model_best.pth add 'train_state').
 CHECKPOINT_FORMAT = 'timm-inception-pcam-checkpoint/1'
@@ -104,6 +106,29 @@ def _num_classes_of(state_dict: Mapping[str, torch.Tensor], classifier: str) -> 
     return int(weight.shape[0]) if weight is not None and weight.ndim == 2 else None
 
 
+class ModelKwargsAction(ParseKwargs):
+    """timm's `--model-kwargs KEY=VALUE ...` (values read as Python literals); a word without '=' is a usage error."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        bad = [v for v in values if v and '=' not in v]
+        if bad:
+            parser.error(f'{option_string} {bad[0]!r}: expected KEY=VALUE, e.g. depths=1,1,1')
+        super().__call__(parser, namespace, values, option_string)
+
+
+def _create_model(model_name: str, **kwargs: Any) -> nn.Module:
+    """`timm.create_model`, an argument the model does not take is a usage error."""
+    try:
+        return timm.create_model(model_name, **kwargs)
+    except TypeError as e:
+        found = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        if found is None or found.group(1) not in kwargs:
+            raise
+        raise UsageError(f'model argument {found.group(1)}={kwargs[found.group(1)]!r}: {model_name} does not take '
+                         f'{found.group(1)!r} (--model-kwargs or the checkpoint\'s model_kwargs)') from None
+
+
 def load_model(
         model_name: str | None,
         checkpoint: str | os.PathLike | Mapping[str, Any] | None = None,
@@ -126,8 +151,7 @@ def load_model(
         ckpt = dict(checkpoint)
         checkpoint = f'checkpoint of {ckpt.get("arch") or "unknown arch"}'
     elif checkpoint is not None and str(checkpoint).startswith(('hf-hub:', 'local-dir:')):
-        model = timm.create_model(str(checkpoint), pretrained=True, **model_kwargs)
-        return model.eval()
+        return _create_model(str(checkpoint), pretrained=True, **model_kwargs).eval()
     else:
         ckpt = read_checkpoint(checkpoint) if checkpoint is not None else {}
     arch = ckpt.get('arch')
@@ -144,20 +168,28 @@ def load_model(
 
     kwargs = {**model_kwargs_of(ckpt), **model_kwargs}
     if not ckpt:
-        return timm.create_model(model_name, pretrained=pretrained, **kwargs).eval()
+        return _create_model(model_name, pretrained=pretrained, **kwargs).eval()
 
     key = 'state_dict_ema' if use_ema and ckpt.get('state_dict_ema') else 'state_dict'
     if use_ema and key != 'state_dict_ema':
         raise CheckpointError(f'{checkpoint}: use_ema requested but the checkpoint has no EMA weights')
     state_dict = _strip_prefixes(ckpt[key])
-    model = timm.create_model(model_name, pretrained=False, **{'num_classes': 2, **kwargs})
+    model = _create_model(model_name, pretrained=False, **{'num_classes': 2, **kwargs})
     classifier = model.pretrained_cfg.get('classifier', 'classifier')
     stored_classes = _num_classes_of(state_dict, classifier)
     if stored_classes is not None and stored_classes != model.num_classes:
         if 'num_classes' in model_kwargs:
             raise CheckpointError(f'{checkpoint}: checkpoint has {stored_classes} classes, expected '
                                   f'num_classes={model.num_classes}')
-        model = timm.create_model(model_name, pretrained=False, **{**kwargs, 'num_classes': stored_classes})
+        model = _create_model(model_name, pretrained=False, **{**kwargs, 'num_classes': stored_classes})
+    own = model.state_dict()
+    other_shape = [k for k, v in state_dict.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if [k for k in other_shape if not is_aux_key(k)]:
+        k = next(k for k in other_shape if not is_aux_key(k))
+        raise CheckpointError(
+            f'{checkpoint}: weights do not match {model_name} {kwargs or ""}: {len(other_shape)} tensors of other '
+            f'shapes (e.g. {k}: {tuple(state_dict[k].shape)} in the checkpoint, {tuple(own[k].shape)} in the model)')
+    state_dict = {k: v for k, v in state_dict.items() if k not in other_shape}  # aux heads of another size: fresh
     result = model.load_state_dict(state_dict, strict=False)
     # Auxiliary classifiers (GoogLeNet, Inception-v3 trained with --aux-weight) are training-only: a checkpoint's
     # aux heads are dropped for a model built without them, and a model built with them may start them fresh.

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .constants import MAX_WORKERS
 from .errors import PCamError, UsageError, check_range, cli
 from .storage import atomic_write_bytes, atomic_write_json
 
@@ -300,8 +301,7 @@ def merge_shards(out: Path) -> list[dict[str, Any]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from timm.utils import ParseKwargs
-
+    from .checkpoint import ModelKwargsAction
     from .wsi.cli import add_slide_options
 
     p = argparse.ArgumentParser(prog='python -m timm_inception_pcam.cohort', description=__doc__.split('\n')[0],
@@ -310,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--out', '--output', dest='out', required=True, help='cohort folder (one sub-folder per slide)')
     p.add_argument('--model', default=None)
     p.add_argument('--checkpoint', default=None, help='checkpoint, .onnx or TensorRT .plan (as for the slide command)')
-    p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs)
+    p.add_argument('--model-kwargs', nargs='*', default={}, action=ModelKwargsAction)
     p.add_argument('--use-ema', action='store_true')
     p.add_argument('--backend', default='auto', help='inference backend (as for the slide command)')
     p.add_argument('--executor', choices=('ray', 'local'), default='ray',
@@ -335,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             raise UsageError('--merge joins the shard tables in --out; give no slides with it')
         rows = merge_shards(out)
     else:
-        check_range('--workers', args.workers, 1)
+        check_range('--workers', args.workers, 1, MAX_WORKERS)
         check_range('--threads', args.threads, 1, os.cpu_count() or 1)
         options = slide_options_from_args(args)
         jobs = collect_slides(args.slides)

@@ -36,10 +36,9 @@ from typing import Any
 import numpy as np
 import timm
 import torch
-from timm.utils import ParseKwargs
 
-from .checkpoint import load_model
-from .constants import LABEL_NAMES, PCAM_NUM_CLASSES
+from .checkpoint import ModelKwargsAction, load_model
+from .constants import LABEL_NAMES, MAX_SEED, MAX_WORKERS, PCAM_NUM_CLASSES
 from .data import PCamDataset
 from .data.files import normalize_split
 from .data.provenance import folder_provenance
@@ -97,7 +96,8 @@ class EvalConfig:
         """Range-check the numbers and fold the precision's aliases; UsageError on a bad value."""
         check_range('--tta', self.tta, 1, MAX_TTA)
         check_range('--batch-size', self.batch_size, 1)
-        check_range('--workers', self.workers, 0)
+        check_range('--workers', self.workers, 0, MAX_WORKERS)
+        check_range('--seed', self.seed, 0, MAX_SEED)
         check_range('--bootstrap', self.bootstrap, 1)
         check_range('--limit', self.limit, 1)
         if self.threshold_method not in THRESHOLD_METHODS:
@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what to score: our checkpoint, timm train.py's .pth.tar, a .safetensors file, "
                         "hf-hub:org/name, an .onnx file (FP32 or FP16) or a TensorRT .plan")
     p.add_argument('--model', default=None, help='model name (default: the architecture stored in the checkpoint)')
-    p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, help='e.g. depths="(1, 1, 1)"')
+    p.add_argument('--model-kwargs', nargs='*', default={}, action=ModelKwargsAction, help='e.g. depths="(1, 1, 1)"')
     p.add_argument('--use-ema', action='store_true', help='evaluate the EMA weights of the checkpoint')
     p.add_argument('--data-dir', required=True, help='folder with the PCam HDF5 files')
     p.add_argument('--split', default='test', help='train, valid or test (default: test)')

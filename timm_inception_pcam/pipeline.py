@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from timm.utils import ParseKwargs
-
+from .checkpoint import ModelKwargsAction
+from .constants import MAX_SEED, MAX_WORKERS
 from .errors import check_range
 from .storage import atomic_write_json, claim_output_dir
 from .train import TrainConfig, TrainResult, train
@@ -63,6 +63,8 @@ class PipelineConfig:
         check_range('--n-train', self.n_train, 2)
         check_range('--n-eval', self.n_eval, 2)
         check_range('--tta', self.tta, 1, 8)
+        check_range('--workers', self.workers, 0, MAX_WORKERS)
+        check_range('--seed', self.seed, 0, MAX_SEED)
 
 
 def train_config(cfg: PipelineConfig, data_dir: Path, output: Path, **over: Any) -> TrainConfig:
@@ -192,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--output', type=Path, default=d.output, help='folder for every artefact of the run')
     p.add_argument('--overwrite', action='store_true', help='replace the run already in --output')
     p.add_argument('--model', default=d.model)
-    p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+    p.add_argument('--model-kwargs', nargs='*', default={}, action=ModelKwargsAction,
                    help='architecture arguments, e.g. depths=1,1,1 for a quick reduced-depth run')
     p.add_argument('--n-train', type=int, default=d.n_train, help='synthetic training patches')
     p.add_argument('--n-eval', type=int, default=d.n_eval, help='synthetic validation and test patches (each)')

@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..constants import SPLITS
+from ..constants import MAX_SEED, MAX_WORKERS, SPLITS
 from ..errors import MissingFileError, UsageError, check_range, cli
 
 __all__ = ['build_parser', 'main']
@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_args(args: argparse.Namespace) -> None:
     for name in ('n', 'n_valid', 'n_test'):
         check_range(f'--{name.replace("_", "-")}', getattr(args, name, None), 1)
-    check_range('--workers', getattr(args, 'workers', None), 1)
+    check_range('--workers', getattr(args, 'workers', None), 1, MAX_WORKERS)
+    check_range('--seed', getattr(args, 'seed', None), 0, MAX_SEED)
     check_range('--shard-size', getattr(args, 'shard_size', None), 1)
     root = Path(args.data_dir)
     if args.command != 'synth' and args.command != 'download' and not root.is_dir():

@@ -10,9 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from timm.utils import ParseKwargs
-
-from ..constants import PCAM_NUM_CLASSES
+from ..checkpoint import ModelKwargsAction
+from ..constants import MAX_SEED, MAX_WORKERS, PCAM_NUM_CLASSES
 from ..errors import PCamError, check_range
 from ..precision import AUTOCAST_PRECISIONS, parse_precision
 
@@ -99,6 +98,8 @@ class TrainConfig:
                           ('limit_train', 1), ('limit_val', 1), ('workers', 0), ('num_classes', 2),
                           ('warmup_epochs', 0), ('clip_grad', 0), ('weight_decay', 0), ('momentum', 0)):
             check_range(_option(name), getattr(self, name), low)
+        check_range(_option('workers'), self.workers, 0, MAX_WORKERS)
+        check_range('--seed', self.seed, 0, MAX_SEED)
         check_range('--lr', self.lr, 0, low_open=True)
         check_range('--smoothing', self.smoothing, 0, 1)
         check_range('--aux-weight', self.aux_weight, 0, 10)
@@ -181,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--num-classes', type=int, default=d('num_classes'))
     g.add_argument('--drop', type=float, default=None, help='dropout before the classifier (model default if unset)')
     g.add_argument('--drop-path', type=float, default=None, help='stochastic depth (model default if unset)')
-    g.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+    g.add_argument('--model-kwargs', nargs='*', default={}, action=ModelKwargsAction,
                    help='extra create_model kwargs, e.g. depths=1,1,1')
     g.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=d('channels_last'))
 

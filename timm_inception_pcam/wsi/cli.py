@@ -33,8 +33,7 @@ PROG = 'python -m timm_inception_pcam.slide'
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from timm.utils import ParseKwargs
-
+    from ..checkpoint import ModelKwargsAction
     from ..inference import BACKENDS
 
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split('\n')[0],
@@ -43,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--model', default=None, help='registered model name (default: the checkpoint\'s arch)')
     p.add_argument('--checkpoint', default=None,
                    help='PyTorch checkpoint / .safetensors / hf-hub:org/name, an .onnx model, or a TensorRT .plan')
-    p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, help='extra model arguments')
+    p.add_argument('--model-kwargs', nargs='*', default={}, action=ModelKwargsAction, help='extra model arguments')
     p.add_argument('--use-ema', action='store_true', help='the checkpoint\'s EMA weights')
     p.add_argument('--backend', default='auto', choices=('auto', *BACKENDS),
                    help='auto: the fastest CPU path (inference layer); tensorrt: a .plan on an NVIDIA GPU')
