@@ -66,6 +66,33 @@ def test_truncated_and_corrupt_files_are_one_line(synth_root: Path, tmp_path: Pa
     assert code == 2 and len(err) == 1 and f'{y.name}: not a readable HDF5 file' in err[0]
 
 
+def test_a_refused_output_path_is_one_line(synth_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from timm_inception_pcam.data import convert
+
+    (tmp_path / 'a-file').write_text('not a folder')
+    code, lines = _run_cli(['convert', '--root', str(synth_root), '--output', str(tmp_path / 'a-file')], capsys)
+    assert code == 2 and lines == [f'{PROG}: error: {tmp_path / "a-file"}: File exists; expected a folder or '
+                                   'nothing there']
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, 'No space left on device', str(tmp_path / 'out' / 'x.png'))
+
+    monkeypatch.setattr(convert, 'convert_pcam', full)
+    code, lines = _run_cli(['convert', '--root', str(synth_root), '--output', str(tmp_path / 'out')], capsys)
+    assert code == 2 and lines[-1].endswith('x.png: No space left on device; free some space or choose another '
+                                            'location')
+
+    def bug(*args, **kwargs):  # an OSError that is no refusal of a path (here: none named) stays a traceback
+        raise OSError(errno.ENOSPC, 'No space left on device')
+
+    monkeypatch.setattr(convert, 'convert_pcam', bug)
+    with pytest.raises(OSError, match='No space'):
+        cli(main, PROG, ['convert', '--root', str(synth_root), '--output', str(tmp_path / 'out')])
+
+
 def test_subprocess_user_error_has_no_traceback(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, '-m', 'timm_inception_pcam.data', 'info', '--root', str(tmp_path / 'x')],
                             capture_output=True, text=True, timeout=300)

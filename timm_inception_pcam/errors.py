@@ -3,8 +3,10 @@
 A user error (a missing file, a bad value, a folder in use) raises a `PCamError` subclass whose message says what
 was wrong, with which file or value, and what was expected. `cli()` prints it as one line and exits 2; anything else
 is a bug and keeps its traceback. Subclasses also derive from the built-in class that fits (ValueError, OSError,
-RuntimeError) so `except ValueError` callers keep working.
+RuntimeError) so `except ValueError` callers keep working. The system refusing a path (read-only, no permission, a
+full disk, a file where a folder goes) is the user's to fix too: one line naming the path.
 """
+import errno
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -17,6 +19,12 @@ __all__ = [
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+_REFUSED = {  # errno -> what was expected of the path
+    errno.EACCES: 'expected a path this user may use', errno.EPERM: 'expected a path this user may use',
+    errno.EROFS: 'expected a writable file system', errno.ENOSPC: 'free some space or choose another location',
+    errno.EDQUOT: 'free some space or choose another location', errno.EEXIST: 'expected a folder or nothing there',
+    errno.ENOTDIR: 'expected a folder there, not a file', errno.EISDIR: 'expected a file there, not a folder',
+}
 
 
 class PCamError(Exception):
@@ -75,7 +83,8 @@ def check_range(name: str, value: float | int | None, low: float | None = None, 
 
 def cli(main: Callable[[Sequence[str] | None], Any], prog: str,
         argv: Sequence[str] | None = None) -> int:
-    """Run `main(argv)`: a PCamError becomes `prog: error: message` on stderr and exit 2; Ctrl-C exits 130.
+    """Run `main(argv)`: a PCamError or a refused path becomes `prog: error: message` on stderr and exit 2; Ctrl-C
+    exits 130.
 
     An int returned by `main` is the exit status (e.g. export.trt's 3: no GPU here); anything else means 0.
     """
@@ -86,6 +95,11 @@ def cli(main: Callable[[Sequence[str] | None], Any], prog: str,
     except PCamError as e:
         message = ' '.join(str(e).split()) or type(e).__name__
         print(f'{prog}: error: {message}', file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:
+        if e.errno not in _REFUSED or not e.filename:
+            raise
+        print(f'{prog}: error: {e.filename}: {e.strerror}; {_REFUSED[e.errno]}', file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f'{prog}: interrupted; nothing half-written was left visible (rerun to resume or replace)',
