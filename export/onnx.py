@@ -291,7 +291,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--name', default=None, help='file stem of the artefacts (default: the model name)')
     parser.add_argument('--bake-preprocessing', action='store_true',
                         help='graph takes raw uint8 NHWC patches (default: normalised float32 NCHW)')
-    parser.add_argument('--opset', type=int, default=MIN_OPSET, help=f'ONNX opset (>= {MIN_OPSET})')
+    parser.add_argument('--opset', type=int, default=MIN_OPSET,
+                        help=f'ONNX opset ({MIN_OPSET} to the installed onnx package\'s newest)')
     parser.add_argument('--data-dir', default=None,
                         help='PCam folder for the parity patches (default: seeded random patches)')
     parser.add_argument('--split', default='valid', help='split of --data-dir used for parity checks')
@@ -313,7 +314,10 @@ def check_model_args(args: argparse.Namespace) -> None:
     check_range('--parity-samples', args.parity_samples, 1)
     check_range('--tolerance', args.tolerance, 0, low_open=True)
     if hasattr(args, 'opset'):
-        check_range('--opset', args.opset, MIN_OPSET)
+        check_range('--opset', args.opset, MIN_OPSET, onnx.defs.onnx_opset_version())
+    name = args.name
+    if name is not None and (not name.strip() or Path(name).name != name or name in ('.', '..')):
+        raise UsageError(f'--name {name!r}: expected a file stem for the artefacts in --output (no folders)')
 
 
 def onnx_stage_from_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from timm_inception_pcam.storage import atomic_write_json, file_sha256
 from .onnx import (
     DEFAULT_TOLERANCE,
     add_model_args,
+    check_model_args,
     checkpoint_sha256,
     load_export_model,
     load_patches,
@@ -124,8 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     precision = PRECISION_CHOICES[args.precision]
-    check_range('--batch-size', args.batch_size, 1)
-    check_range('--parity-samples', args.parity_samples, 1)
+    check_model_args(args)
     check_range('--calibration-samples', args.calibration_samples, 1)
     if args.bake_preprocessing:
         raise UsageError('--bake-preprocessing applies to ONNX; the OpenVINO runner normalises on the host')

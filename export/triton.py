@@ -34,7 +34,7 @@ from typing import Any
 from timm_inception_pcam.errors import ExportError, OutputExistsError, UsageError, check_range, cli
 from timm_inception_pcam.storage import file_sha256
 
-from .onnx import add_model_args, checkpoint_sha256, load_export_model
+from .onnx import add_model_args, check_model_args, checkpoint_sha256, load_export_model
 from .spec import IOSpec
 
 __all__ = ['FORMATS', 'OUTPUT_NAME', 'build_repository', 'model_config', 'validate_model_config', 'main']
@@ -296,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
+    check_model_args(args)
     check_range('--max-batch-size', args.max_batch_size, 1)
     check_range('--instances', args.instances, 1)
     formats = [f.strip() for f in args.formats.split(',') if f.strip()]

@@ -18,6 +18,9 @@ def _one_line(capsys: pytest.CaptureFixture, expected: str) -> None:
     (['--model', 'inception_v4_pcam', '--parity-samples', '-1'], '--parity-samples must be >= 1'),
     (['--model', 'inception_v4_pcam', '--opset', '11'], '--opset must be >= 18'),
     (['--model', 'inception_v4_pcam', '--tolerance', '0'], '--tolerance must be > 0'),
+    (['--model', 'inception_v4_pcam', '--opset', '999'], '--opset must be >= 18 and <= '),
+    (['--model', 'inception_v4_pcam', '--name', '../escape'], "--name '../escape': expected a file stem"),
+    (['--model', 'inception_v4_pcam', '--name', ''], "--name '': expected a file stem"),
     (['--model', 'no_such_model'], "--model: unknown model 'no_such_model'"),
     ([], 'give --model, --checkpoint, or both'),
     (['--checkpoint', '{tmp}/missing.pth'], 'missing.pth: checkpoint file not found'),
@@ -29,6 +32,18 @@ def test_export_onnx_user_errors(extra, expected, tmp_path: Path, capsys) -> Non
     assert cli(main, 'python -m export.onnx', ['--output', str(out), *[a.format(tmp=tmp_path) for a in extra]]) == 2
     _one_line(capsys, expected)
     assert not out.exists() or not any(out.iterdir())  # nothing under its final name (nor any name)
+    assert not (tmp_path / 'escape.onnx').exists()
+
+
+@pytest.mark.parametrize('command', ['openvino', 'triton'])
+def test_the_other_exports_check_the_same_options(command: str, tmp_path: Path, capsys) -> None:
+    import importlib
+
+    main = importlib.import_module(f'export.{command}').main
+    out = ['--model-repository' if command == 'triton' else '--output', str(tmp_path / 'out')]
+    assert cli(main, f'python -m export.{command}', ['--model', 'inception_v4_pcam', *out, '--name', '../x']) == 2
+    _one_line(capsys, "--name '../x': expected a file stem")
+    assert not list(tmp_path.iterdir())
 
 
 def test_broken_onnx_files_are_named(tmp_path: Path, capsys) -> None:
