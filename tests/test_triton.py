@@ -163,3 +163,16 @@ def test_unreachable_server_is_one_line(tmp_path: Path) -> None:
 
     with pytest.raises(InferenceError, match='127.0.0.1:9: cannot reach the server'):
         infer_patches('127.0.0.1:9', 'm', np.zeros((1, 96, 96, 3), np.uint8), timeout=2)
+
+
+@pytest.mark.parametrize('url', ['http://localhost:8000', 'http://[bad', 'localhost:8000/v2', ' '])
+def test_a_url_with_a_scheme_or_path_is_one_line(url: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import gc
+
+    from timm_inception_pcam.serve_client import main
+
+    np.save(tmp_path / 'p.npy', np.zeros((1, 96, 96, 3), np.uint8))
+    assert cli(main, 'serve_client', ['--url', url, '--model', 'm', str(tmp_path / 'p.npy')]) == 2
+    gc.collect()  # a half-built client's __del__ would print its traceback here
+    err = capsys.readouterr().err
+    assert f"--url {url!r}: expected HOST:PORT" in err and 'Traceback' not in err and len(err.strip().splitlines()) == 1

@@ -31,6 +31,9 @@ def infer_patches(url: str, model: str, patches: np.ndarray, batch_size: int = 6
     from tritonclient.utils import InferenceServerException
 
     patches = check_patches(patches, 'patches')
+    if '/' in url or not url.strip() or any(c.isspace() for c in url):
+        raise UsageError(f'--url {url!r}: expected HOST:PORT, e.g. 127.0.0.1:8000 (no scheme or path: the client '
+                         'speaks HTTP itself)')
     try:
         client = httpclient.InferenceServerClient(url=url, connection_timeout=timeout, network_timeout=timeout)
         if not client.is_model_ready(model):
