@@ -335,8 +335,13 @@ def test_out_of_range_values_exit_2_with_one_line(extra, option, synthetic, tmp_
     assert not (tmp_path / 'out').exists()
 
 
-@pytest.mark.parametrize('mpp,match', [(1e-3, 'square read of level'), (1e3, 'tile grid would need')])
+@pytest.mark.parametrize('mpp,match', [(1e-3, 'square read of level'), (1e3, 'upsampling would invent'),
+                                       (3.0, 'tile grid would need')])
 def test_absurd_grids_are_refused_before_allocating(mpp, match, synthetic, tmp_path, capsys, monkeypatch):
+    from timm_inception_pcam.wsi import grid
+
+    if match == 'tile grid would need':  # 3x upsampled: a 9x larger grid, over a limit made small for the test
+        monkeypatch.setattr(grid, 'MAX_GRID_BYTES', 1 << 20)
     allocated, real_full = [], np.full
     monkeypatch.setattr(np, 'full', lambda *a, **k: allocated.append(a) or real_full(*a, **k))
     with pytest.raises(wsi.SlideError, match=match):

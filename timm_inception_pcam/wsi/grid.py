@@ -17,6 +17,7 @@ _READ_PX = 8192  # widest read, in level pixels: bounds the memory of one chunk 
 # Memory a run may plan for its per-tile maps (probability and tissue, float32, plus working copies when the
 # outputs are written) and one grid row of pixels; a grid needing more is refused before anything is allocated.
 MAX_GRID_BYTES = 4 << 30
+MAX_UPSAMPLE = 4.0  # tile px per finest-level px: beyond it the detail the model reads is not in the slide
 _BYTES_PER_CELL = 16
 
 
@@ -88,6 +89,11 @@ def _check_size(grid: TileGrid, mpp_source: str, path: object) -> None:
     """Refuse a grid whose reads or maps would be absurdly large (a wrong --mpp or slide resolution, a tiny stride)."""
     why = (f'level-0 resolution {grid.mpp0:g} um/px from {mpp_source}, tiles at {grid.tile_mpp:g} um/px, '
            f'stride {grid.stride}')
+    if grid.resample < 1 / MAX_UPSAMPLE:
+        raise SlideError(f'{path}: the finest level, {grid.mpp0 * grid.level_downsample:g} um/px, is over '
+                         f'{MAX_UPSAMPLE:g}x coarser than the tiles ({why}): upsampling would invent the detail the '
+                         f'model reads; expected a slide scanned near {PCAM_MPP} um/px or finer: check --mpp / '
+                         f'--target-mpp')
     if grid.tile * grid.resample > _READ_PX:
         raise SlideError(f'{path}: one {grid.tile}-px tile would need a {grid.tile * grid.resample:.3g}-px square '
                          f'read of level {grid.level} ({why}); expected a resolution near {PCAM_MPP} um/px within '
