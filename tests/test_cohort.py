@@ -155,11 +155,17 @@ def test_collect_slides_from_csv_and_bad_input(slides, tmp_path: Path) -> None:
     (['--shard', 'x'], "--shard 'x': expected K/N with integers"),
     (['--workers', '0'], '--workers must be >= 1'),
     (['--threshold', '2'], '--threshold must be'),
+    (['--workers', '100000'], '--workers must be >= 1 and <= 256'),
+    (['--ray-address', 'garbage'], "--ray-address 'garbage': expected auto, local, HOST:PORT"),
+    (['--ray-address', 'http://head:6379'], "--ray-address 'http://head:6379': expected"),
 ])
 def test_user_errors_exit_2_with_one_line(extra, expected, slides, tmp_path: Path, capsys) -> None:
+    for good in (None, 'auto', 'local', '10.0.0.1:6379', 'ray://head:10001'):
+        cohort.check_ray_address(good)
     argv = [str(slides['a']), '--out', str(tmp_path / 'o'), '--executor', 'local', *extra]
     assert cli(cohort.main, 'cohort', argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and expected in err[0] and 'Traceback' not in err[0], err
+    assert not (tmp_path / 'o').exists()
     assert cli(cohort.main, 'cohort', ['--merge', '--out', str(tmp_path / 'empty')]) == 2
     assert 'no cohort.shard-K-of-N.json tables to merge' in capsys.readouterr().err

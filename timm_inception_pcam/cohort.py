@@ -231,6 +231,16 @@ def _advance(bar: Any, rows: dict[str, dict[str, Any]]) -> None:
                     failed=sum(r['status'] == 'failed' for r in rows.values()), refresh=False)
 
 
+def check_ray_address(address: str | None) -> None:
+    """UsageError unless `address` is None, auto, local, HOST:PORT or ray://HOST:PORT."""
+    if address is None or address in ('auto', 'local'):
+        return
+    host, _, port = address.removeprefix('ray://').rpartition(':')
+    if not host or not port.isdigit() or not 0 < int(port) < 65536 or any(c in host for c in '/ '):
+        raise UsageError(f'--ray-address {address!r}: expected auto, local, HOST:PORT or ray://HOST:PORT of a running '
+                         'Ray cluster (e.g. 10.0.0.1:6379)')
+
+
 def _ray_rows(order: Sequence[SlideJob], cfg: CohortConfig, workers: int, address: str | None) -> Iterable[dict]:
     try:
         import ray
@@ -337,6 +347,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     else:
         check_range('--workers', args.workers, 1, MAX_WORKERS)
         check_range('--threads', args.threads, 1, os.cpu_count() or 1)
+        check_ray_address(args.ray_address)
         options = slide_options_from_args(args)
         jobs = collect_slides(args.slides)
         shard = parse_shard(args.shard) if args.shard else None
