@@ -448,6 +448,15 @@ def test_bad_options_are_one_line_before_any_work(extra, message, pcam_dir, chec
     assert not (tmp_path / 'eval').exists()
 
 
+def test_load_model_names_what_is_missing(tmp_path):
+    with pytest.raises(UsageError, match='no model given: pass --model, --checkpoint, or both'):
+        load_model(None, None)
+    with pytest.raises(CheckpointError, match=f'{tmp_path}: a folder, expected a checkpoint file'):
+        load_model(None, tmp_path)
+    with pytest.raises(CheckpointError, match='none.pth: checkpoint file not found'):
+        load_model(None, tmp_path / 'none.pth')
+
+
 @pytest.fixture(scope='module')
 def onnx_files(tmp_path_factory, pcam_dir, checkpoint):
     """The checkpoint exported with export.onnx, and its FP16 conversion by export.fp16."""

@@ -44,7 +44,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f'{path}: checkpoint file not found')
+        raise CheckpointError(f'{path}: a folder, expected a checkpoint file' if path.is_dir()
+                              else f'{path}: checkpoint file not found')
     if path.suffix == '.safetensors':
         from safetensors import SafetensorError, safe_open
         try:
@@ -156,6 +157,8 @@ def load_model(
         ckpt = read_checkpoint(checkpoint) if checkpoint is not None else {}
     arch = ckpt.get('arch')
     if model_name is None:
+        if checkpoint is None:
+            raise UsageError('no model given: pass --model, --checkpoint, or both')
         if not arch:
             raise CheckpointError(f'{checkpoint}: no model name given and the checkpoint records no "arch"')
         model_name = str(arch)
