@@ -80,7 +80,7 @@ def _exit_2(capsys, argv: list[str]) -> str:
     (('--lr', '0'), '--lr must be > 0'),
     (('--n-train', '1'), '--n-train must be >= 2, got 1'),
     (('--tta', '9'), '--tta must be >= 1 and <= 8, got 9'),
-    (('--workers', '-2'), '--workers must be >= 0, got -2'),
+    (('--workers', '-2'), '--workers must be >= 0 and <= 256, got -2'),
 ])
 def test_bad_values_exit_2_before_any_work(tmp_path, capsys, extra, needle) -> None:
     out = tmp_path / 'demo'

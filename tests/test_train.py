@@ -412,7 +412,7 @@ def _exit_2_one_line(capsys, argv: list[str], *needles: str) -> str:
 @pytest.mark.parametrize('extra, needles', [
     (('--epochs', '0'), ('--epochs must be >= 1, got 0',)),
     (('-b', '0'), ('--batch-size must be >= 1, got 0',)),
-    (('--workers', '-1'), ('--workers must be >= 0, got -1',)),
+    (('--workers', '-1'), ('--workers must be >= 0 and <= 256, got -1',)),
     (('--lr', '0'), ('--lr must be > 0, got 0.0',)),
     (('--lr', '-0.1'), ('--lr must be > 0',)),
     (('--limit-val', '0'), ('--limit-val must be >= 1',)),

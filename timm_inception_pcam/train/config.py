@@ -95,7 +95,7 @@ class TrainConfig:
         if self.opt_betas is not None:
             self.opt_betas = tuple(self.opt_betas)
         for name, low in (('epochs', 1), ('batch_size', 1), ('validation_batch_size', 1), ('steps_per_epoch', 1),
-                          ('limit_train', 1), ('limit_val', 1), ('workers', 0), ('num_classes', 2),
+                          ('limit_train', 1), ('limit_val', 1), ('num_classes', 2),
                           ('warmup_epochs', 0), ('clip_grad', 0), ('weight_decay', 0), ('momentum', 0)):
             check_range(_option(name), getattr(self, name), low)
         check_range(_option('workers'), self.workers, 0, MAX_WORKERS)
