@@ -187,10 +187,11 @@ def load_model(
         model = _create_model(model_name, pretrained=False, **{**kwargs, 'num_classes': stored_classes})
     own = model.state_dict()
     other_shape = [k for k, v in state_dict.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
-    if [k for k in other_shape if not is_aux_key(k)]:
-        k = next(k for k in other_shape if not is_aux_key(k))
+    mismatched = [k for k in other_shape if not is_aux_key(k)]
+    if mismatched:
+        k = mismatched[0]
         raise CheckpointError(
-            f'{checkpoint}: weights do not match {model_name} {kwargs or ""}: {len(other_shape)} tensors of other '
+            f'{checkpoint}: weights do not match {model_name} {kwargs or ""}: {len(mismatched)} tensors of other '
             f'shapes (e.g. {k}: {tuple(state_dict[k].shape)} in the checkpoint, {tuple(own[k].shape)} in the model)')
     state_dict = {k: v for k, v in state_dict.items() if k not in other_shape}  # aux heads of another size: fresh
     result = model.load_state_dict(state_dict, strict=False)

@@ -86,7 +86,8 @@ def _grid_count(size: float, tile: int, stride: int) -> int:
 
 
 def _check_size(grid: TileGrid, mpp_source: str, path: object) -> None:
-    """Refuse a grid whose reads or maps would be absurdly large (a wrong --mpp or slide resolution, a tiny stride)."""
+    """Refuse a grid upsampled beyond MAX_UPSAMPLE or whose reads or maps would be absurdly large (a wrong --mpp or
+    slide resolution, a tiny stride)."""
     why = (f'level-0 resolution {grid.mpp0:g} um/px from {mpp_source}, tiles at {grid.tile_mpp:g} um/px, '
            f'stride {grid.stride}')
     if grid.resample < 1 / MAX_UPSAMPLE:
