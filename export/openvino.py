@@ -17,17 +17,14 @@ runner reads it:
 Files appear together when complete (written in a temporary folder, then renamed into `--output`).
 """
 import argparse
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from timm_inception_pcam.errors import ExportError, UsageError, check_range, cli
-from timm_inception_pcam.storage import atomic_write_json, file_sha256
+from timm_inception_pcam.storage import atomic_write_json, file_sha256, staged_outputs
 
 from .onnx import (
     DEFAULT_TOLERANCE,
@@ -77,8 +74,7 @@ def export_openvino(model: Any, output: Path, *, model_name: str, checkpoint: st
     spec = IOSpec()
     ov_model, _ = cached_model(model, 'int8' if precision == 'int8' else 'fp32', calibration, calibration_info,
                                spec.mean, spec.std)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{stem}.', suffix='.partial', dir=output))
-    try:
+    with staged_outputs(output, last=f'{stem}.xml') as tmp:  # the .xml last: it is the entry
         xml, bin_ = tmp / f'{stem}.xml', tmp / f'{stem}.bin'
         ov.save_model(ov_model, str(xml), compress_to_fp16=False)
         sidecar = {
@@ -103,11 +99,6 @@ def export_openvino(model: Any, output: Path, *, model_name: str, checkpoint: st
             raise ExportError(f'{output / xml.name}: OpenVINO {precision} differs from PyTorch (max |logit diff| '
                               f'{report["max_abs_logit_diff"]:.3g}, decision agreement '
                               f'{report["decision_agreement"]:.4f}); nothing was written')
-        names = [bin_.name, f'{stem}.xml.json', f'{stem}.xml.parity.json', xml.name]  # the .xml last: it is the entry
-        for name in names:
-            os.replace(tmp / name, output / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return {'xml': output / f'{stem}.xml', 'bin': output / f'{stem}.bin', 'sidecar': output / f'{stem}.xml.json',
             'parity_report': output / f'{stem}.xml.parity.json', 'parity': report}
 

@@ -1,5 +1,6 @@
 """The evaluator end to end on a tiny synthetic PCam set with a reduced-depth Inception-v4, and its bad inputs."""
 import csv
+import errno
 import json
 import math
 import shutil
@@ -538,3 +539,27 @@ def test_a_finished_evaluation_is_replaced_only_when_asked(pcam_dir, checkpoint,
     assert again['metrics'] == first['metrics'] and not list(out.glob('.*partial*'))
     assert evaluate.main([*argv, '--overwrite'])['metrics'] == first['metrics']
     assert not (out / '.lock').exists()
+
+
+def test_a_failed_run_leaves_the_previous_one_as_it_was(pcam_dir, checkpoint, tmp_path, monkeypatch, capsys) -> None:
+    out = tmp_path / 'eval'
+    argv = _args(pcam_dir, checkpoint, out, '--backend', 'channels_last', '--limit', '32')
+    first = evaluate.main(argv)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (out / '.outputs.x.partial').mkdir()  # a killed run's staging folder
+    (out / '.outputs.x.partial' / 'report.json').write_text('{}')
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, 'No space left on device', str(out / 'confusion.png'))
+
+    monkeypatch.setattr(evaluate, 'plot_confusion', full_disk)  # after the predictions and two plots are written
+    assert cli(evaluate.main, 'evaluate', [*argv, '--overwrite']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'No space left on device' in err[0]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing of the failed run is visible
+
+    monkeypatch.undo()
+    (out / 'report.json').unlink()
+    again = evaluate.main(argv)  # without its report the folder is unfinished: the next run replaces every file
+    assert sorted(p.name for p in out.iterdir()) == sorted(evaluate.OUTPUT_NAMES)
+    assert again['metrics'] == first['metrics'] == json.loads((out / 'report.json').read_text())['metrics']

@@ -1,6 +1,9 @@
 """Whole-slide inference on synthetic pyramidal TIFFs painted with the synthetic PCam generator."""
 import csv
+import errno
 import json
+import os
+import socket
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,6 +15,7 @@ from PIL import Image
 
 from timm_inception_pcam import errors, wsi
 from timm_inception_pcam.data.synth_slide import write_synthetic_slide
+from timm_inception_pcam.wsi import outputs
 from timm_inception_pcam.wsi.cli import main
 from timm_inception_pcam.wsi.run import _make_runner
 
@@ -203,6 +207,29 @@ def test_resume_after_interruption_gives_identical_results(synthetic, tmp_path):
         wsi.run_slide(synthetic['path'], Recording(), out, options(min_tissue=0.5), resume=True, progress=False)
 
 
+def test_a_failed_write_shows_nothing_of_the_run_and_resume_finishes_it(synthetic, tmp_path, monkeypatch):
+    out = tmp_path / 'run'
+    wsi.run_slide(synthetic['path'], Recording(), out, options(), progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.name != 'progress.npz'}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, 'No space left on device', str(out / 'heatmap.png'))
+
+    monkeypatch.setattr(outputs, 'plot_heatmap', full_disk)  # after the map and the tile lists are written
+    with pytest.raises(OSError, match='No space left'):  # another --threshold: other tile lists, other summary
+        wsi.run_slide(synthetic['path'], Recording(), out, options(threshold=0.2), progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != 'progress.npz'} == before
+    assert json.loads((out / 'summary.json').read_text())['threshold'] == 0.5  # the previous run, still complete
+
+    monkeypatch.undo()
+    rec = Recording()
+    summary = wsi.run_slide(synthetic['path'], rec, out, options(threshold=0.2), resume=True, progress=False)
+    assert rec.n == 0 and summary['threshold'] == 0.2  # every tile was classified before the write failed
+    listed = list(csv.DictReader((out / 'tiles.csv').open()))
+    assert listed and all(float(row['probability']) >= 0.2 for row in listed)
+    assert sorted(p.name for p in out.iterdir()) == sorted(wsi.FILES.values())
+
+
 def test_corrupt_or_unsupported_slide_gets_a_clear_error(synthetic, tmp_path, capsys):
     junk = tmp_path / 'junk.tif'
     junk.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
@@ -360,6 +387,18 @@ def test_an_output_path_that_is_a_file_exits_2_with_one_line(synthetic, tmp_path
     with pytest.raises(errors.OutputError, match='cannot use as the output folder'):
         wsi.run_slide(synthetic['path'], Recording(), tmp_path / 'taken' / 'below', options(), progress=False)
     assert (tmp_path / 'taken').read_text() == 'a file, not a folder'
+
+
+def test_two_runs_into_one_folder_are_refused(synthetic, tmp_path):
+    out = tmp_path / 'run'
+    out.mkdir()
+    (out / '.lock').write_text(f'{os.getppid()} {socket.gethostname()}\n')  # a live process holds it
+    with pytest.raises(errors.OutputError, match='in use by another run'):
+        wsi.run_slide(synthetic['path'], Recording(), out, options(), progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ['.lock']
+    (out / '.lock').write_text('999999999 ' + socket.gethostname())  # its process is gone: taken over
+    wsi.run_slide(synthetic['path'], Recording(), out, options(), progress=False)
+    assert (out / 'summary.json').is_file() and not (out / '.lock').exists()
 
 
 @pytest.mark.parametrize('module', ['timm_inception_pcam.slide', 'timm_inception_pcam.wsi'])

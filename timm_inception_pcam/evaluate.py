@@ -59,7 +59,7 @@ from .metrics import (
     select_threshold,
 )
 from .precision import AUTOCAST_PRECISIONS, parse_precision
-from .storage import atomic_path, atomic_write_json, claim_output_dir, file_sha256
+from .storage import atomic_path, atomic_write_json, claim_output_dir, file_sha256, staged_outputs
 
 __all__ = ['REPORT_FORMAT', 'EvalConfig', 'evaluate', 'evaluate_split', 'build_parser', 'main']
 
@@ -322,21 +322,29 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     dataset = _open_evaluated_split(cfg.data_dir, split)  # fail on a missing split before loading any weights
     artefact, kind = _load(cfg)
     device = cfg.device or 'auto'
-    # One run owns the folder; report.json is written last, so a folder never pairs one run's report with
-    # another's predictions or plots (a killed run leaves no report.json, and the next run needs --overwrite only
-    # when a finished report is there).
-    with claim_output_dir(cfg.output, overwrite=cfg.overwrite, finished=('report.json',), replaces=OUTPUT_NAMES):
+    # One run owns the folder, and its files appear together when it completes, report.json last: a folder never
+    # pairs one run's report with another's predictions or plots, and a failed or killed run (even with
+    # --overwrite) leaves the previous run's files as they were.
+    with claim_output_dir(cfg.output, overwrite=cfg.overwrite, finished=('report.json',)), \
+            staged_outputs(cfg.output, last='report.json', stale=OUTPUT_NAMES) as staging:
         # No per-batch thresholds: the threshold is chosen later, and `Settler` settles what depends on it.
         runner = create_runner(artefact, _backend(cfg, kind, device), device, cfg.precision, cfg.batch_size,
                                thresholds=())
         try:
-            return _evaluate(cfg, split, dataset, runner, artefact, kind, t0)
+            report = _evaluate(cfg, split, dataset, runner, artefact, kind, t0, staging)
         finally:
             runner.close()
+    _print_table(report)
+    m = report['metrics']
+    print(f"evaluate: {report['model']} on {split} (n={report['n']}, tta={cfg.tta}): ROC AUC {_fmt(m['roc_auc'])}, "
+          f"accuracy {_fmt(m['accuracy'])}, F1 {_fmt(m['f1'])} at threshold {report['threshold']['value']:.4f} "
+          f"({report['threshold']['source']}) -> {Path(cfg.output) / 'report.json'}")
+    return report
 
 
 def _evaluate(cfg: EvalConfig, split: str, dataset: PCamDataset, runner: Any, artefact: Any, kind: str,
-              t0: float) -> dict[str, Any]:
+              t0: float, out: Path) -> dict[str, Any]:
+    """Score, choose the threshold, and write the report, predictions and plots into `out`; returns the report."""
     spec = runner.spec
     _check_classes(cfg, len(spec.label_names))
     model_name = (model_name_of(artefact) if kind == 'checkpoint' else spec.extra.get('model')) or cfg.model
@@ -364,7 +372,6 @@ def _evaluate(cfg: EvalConfig, split: str, dataset: PCamDataset, runner: Any, ar
                                       for r, n in zip(settler.check.stages[1:], settler.rescored[1:])}}
     result = evaluate_split(labels, views, threshold['value'], plain_threshold, cfg.bootstrap, cfg.seed)
 
-    out = Path(cfg.output)
     probs = views.mean(axis=0)
     _write_predictions(out / 'predictions.csv', labels, probs, threshold['value'], views[0] if cfg.tta > 1 else None)
     plot_roc(labels, probs, out / PLOTS['roc'], threshold['value'], title=f'ROC, {model_name}, {split}')
@@ -402,11 +409,6 @@ def _evaluate(cfg: EvalConfig, split: str, dataset: PCamDataset, runner: Any, ar
         'seconds': round(time.perf_counter() - t0, 2),
     })
     atomic_write_json(out / 'report.json', report)
-    _print_table(report)
-    m = report['metrics']
-    print(f"evaluate: {model_name} on {split} (n={report['n']}, tta={cfg.tta}): ROC AUC {_fmt(m['roc_auc'])}, "
-          f"accuracy {_fmt(m['accuracy'])}, F1 {_fmt(m['f1'])} at threshold {threshold['value']:.4f} "
-          f"({threshold['source']}) -> {out / 'report.json'}")
     return report
 
 

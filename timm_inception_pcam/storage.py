@@ -12,7 +12,8 @@ from typing import Any
 
 from .errors import OutputError
 
-__all__ = ['atomic_path', 'atomic_write_bytes', 'atomic_write_json', 'file_sha256', 'claim_output_dir']
+__all__ = ['atomic_path', 'atomic_write_bytes', 'atomic_write_json', 'staged_outputs', 'file_sha256',
+           'claim_output_dir']
 
 
 def _process_umask() -> int:
@@ -54,6 +55,41 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + '\n').encode())
+
+
+STAGING_PREFIX = '.outputs.'  # staged_outputs' folders: '.outputs.XXXXXXXX.partial'
+
+
+@contextlib.contextmanager
+def staged_outputs(folder: str | os.PathLike, *, last: str, stale: Sequence[str] = ()) -> Iterator[Path]:
+    """Yield a new hidden folder inside `folder` to write a run's output files into; they appear in `folder` together.
+
+    When the block completes: `last` (the run's completion marker, e.g. 'report.json') is deleted from `folder`, every
+    file written in the staging folder is moved onto its name in `folder`, the names in `stale` this run did not write
+    are deleted, and `last` is moved in at the end. When the block raises (a full disk, a bug, Ctrl-C), the staging
+    folder is deleted: nothing of the run becomes visible and the previous run's files are left as they were. A
+    staging folder left by a killed run is deleted by the next `claim_output_dir` on `folder`.
+    """
+    import shutil
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, suffix='.partial', dir=folder))
+    try:
+        yield staging
+        names = sorted(p.name for p in staging.iterdir())
+        if last not in names:
+            raise RuntimeError(f'staged_outputs: the run wrote no {last} in {staging}')
+        (folder / last).unlink(missing_ok=True)
+        for name in names:
+            if name != last:
+                os.replace(staging / name, folder / name)
+        for name in stale:
+            if name not in names:
+                (folder / name).unlink(missing_ok=True)
+        os.replace(staging / last, folder / last)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
@@ -142,7 +178,8 @@ def claim_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resume
       is refused unless `resume` (continue it) or `overwrite` (delete the names in `replaces`, then start afresh);
       the message names both options (`resume_hint`, e.g. '--resume runs/x/last.pth to continue it', is omitted
       when the command cannot resume).
-    - Temporary files of `atomic_path` left in the folder by a killed run (`.NAME.*.partial*`) are deleted.
+    - Temporary files of `atomic_path` and folders of `staged_outputs` left in the folder by a killed run
+      (`.NAME.*.partial*`) are deleted.
     - `path` naming an existing file is refused; a folder this call created and the block left empty is removed.
 
     Commands call it once, on their top-level output folder (under DDP, rank 0 only).
@@ -173,7 +210,9 @@ def claim_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resume
             raise OutputError(f'{option} {path} already holds a run ({done[0]}): {hint}--overwrite to replace it, '
                               f'or choose another {option}')
         for tmp in path.glob(PARTIAL_GLOB):
-            if tmp.is_file():
+            if tmp.is_dir() and not tmp.is_symlink() and tmp.name.startswith(STAGING_PREFIX):
+                shutil.rmtree(tmp)
+            elif tmp.is_file():
                 tmp.unlink()
         yield path
     finally:

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from ..constants import LABEL_NAMES, PCAM_NUM_CLASSES
 from ..errors import InferenceError, OutputError
-from ..storage import atomic_path, file_sha256
+from ..storage import atomic_path, claim_output_dir, file_sha256, staged_outputs
 from .grid import TileGrid, plan_grid, read_row, tissue_fractions
 from .options import SlideOptions
 from .outputs import FILES, PROGRESS_NAME, fmt, write_outputs
@@ -115,6 +115,13 @@ def run_slide(
     except OSError as e:
         raise OutputError(f'{out}: cannot use as the output folder ({e.strerror or e}); expected a writable '
                           f'folder') from e
+    with claim_output_dir(out, option='--out'):  # one run per folder: two would interleave their progress saves
+        return _classify(slide, predict, out, options, grid, mpp_source, resume, run_info, progress)
+
+
+def _classify(slide: WholeSlide, predict: Predictor, out: Path, options: SlideOptions, grid: TileGrid,
+              mpp_source: str, resume: bool, run_info: dict[str, Any], progress: bool | None) -> dict[str, Any]:
+    """`run_slide` in its claimed folder: the loop with its progress saves, then the outputs, published together."""
     fingerprint = _fingerprint(slide, grid, options, run_info)
     progress_path = out / PROGRESS_NAME
     prob = np.full((grid.rows, grid.cols), np.nan, dtype=np.float32)
@@ -126,7 +133,6 @@ def run_slide(
         tqdm.write(f'slide: resuming {slide.path.name} at row {rows_done} of {grid.rows}')
     elif progress_path.exists():
         tqdm.write(f'slide: {progress_path} exists: starting over (pass --resume to continue it)')
-    (out / FILES['summary']).unlink(missing_ok=True)  # present only once every output is complete
     start_row = rows_done
 
     classified = 0
@@ -201,7 +207,10 @@ def run_slide(
         'seconds': round(seconds, 3),
         'tiles_per_second': round(classified / seconds, 3) if classified and seconds > 0 else None,
     }
-    summary.update(write_outputs(slide, grid, prob, tissue, out, options, summary))
+    # The map, heatmap, tile lists and summary appear together, summary.json last; until then a previous run's
+    # complete set stays as it was (a slide with a summary.json is done, for the cohort too).
+    with staged_outputs(out, last=FILES['summary']) as staging:
+        summary.update(write_outputs(slide, grid, prob, tissue, staging, options, summary))
     caveat = ' (model trained on synthetic data)' if summary.get('data_provenance') == 'synthetic' else ''
     tqdm.write(f"slide: {slide.path.name}: {summary['tissue_tiles']} tissue tiles of {grid.rows * grid.cols} at "
                f"{grid.tile_mpp:.3f} um/px (level {grid.level}"
