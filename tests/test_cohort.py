@@ -2,6 +2,7 @@
 deterministic shards for batch schedulers and their merge."""
 import csv
 import json
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -169,3 +170,20 @@ def test_user_errors_exit_2_with_one_line(extra, expected, slides, tmp_path: Pat
     assert not (tmp_path / 'o').exists()
     assert cli(cohort.main, 'cohort', ['--merge', '--out', str(tmp_path / 'empty')]) == 2
     assert 'no cohort.shard-K-of-N.json tables to merge' in capsys.readouterr().err
+
+
+def test_an_unreachable_ray_address_is_one_line_before_any_work(slides, tmp_path: Path, capsys) -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    for address in (f'127.0.0.1:{port}', f'ray://127.0.0.1:{port}'):
+        argv = [str(slides['a']), '--out', str(tmp_path / 'o'), '--ray-address', address, *COMMON]
+        assert cli(cohort.main, 'cohort', argv) == 2  # Ray itself retries a dead address for minutes
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f'no Ray cluster answers at 127.0.0.1:{port}' in err[0], err
+        assert not (tmp_path / 'o').exists()
+    pytest.importorskip('ray', reason='ray is a declared dependency (cohort extra)')
+    cfg = cohort.CohortConfig(out=str(tmp_path / 'lib'), model='inception_v4_pcam')
+    with pytest.raises(UsageError, match='no Ray cluster answers'):  # the library entry point checks too
+        cohort.run_cohort([cohort.SlideJob('a', str(slides['a']))], cfg, ray_address=f'127.0.0.1:{port}',
+                          progress=False)

@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import Iterable, Sequence
 from contextlib import ExitStack
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 COLUMNS = ('slide_id', 'path', 'status', 'error', 'tissue_tiles', 'tissue_area_mm2', 'max_probability', 'max_x',
            'max_y', 'area_over_threshold_mm2', 'seconds', 'backend', 'data_provenance')
 TABLE_FORMAT = 'timm-inception-pcam-cohort/1'
+RAY_CONNECT_TIMEOUT = 10.0  # seconds to wait for a --ray-address HOST:PORT to accept a connection
 
 
 class CohortError(PCamError):
@@ -241,6 +243,19 @@ def check_ray_address(address: str | None) -> None:
                          'Ray cluster (e.g. 10.0.0.1:6379)')
 
 
+def _check_ray_reachable(address: str, timeout: float = RAY_CONNECT_TIMEOUT) -> None:
+    """UsageError when nothing accepts a connection at a HOST:PORT address (Ray itself would retry for minutes)."""
+    if address in ('auto', 'local'):
+        return
+    host, _, port = address.removeprefix('ray://').rpartition(':')
+    try:
+        socket.create_connection((host.strip('[]'), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise UsageError(f'--ray-address {address}: no Ray cluster answers at {host}:{port} '
+                         f'({e.strerror or e or "timed out"}); expected a running head node (`ray start --head` '
+                         f'there), or leave --ray-address out to start Ray on this machine') from None
+
+
 def _ray_rows(order: Sequence[SlideJob], cfg: CohortConfig, workers: int, address: str | None) -> Iterable[dict]:
     try:
         import ray
@@ -250,6 +265,8 @@ def _ray_rows(order: Sequence[SlideJob], cfg: CohortConfig, workers: int, addres
                          f'--executor local') from None
     started = not ray.is_initialized()
     if started:
+        if address:
+            _check_ray_reachable(address)
         kwargs: dict[str, Any] = {'address': address} if address else {'num_cpus': workers * cfg.threads}
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kwargs)
     try:
@@ -348,6 +365,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         check_range('--workers', args.workers, 1, MAX_WORKERS)
         check_range('--threads', args.threads, 1, os.cpu_count() or 1)
         check_ray_address(args.ray_address)
+        if args.executor == 'ray' and args.ray_address:
+            _check_ray_reachable(args.ray_address)
         options = slide_options_from_args(args)
         jobs = collect_slides(args.slides)
         shard = parse_shard(args.shard) if args.shard else None
