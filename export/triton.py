@@ -216,6 +216,8 @@ def build_repository(model: Any, repository: Path, *, model_name: str, checkpoin
                                     f'choose another --model-repository')
         if not overwrite:
             raise OutputExistsError(f'{repository}: holds a finished repository; pass --overwrite to replace it')
+    # The plans and their sidecars are checked before the (minutes-long) export, not found wanting after it.
+    by_cc = _plan_files(plans, len(IOSpec().label_names)) if 'tensorrt' in formats and plans else {}
     repository.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{repository.name}.', suffix='.partial', dir=repository.parent))
     written: dict[str, Any] = {'models': {}, 'skipped': {}}
@@ -246,8 +248,7 @@ def build_repository(model: Any, repository: Path, *, model_name: str, checkpoin
             written['models'][name] = 'openvino'
         if 'tensorrt' in formats:
             name = f'{model_name}_tensorrt'
-            if plans:
-                by_cc = _plan_files(plans, len(spec.label_names))
+            if by_cc:
                 version = tmp / name / '1'
                 version.mkdir(parents=True)
                 cc_files = {}

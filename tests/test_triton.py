@@ -87,7 +87,7 @@ def test_served_models_return_the_model_probabilities(repository, model) -> None
     np.testing.assert_allclose(compiled(patches)[0], expected, atol=1e-4)
 
 
-def test_tensorrt_plans_map_per_compute_capability(model, repository, tmp_path: Path) -> None:
+def test_tensorrt_plans_map_per_compute_capability(model, repository, tmp_path: Path, monkeypatch) -> None:
     from export.sidecar import Profile, make_sidecar, write_sidecar
     from export.spec import IOSpec
     from timm_inception_pcam.storage import file_sha256
@@ -120,6 +120,15 @@ def test_tensorrt_plans_map_per_compute_capability(model, repository, tmp_path: 
         build_repository(model, out, model_name='tiny', checkpoint=None, formats=['tensorrt'], plans=plans,
                          overwrite=True)
     assert (out / 'tiny_tensorrt' / '1' / 'model_sm90.plan').read_bytes() == b'fake plan for 9.0'  # old one kept
+
+    import export.triton
+    bare = tmp_path / 'bare.plan'
+    bare.write_bytes(b'a plan copied without its sidecar')
+    monkeypatch.setattr(export.triton, '_serving_onnx', lambda *a, **k: pytest.fail('exported before the plans'))
+    with pytest.raises(ExportError, match=r'bare\.plan: sidecar .* not found'):
+        build_repository(model, tmp_path / 'r3', model_name='tiny', checkpoint=None, formats=['onnx', 'tensorrt'],
+                         plans=[bare])
+    assert not (tmp_path / 'r3').exists()
 
 
 def test_tensorrt_without_a_plan_says_how_to_get_one(model, tmp_path: Path) -> None:
