@@ -163,6 +163,15 @@ def test_heatmap_finds_planted_tumour(synthetic, probe_checkpoint, tmp_path):
         assert im.size[0] > THUMB // 2 and im.mode in ('RGB', 'RGBA')
     saved = json.loads((out / 'summary.json').read_text())
     assert saved['tiles_over_threshold'] == len(rows) and saved['data_provenance'] == 'synthetic'
+    assert saved['random_weights'] is False
+
+
+def test_a_model_without_a_checkpoint_says_its_map_means_nothing(synthetic, tmp_path, capsys):
+    summary = main([str(synthetic['path']), '--model', 'inception_v4_pcam', '--model-kwargs', 'depths=1,1,1',
+                    '--out', str(tmp_path / 'run'), '--thumbnail-size', str(THUMB), '--no-progress'])
+    captured = capsys.readouterr()
+    assert 'no --checkpoint: inception_v4_pcam has random weights' in captured.err
+    assert summary['random_weights'] is True and '(random weights: no checkpoint)' in captured.out
 
 
 def test_background_is_never_classified(synthetic, tmp_path):

@@ -14,7 +14,7 @@ from .grid import TileGrid
 from .options import SlideOptions
 from .reader import WholeSlide
 
-__all__ = ['FILES', 'PROGRESS_NAME', 'write_outputs', 'fmt']
+__all__ = ['FILES', 'PROGRESS_NAME', 'write_outputs', 'fmt', 'caveat']
 
 PROGRESS_NAME = 'progress.npz'
 FILES = {'probability': 'probability.npy', 'heatmap': 'heatmap.png', 'csv': 'tiles.csv', 'geojson': 'tiles.geojson',
@@ -23,6 +23,13 @@ FILES = {'probability': 'probability.npy', 'heatmap': 'heatmap.png', 'csv': 'til
 
 def fmt(value: float | None, spec: str = '.3f') -> str:
     return 'n/a' if value is None else format(value, spec)
+
+
+def caveat(info: dict[str, Any]) -> str:
+    """What the heatmap title and the final line add about the weights: none, or synthetic training data."""
+    if info.get('random_weights'):
+        return ' (random weights: no checkpoint)'
+    return ' (model trained on synthetic data)' if info.get('data_provenance') == 'synthetic' else ''
 
 
 def write_outputs(slide: WholeSlide, grid: TileGrid, prob: np.ndarray, tissue: np.ndarray, out: Path,
@@ -68,15 +75,14 @@ def write_outputs(slide: WholeSlide, grid: TileGrid, prob: np.ndarray, tissue: n
         result['max_probability'] = float(prob[r, c])
         result['max_location'] = {'x': round(float(x) + side / 2), 'y': round(float(y) + side / 2), 'row': int(r),
                                   'col': int(c)}
-    caveat = ' (model trained on synthetic data)' if info.get('data_provenance') == 'synthetic' else ''
-    plot_heatmap(slide, grid, prob, out / FILES['heatmap'], options, result['max_probability'], caveat)
+    plot_heatmap(slide, grid, prob, out / FILES['heatmap'], options, result['max_probability'], caveat(info))
     result['files'] = dict(FILES)
     atomic_write_json(out / FILES['summary'], {**info, **result})
     return result
 
 
 def plot_heatmap(slide: WholeSlide, grid: TileGrid, prob: np.ndarray, path: Path, options: SlideOptions,
-                 max_prob: float | None, caveat: str = '') -> None:
+                 max_prob: float | None, note: str = '') -> None:
     """The probability map drawn over the slide thumbnail, each cell centred on its tile's centre."""
     import matplotlib
 
@@ -99,7 +105,7 @@ def plot_heatmap(slide: WholeSlide, grid: TileGrid, prob: np.ndarray, path: Path
     bar = fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02, label=f'P({LABEL_NAMES[1]})')
     bar.solids.set_alpha(1.0)
     ax.set_title(f'{slide.path.name}: {grid.tile_mpp:.3f} um/px, stride {grid.stride}, '
-                 f'max P = {fmt(max_prob)}{caveat}', fontsize=10)
+                 f'max P = {fmt(max_prob)}{note}', fontsize=10)
     with atomic_path(path, suffix='.png') as tmp:
         fig.savefig(tmp, format='png', bbox_inches='tight')
     plt.close(fig)

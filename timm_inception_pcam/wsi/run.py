@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,7 +20,7 @@ from ..errors import InferenceError, OutputError
 from ..storage import atomic_path, claim_output_dir, file_sha256, staged_outputs
 from .grid import TileGrid, plan_grid, read_row, tissue_fractions
 from .options import SlideOptions
-from .outputs import FILES, PROGRESS_NAME, fmt, write_outputs
+from .outputs import FILES, PROGRESS_NAME, caveat, fmt, write_outputs
 from .reader import SlideError, WholeSlide, open_slide
 
 __all__ = ['SUMMARY_FORMAT', 'Predictor', 'run_slide']
@@ -211,11 +212,10 @@ def _classify(slide: WholeSlide, predict: Predictor, out: Path, options: SlideOp
     # complete set stays as it was (a slide with a summary.json is done, for the cohort too).
     with staged_outputs(out, last=FILES['summary']) as staging:
         summary.update(write_outputs(slide, grid, prob, tissue, staging, options, summary))
-    caveat = ' (model trained on synthetic data)' if summary.get('data_provenance') == 'synthetic' else ''
     tqdm.write(f"slide: {slide.path.name}: {summary['tissue_tiles']} tissue tiles of {grid.rows * grid.cols} at "
                f"{grid.tile_mpp:.3f} um/px (level {grid.level}"
                f"{f', resampled x{grid.resample:.3f}' if grid.resample != 1.0 else ''}), max P(metastatic) "
-               f"{fmt(summary['max_probability'])}{caveat}, {summary['tiles_over_threshold']} tiles >= "
+               f"{fmt(summary['max_probability'])}{caveat(summary)}, {summary['tiles_over_threshold']} tiles >= "
                f"{options.threshold} ({summary['area_over_threshold_mm2']:.4f} mm2), "
                f"{fmt(summary['tiles_per_second'], '.1f')} tiles/s -> {out}")
     return summary
@@ -257,16 +257,18 @@ def _make_runner(stack: ExitStack, model_name: str | None, checkpoint: str | Non
     is_file = bool(checkpoint) and Path(str(checkpoint)).is_file()
     info: dict[str, Any] = {'model': model_name, 'checkpoint': checkpoint, 'backend': backend, 'use_ema': use_ema,
                             'checkpoint_sha256': file_sha256(checkpoint) if is_file else None,
-                            'data_provenance': _checkpoint_provenance(checkpoint)}
+                            'data_provenance': _checkpoint_provenance(checkpoint), 'random_weights': not checkpoint}
     kind = artefact_kind(checkpoint) if checkpoint else 'module'
     if backend == 'tensorrt' and kind != 'tensorrt':
         raise SlideError(f'--backend tensorrt needs --checkpoint ENGINE.plan (built by export.trt, with its '
                          f'.json sidecar), got {checkpoint!r}')
     target: Any = checkpoint
-    if not checkpoint:  # a registered model without weights
+    if not checkpoint:  # a registered model without weights: for timing the pipeline, never for a diagnosis
         from ..checkpoint import load_model
 
         target = load_model(model_name, None, **(model_kwargs or {}))
+        tqdm.write(f'slide: warning: no --checkpoint: {model_name} has random weights, so its map means nothing '
+                   f'(useful only to time the pipeline)', file=sys.stderr)
     runner = create_runner(target, backend, 'auto' if kind == 'tensorrt' else 'cpu', batch_size=batch_size,
                            thresholds=tuple(t for t in thresholds if 0.0 < t < 1.0), model_name=model_name,
                            use_ema=use_ema, model_kwargs=model_kwargs)
