@@ -74,8 +74,8 @@ def test_a_refused_output_path_is_one_line(synth_root: Path, tmp_path: Path, cap
 
     (tmp_path / 'a-file').write_text('not a folder')
     code, lines = _run_cli(['convert', '--root', str(synth_root), '--output', str(tmp_path / 'a-file')], capsys)
-    assert code == 2 and lines == [f'{PROG}: error: {tmp_path / "a-file"}: File exists; expected a folder or '
-                                   'nothing there']
+    assert code == 2 and lines == [f'{PROG}: error: --output {tmp_path / "a-file"} is an existing file; expected a '
+                                   'folder (new or a previous run\'s)']
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, 'No space left on device', str(tmp_path / 'out' / 'x.png'))

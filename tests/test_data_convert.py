@@ -1,5 +1,7 @@
 """`convert`: ImageFolder PNG tree and webdataset shards that timm's own create_dataset / create_loader read."""
 import json
+import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ from timm_inception_pcam.constants import PCAM_MEAN, PCAM_STD
 from timm_inception_pcam.data import PCamDataset, PCamFormatError, convert_pcam, synthesize_pcam
 from timm_inception_pcam.data.__main__ import main
 from timm_inception_pcam.data.convert import CLASS_DIRS, MARKER
+from timm_inception_pcam.errors import OutputError
 
 timm_data = pytest.importorskip('timm.data')
 
@@ -91,6 +94,18 @@ def test_resume_and_refusals(h5_root: Path, tmp_path: Path) -> None:
     (stray / 'notes.txt').write_text('x')
     with pytest.raises(FileExistsError, match='not empty and has no'):
         convert_pcam(h5_root, stray, 'folder', progress=False)
+
+    # a conversion under way (its .lock names a live process) is not joined, whether it has written a record yet or not
+    live = f'{os.getppid()} {socket.gethostname()}\n'
+    (out / MARKER).write_text(json.dumps(dict(marker, complete=False)))
+    (out / '.lock').write_text(live)
+    (tmp_path / 'starting').mkdir()
+    (tmp_path / 'starting' / '.lock').write_text(live)
+    for folder in (out, tmp_path / 'starting'):
+        with pytest.raises(OutputError, match='in use by another run'):
+            convert_pcam(h5_root, folder, 'folder', splits=['test'], workers=1, progress=False)
+    assert json.loads((out / MARKER).read_text())['complete'] is False
+    (out / '.lock').unlink()
 
     # a foreign file in a class folder makes the verified count fail, and the record stays incomplete
     (out / MARKER).write_text(json.dumps(dict(marker, complete=False)))

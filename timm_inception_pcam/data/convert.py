@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from ..constants import LABEL_NAMES
 from ..errors import OutputExistsError, UsageError
-from ..storage import atomic_path, atomic_write_json
+from ..storage import LOCK_NAME, atomic_path, atomic_write_json, claim_output_dir
 from .files import PCamFormatError, normalize_split, split_paths
 from .pcam import PCamDataset, check_split_files, read_meta_rows
 
@@ -138,7 +138,7 @@ def _verify_shards(out: Path, split: str, lengths: list[int]) -> None:
 def _check_marker(out: Path, fmt: str, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
     marker = out / MARKER
     if not marker.is_file():
-        if out.is_dir() and any(p.name != MARKER for p in out.iterdir()):
+        if out.is_dir() and any(p.name not in (MARKER, LOCK_NAME) for p in out.iterdir()):
             raise OutputExistsError(f'{out}: not empty and has no {MARKER}; expected an empty folder or one that an '
                                   f'earlier `convert` of the same data wrote (to resume)')
         return None
@@ -166,9 +166,18 @@ def convert_pcam(root: str | os.PathLike, out: str | os.PathLike, fmt: str = 'fo
     found = _check_marker(out, fmt, fingerprint)
     if found is not None and found.get('complete'):
         return found
+    with claim_output_dir(out):  # one conversion at a time: two would race on the files and the record
+        found = _check_marker(out, fmt, fingerprint)  # another run may have finished it while this one waited
+        if found is not None and found.get('complete'):
+            return found
+        return _convert(root, out, fmt, splits, fingerprint, workers, chunk, shard_size, progress)
+
+
+def _convert(root: Path, out: Path, fmt: str, splits: list[str], fingerprint: dict[str, Any], workers: int,
+             chunk: int, shard_size: int, progress: bool) -> dict[str, Any]:
+    """`convert_pcam` in its claimed folder: the jobs, the checks, then the record marked complete."""
     record: dict[str, Any] = {'format': fmt, 'marker_format': MARKER_FORMAT, 'source': fingerprint,
                               'complete': False}
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / MARKER, record)
 
     jobs: list[tuple[Any, ...]] = []
