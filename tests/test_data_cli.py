@@ -158,3 +158,21 @@ def test_synth_refuses_to_overwrite_foreign_files(synth_root: Path, tmp_path: Pa
 def test_info_prints_provenance(synth_root: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(['info', '--root', str(synth_root)]) == 0
     assert 'provenance: synthetic (written by synth: results on it are not PCam results)' in capsys.readouterr().out
+
+
+def test_info_reads_the_meta_csv_when_present(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    synthesize_pcam(tmp_path, 16, seed=3, n_valid=8, n_test=8)
+    valid, test = split_paths(tmp_path, 'valid')['meta'], split_paths(tmp_path, 'test')['meta']
+    lines = valid.read_text().splitlines()
+    fields = lines[1].split(',')
+    column = lines[0].split(',').index('center_tumor_patch')
+    fields[column] = str(fields[column] != 'True')
+    valid.write_text('\n'.join([lines[0], ','.join(fields), *lines[2:]]) + '\n')  # one centre flag disagrees
+    test.unlink()
+    assert main(['info', '--root', str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith('train: 16 patches') and 'center_tumor_patch = label for 16 of 16' in out[0]
+    assert 'center_tumor_patch = label for 7 of 8' in out[1] and out[2].endswith('; no meta CSV')
+    valid.write_text('\n'.join(lines[:-1]) + '\n')  # a row short
+    code, err = _run_cli(['info', '--root', str(tmp_path)], capsys)
+    assert code == 2 and len(err) == 1 and err[0].endswith(f'{valid}: 7 rows; expected 8 (one per image)')

@@ -114,17 +114,24 @@ def main(argv: Sequence[str] | None = None) -> int:
               f'{record.get("written_now", 0)} written now) in {time.perf_counter() - start:.1f} s')
     elif args.command == 'info':
         from .files import split_paths
-        from .pcam import check_split_files, ensure_decompressed
+        from .pcam import check_split_files, ensure_decompressed, read_meta_rows
         from .provenance import folder_provenance, verify_official
 
         for split in SPLITS:
             paths = split_paths(root, split)
+            meta_path = paths['meta']
             paths = {k: ensure_decompressed(paths[k]) for k in ('x', 'y')}
             n, labels = check_split_files(paths['x'], paths['y'])
             if args.verify:
                 for path in paths.values():
                     verify_official(path)
-            print(f'{split}: {n} patches, {int(labels.sum())} metastatic ({labels.mean():.1%})')
+            meta = 'no meta CSV'
+            if meta_path.is_file():  # optional for training; checked here when present (one row per patch)
+                rows = read_meta_rows(meta_path, n)
+                agree = sum(r['center_tumor_patch'] == bool(y) for r, y in zip(rows, labels.tolist()))
+                meta = (f'meta: {len({r["wsi"] for r in rows})} slides, center_tumor_patch = label for {agree} of '
+                        f'{n}')
+            print(f'{split}: {n} patches, {int(labels.sum())} metastatic ({labels.mean():.1%}); {meta}')
         prov = folder_provenance(root)
         hint = {'synthetic': ' (written by synth: results on it are not PCam results)',
                 'unknown': ' (md5 not verified: run `info --verify` on the official files)'}.get(prov['provenance'], '')
