@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from timm_inception_pcam import errors
+from timm_inception_pcam.errors import UsageError, check_range
 from timm_inception_pcam.storage import atomic_write_bytes, atomic_write_json
 
 from . import backends, cohort, evaluator, family, gpu, models, training
@@ -156,11 +158,26 @@ def _write(out: Path, results: dict[str, Any]) -> None:
     atomic_write_bytes(out / 'results.md', render_markdown(results).encode())
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """UsageError (or the reader's one-line error) for options no section could use, before any section runs."""
+    from timm_inception_pcam.checkpoint import read_checkpoint
+    from timm_inception_pcam.data import PCamDataset
+
+    check_range('--threads', args.threads, 1)
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        raise UsageError(f'--output {args.output} is an existing file; expected a folder for results.json and '
+                         f'results.md')
+    for path in args.checkpoint:
+        read_checkpoint(path)  # a missing, folder or garbage file is a CheckpointError naming it
+    if args.data_dir is not None:
+        for split in ('train', 'test'):  # what the backend and family sections read
+            PCamDataset(args.data_dir, split)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
+    _check_args(args)
     if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit(f'benchmarks.run: error: --threads must be at least 1, got {args.threads}')
         torch.set_num_threads(args.threads)
     sizes = QUICK if args.quick else FULL
     out = Path(args.output)
@@ -221,7 +238,9 @@ def _headline(results: dict[str, Any]) -> str:
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    return 1 if main(argv)['failed'] else 0
+    """The command: 1 when a section failed (its traceback printed, the others still run); a user error is one
+    line and 2."""
+    return errors.cli(lambda a: 1 if main(a)['failed'] else 0, 'benchmarks.run', argv)
 
 
 if __name__ == '__main__':

@@ -179,6 +179,24 @@ def test_failing_section_is_recorded(tiny, tmp_path: Path, monkeypatch: pytest.M
     assert 'Failed: `RuntimeError: out of patience`' in (tmp_path / 'results.md').read_text()
 
 
+@pytest.mark.parametrize('extra, expected', [
+    (['--threads', '0'], '--threads must be >= 1, got 0'),
+    (['--checkpoint', '{tmp}/missing.pth'], 'missing.pth: checkpoint file not found'),
+    (['--checkpoint', '{tmp}'], 'a folder, expected a checkpoint file'),
+    (['--data-dir', '{tmp}/nodata'], 'nodata'),
+    (['--output', '{tmp}/afile'], 'afile is an existing file; expected a folder'),
+])
+def test_user_errors_are_one_line_before_any_section(extra, expected, tmp_path: Path, capsys) -> None:
+    (tmp_path / 'afile').write_text('not a folder')
+    argv = ['--output', str(tmp_path / 'out'), '--quick', '--sections', 'gpu', '--no-progress',
+            *[a.format(tmp=tmp_path) for a in extra]]
+    assert run.cli(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('benchmarks.run: error: ') and expected in lines[0], lines
+    assert '[bench]' not in captured.out and not (tmp_path / 'out').exists()
+
+
 def test_accuracy_cost_counts_flips() -> None:
     rng = np.random.default_rng(0)
     reference = rng.normal(0, 3, (200, 2)).astype(np.float32)
