@@ -300,6 +300,13 @@ def add_fp16_args(parser: argparse.ArgumentParser) -> None:
                         help='fail when FP16 misses the agreement / AUC targets (default: warn)')
 
 
+def check_fp16_args(args: argparse.Namespace) -> None:
+    """Range-check the numbers of `add_fp16_args` before anything is loaded or written."""
+    check_range('--calib-samples', args.calib_samples, 1)
+    check_range('--fp16-parity-samples', args.fp16_parity_samples, 1)
+    check_range('--data-max', args.data_max, 0, FP16_MAX, low_open=True)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog='python -m export.fp16', description=__doc__.split('\n\n')[0])
     parser.add_argument('--onnx', required=True, help='FP32 ONNX model written by export.onnx')
@@ -308,8 +315,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     add_fp16_args(parser)
     args = parser.parse_args(argv)
     check_range('--batch-size', args.batch_size, 1)
-    check_range('--calib-samples', args.calib_samples, 1)
-    check_range('--fp16-parity-samples', args.fp16_parity_samples, 1)
+    check_fp16_args(args)
     load_onnx_proto(args.onnx, '--onnx ' + str(args.onnx))  # a missing or broken file: one line, before any work
     return run_fp16_stage(Path(args.onnx), data_dir=args.data_dir, calib_split=args.calib_split,
                           calib_samples=args.calib_samples, parity_split=args.fp16_parity_split,

@@ -318,6 +318,8 @@ def check_model_args(args: argparse.Namespace) -> None:
     name = args.name
     if name is not None and (not name.strip() or Path(name).name != name or name in ('.', '..')):
         raise UsageError(f'--name {name!r}: expected a file stem for the artefacts in --output (no folders)')
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        raise UsageError(f'--output {args.output} is an existing file; expected a folder for the artefacts')
 
 
 def onnx_stage_from_args(args: argparse.Namespace) -> dict[str, Any]:

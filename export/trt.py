@@ -27,9 +27,9 @@ from timm_inception_pcam import errors
 from timm_inception_pcam.errors import MissingFileError, UsageError
 from timm_inception_pcam.storage import atomic_path, atomic_write_bytes, file_sha256
 
-from .fp16 import add_fp16_args, run_fp16_stage
+from .fp16 import add_fp16_args, check_fp16_args, run_fp16_stage
 from .gpu import GpuInfo, probe
-from .onnx import ExportError, add_model_args, check_onnx, onnx_stage_from_args, read_onnx_metadata
+from .onnx import ExportError, add_model_args, check_model_args, check_onnx, onnx_stage_from_args, read_onnx_metadata
 from .sidecar import Profile, make_sidecar, sidecar_path, write_sidecar
 from .spec import IOSpec
 
@@ -195,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         raise UsageError(f'--min-batch/--opt-batch/--max-batch: {e}') from None
     errors.check_range('--workspace-gib', args.workspace_gib, 0, low_open=True)
+    check_model_args(args)  # --output, --name, ...: found before minutes of export, not after
+    if args.fp16:
+        check_fp16_args(args)
     output = Path(args.output)
     artefacts: list[Path] = []
     if args.from_onnx is None:

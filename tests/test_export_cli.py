@@ -65,6 +65,20 @@ def test_broken_onnx_files_are_named(tmp_path: Path, capsys) -> None:
     assert 'Traceback' not in capsys.readouterr().err
     assert cli(main, 'python -m export.fp16', ['--onnx', str(garbage), '--batch-size', '0']) == 2
     _one_line(capsys, '--batch-size must be >= 1')
+    assert cli(main, 'python -m export.fp16', ['--onnx', str(garbage), '--data-max', '-1']) == 2
+    _one_line(capsys, '--data-max must be > 0 and <= 65504.0, got -1.0')
+
+
+def test_export_trt_checks_its_options_before_the_export(tmp_path: Path, capsys, monkeypatch) -> None:
+    import export.trt
+
+    monkeypatch.setattr(export.trt, 'onnx_stage_from_args', lambda args: pytest.fail('exported before checking'))
+    (tmp_path / 'afile').write_text('not a folder')
+    for extra, expected in ((['--output', str(tmp_path / 'afile')], 'afile is an existing file; expected a folder'),
+                            (['--output', str(tmp_path / 'out'), '--data-max', '0'], '--data-max must be > 0')):
+        assert cli(export.trt.main, 'python -m export.trt', ['--fp16', '--model', 'inception_v4_pcam', *extra]) == 2
+        _one_line(capsys, expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['afile']
 
 
 def test_triton_user_errors(tmp_path: Path, capsys) -> None:
