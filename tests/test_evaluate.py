@@ -427,6 +427,7 @@ def test_bad_checkpoints_surface_cleanly(case, match, pcam_dir, checkpoint, thre
         evaluate.main(argv)
     if case not in ('unknown_model', 'unknown_kwarg'):
         assert str(ckpt) in str(info.value)
+    assert 'weights_only' not in str(info.value)  # torch's advice to load unsafely is not passed on
     assert cli(evaluate.main, 'evaluate', argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith('evaluate: error:') and len(err.splitlines()) == 1 and 'Traceback' not in err

@@ -81,6 +81,10 @@ def _exit_2(capsys, argv: list[str]) -> str:
     (('--n-train', '1'), '--n-train must be >= 2, got 1'),
     (('--tta', '9'), '--tta must be >= 1 and <= 8, got 9'),
     (('--workers', '-2'), '--workers must be >= 0 and <= 256, got -2'),
+    (('--n-train', '16'), '--n-train 16 makes no full batch of --batch-size 32: raise --n-train or lower'),
+    (('--repo-id', 'bad id'), "--repo-id 'bad id': expected ORG/NAME"),
+    (('--model', 'nope'), "--model 'nope': not a registered timm model"),
+    (('--model-kwargs', 'foo=1'), 'does not accept these arguments'),
 ])
 def test_bad_values_exit_2_before_any_work(tmp_path, capsys, extra, needle) -> None:
     out = tmp_path / 'demo'
@@ -109,6 +113,23 @@ def test_second_run_is_refused_then_replaced_with_overwrite(demo: tuple[Path, di
     saved = json.loads((out / 'pipeline.json').read_text())
     assert saved['config']['n_train'] == 64 and saved['data'] == 'synthetic'
     assert not (out / '.lock').exists()
+
+
+def test_a_failed_overwrite_brings_the_previous_run_back(demo: tuple[Path, dict], monkeypatch) -> None:
+    import timm_inception_pcam.data
+
+    out, _ = demo
+    before = {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob('*')}
+
+    def full_disk(data_dir: Path, **kwargs):
+        (data_dir / 'half.h5').parent.mkdir(parents=True)
+        (data_dir / 'half.h5').write_bytes(b'half a file')
+        raise OSError(28, 'No space left on device', str(data_dir / 'half.h5'))
+
+    monkeypatch.setattr(timm_inception_pcam.data, 'synthesize_pcam', full_disk)
+    with pytest.raises(OSError, match='No space'):
+        main(['--output', str(out), '--overwrite', '--model-kwargs', 'depths=1,1,1', '--no-progress'])
+    assert {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob('*')} == before
 
 
 def test_makefile_demo_replaces_the_previous_run() -> None:

@@ -4,6 +4,7 @@ The learning proof (reduced-depth Inception-v4 on synthetic PCam beats a centre-
 ROC AUC >= 0.95) lives in test_train_learns.py; this file stays fast.
 """
 import argparse
+import functools
 import json
 import os
 import signal
@@ -272,11 +273,20 @@ def test_refuses_to_overwrite_a_run_and_bad_resumes(pcam_dir, finished_run, tmp_
         main(quick_args(pcam_dir, out, '--resume', str(out / BEST_NAME)))
     corrupt = tmp_path / 'corrupt.pth'
     corrupt.write_bytes((out / LAST_NAME).read_bytes()[:5000])
-    with pytest.raises(CheckpointError, match='corrupt.pth'):
+    with pytest.raises(CheckpointError, match=r'corrupt.pth: .* \(OSError: \[Errno 22\] Invalid argument\)$'):
         main(quick_args(pcam_dir, tmp_path / 'c', '--resume', str(corrupt)))
+    garbage = tmp_path / 'garbage.pth'
+    garbage.write_bytes(b'\x80\x02garbage, not a pickle of tensors')
+    with pytest.raises(CheckpointError, match=r'garbage.pth: .* \(UnpicklingError: [^()]+\)$') as info:
+        main(quick_args(pcam_dir, tmp_path / 'c', '--resume', str(garbage)))
+    assert 'weights_only' not in str(info.value)  # torch's advice to load unsafely is not passed on
     with pytest.raises(TrainError, match='trained with EMA|without EMA'):
         main(quick_args(pcam_dir, tmp_path / 'd', '--resume', str(out / LAST_NAME), '--no-model-ema'))
     assert (out / LAST_NAME).stat().st_mtime_ns == before, 'a refused run must not touch the files'
+    files = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with pytest.raises(TrainError, match='no such folder'):  # fails after --overwrite took the folder
+        main(quick_args(tmp_path / 'nowhere', out, '--overwrite'))
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == files, 'the replaced run is back as it was'
 
 
 def test_cli_prints_a_clear_error(pcam_dir, tmp_path, capsys) -> None:
@@ -419,6 +429,9 @@ def _exit_2_one_line(capsys, argv: list[str], *needles: str) -> str:
     (('--smoothing', '1.5'), ('--smoothing must be >= 0 and <= 1',)),
     (('--opt', 'rmsprop-tf'), ('--opt ', 'rmsproptf')),
     (('--model', 'inception_v5_pcam'), ('not a registered timm model',)),
+    (('--lr', 'inf'), ('--lr must be a finite number, got inf',)),
+    (('--sched', 'nosuch'), ("--sched nosuch: Unknown scheduler 'nosuch'",)),
+    (('--device', 'bogus'), ("--device 'bogus': expected cpu, cuda or cuda:N",)),
 ])
 def test_bad_values_exit_2_with_one_line(pcam_dir, tmp_path, capsys, extra, needles) -> None:
     _exit_2_one_line(capsys, quick_args(pcam_dir, tmp_path / 'x', *extra), *needles)
@@ -433,6 +446,15 @@ def test_output_naming_a_file_and_missing_data_exit_2(pcam_dir, tmp_path, capsys
     _exit_2_one_line(capsys, quick_args(tmp_path / 'nowhere', tmp_path / 'y'), 'no such folder')
     _exit_2_one_line(capsys, quick_args(pcam_dir, tmp_path / 'z', '--resume', str(tmp_path / 'no.pth')),
                      'no such file')
+    _exit_2_one_line(capsys, quick_args(pcam_dir, tmp_path / 'z', '--resume', str(tmp_path)),
+                     'a folder, expected a checkpoint file')
+
+
+def test_cuda_without_a_gpu_is_one_line(pcam_dir, tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    _exit_2_one_line(capsys, quick_args(pcam_dir, tmp_path / 'x', '--device', 'cuda'),
+                     '--device cuda: no usable CUDA GPU on this machine')
+    assert not (tmp_path / 'x').exists()
 
 
 def test_command_exits_2_without_traceback(pcam_dir, tmp_path) -> None:
@@ -493,6 +515,39 @@ def test_claim_output_dir_locks_and_refuses(tmp_path) -> None:
     with claim_output_dir(empty):
         pass
     assert not empty.exists(), 'a folder created for nothing is removed'
+
+
+def test_overwrite_keeps_the_previous_run_until_the_new_one_replaces_it(tmp_path) -> None:
+    from timm_inception_pcam.storage import ASIDE_NAME, claim_output_dir
+
+    out = tmp_path / 'run'
+    out.mkdir()
+    (out / 'last.pth').write_bytes(b'old weights')
+    (out / 'log.csv').write_text('old log')
+    (out / 'keep.txt').write_text('mine')
+    claim = functools.partial(claim_output_dir, out, overwrite=True, finished=('last.pth',),
+                              replaces=('last.pth', 'log.csv'))
+    with pytest.raises(OSError, match='bad data'), claim():
+        assert not (out / 'last.pth').exists() and not (out / 'log.csv').exists()  # out of the new run's way
+        (out / 'log.csv').write_text('new log, no epoch finished')
+        raise OSError('bad data')
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert files == {'last.pth': b'old weights', 'log.csv': b'old log', 'keep.txt': b'mine'}  # all back
+
+    with pytest.raises(KeyboardInterrupt), claim():  # an epoch finished: the new run is the one to continue
+        (out / 'last.pth').write_bytes(b'new weights')
+        raise KeyboardInterrupt
+    assert (out / 'last.pth').read_bytes() == b'new weights' and not (out / 'log.csv').exists()
+    assert not (out / ASIDE_NAME).exists()
+
+    (out / ASIDE_NAME).mkdir()  # a replacing run killed before its first checkpoint
+    os.replace(out / 'last.pth', out / ASIDE_NAME / 'last.pth')
+    (out / 'log.csv').write_text('the killed run\'s log')
+    with claim_output_dir(out, resume=True, finished=('last.pth',), replaces=('last.pth', 'log.csv')):
+        assert (out / 'last.pth').read_bytes() == b'new weights' and not (out / 'log.csv').exists()
+    with claim():
+        (out / 'last.pth').write_bytes(b'newest')
+    assert sorted(p.name for p in out.iterdir()) == ['keep.txt', 'last.pth'] and not (out / ASIDE_NAME).exists()
 
 
 def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path) -> None:

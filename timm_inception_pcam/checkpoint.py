@@ -68,10 +68,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # torch raises a variety of errors for truncated, foreign or unsafe files
-        first_line = str(e).splitlines()[0] if str(e) else 'no detail'
         raise CheckpointError(f'{path}: cannot load as a weights-only PyTorch checkpoint: expected a torch.save file '
                               f'of tensors and plain data; it is corrupt, truncated or holds other objects '
-                              f'({type(e).__name__}: {first_line[:200]})') from e
+                              f'({_load_failure(e)})') from e
     if not isinstance(obj, Mapping):
         raise CheckpointError(f'{path}: expected a dict of tensors or a checkpoint dict, got {type(obj).__name__}')
     if 'state_dict' not in obj:
@@ -79,6 +78,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             raise CheckpointError(f'{path}: no "state_dict" key and not a bare state dict of tensors')
         obj = {'state_dict': obj}
     return {k: v if k in ('state_dict', 'state_dict_ema') else _to_plain(v) for k, v in obj.items()}
+
+
+def _load_failure(e: Exception) -> str:
+    """torch.load's reason in a few words, without its advice to retry with weights_only=False (never ours)."""
+    text = str(e)
+    found = re.search(r'WeightsUnpickler error:\s*(.+?)(?:\n\n|$)', text, re.S)
+    reason = found.group(1) if found else text.split('. ')[0]
+    return f'{type(e).__name__}: {" ".join(reason.split())[:200] or "no detail"}'
 
 
 def model_kwargs_of(ckpt: Mapping[str, Any]) -> dict[str, Any]:

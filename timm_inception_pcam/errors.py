@@ -8,6 +8,7 @@ full disk, a file where a folder goes) is the user's to fix too: one line naming
 """
 import errno
 import logging
+import math
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -69,9 +70,11 @@ class OutputExistsError(OutputError, FileExistsError):
 
 def check_range(name: str, value: float | int | None, low: float | None = None, high: float | None = None,
                 *, low_open: bool = False) -> None:
-    """Raise UsageError unless low <= value <= high (low < value with `low_open`); None passes."""
+    """Raise UsageError unless low <= value <= high (low < value with `low_open`) and finite; None passes."""
     if value is None:
         return
+    if value in (math.inf, -math.inf):
+        raise UsageError(f'{name} must be a finite number, got {value}')
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and value > high
     if too_low or too_high or value != value:  # value != value: NaN

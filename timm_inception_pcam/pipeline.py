@@ -28,9 +28,10 @@ from typing import Any
 
 from .checkpoint import ModelKwargsAction
 from .constants import MAX_SEED, MAX_WORKERS
-from .errors import check_range
+from .errors import UsageError, check_range
 from .storage import atomic_write_json, claim_output_dir
 from .train import TrainConfig, TrainResult, train
+from .train.model import create_train_model
 
 __all__ = ['PipelineConfig', 'train_config', 'run_pipeline', 'build_parser', 'main', 'RUN_ENTRIES']
 
@@ -65,6 +66,13 @@ class PipelineConfig:
         check_range('--tta', self.tta, 1, 8)
         check_range('--workers', self.workers, 0, MAX_WORKERS)
         check_range('--seed', self.seed, 0, MAX_SEED)
+        check_range('--batch-size', self.batch_size, 1)
+        if self.n_train < self.batch_size:
+            raise UsageError(f'--n-train {self.n_train} makes no full batch of --batch-size {self.batch_size}: raise '
+                             f'--n-train or lower --batch-size')
+        from .hub.report import check_repo_id
+
+        check_repo_id(self.repo_id)  # the Hub folder is step 5: a name the Hub refuses is found before step 1
 
 
 def train_config(cfg: PipelineConfig, data_dir: Path, output: Path, **over: Any) -> TrainConfig:
@@ -140,6 +148,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     """Run the five steps into `cfg.output`; returns the summary also written to `pipeline.json`."""
     out = cfg.output
     train_cfg = train_config(cfg, out / 'data', out / 'train')  # checks the training options before any work
+    create_train_model(train_cfg)  # and the model name and --model-kwargs (a throw-away model, random weights)
     started = time.monotonic()
     artefacts: dict[str, Any] = {}
     with claim_output_dir(out, overwrite=cfg.overwrite, finished=RUN_ENTRIES, replaces=RUN_ENTRIES):

@@ -3,7 +3,9 @@ one process at a time (`claim_output_dir`)."""
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -70,8 +72,6 @@ def staged_outputs(folder: str | os.PathLike, *, last: str, stale: Sequence[str]
     folder is deleted: nothing of the run becomes visible and the previous run's files are left as they were. A
     staging folder left by a killed run is deleted by the next `claim_output_dir` on `folder`.
     """
-    import shutil
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, suffix='.partial', dir=folder))
@@ -101,6 +101,7 @@ def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
 
 
 LOCK_NAME = '.lock'
+ASIDE_NAME = '.replaced.partial'  # claim_output_dir(overwrite=True): the previous run, until the new one replaced it
 PARTIAL_GLOB = '.*.partial*'  # atomic_path's temporary names
 
 
@@ -125,7 +126,6 @@ def _read_lock(lock: Path) -> tuple[int | None, str]:
 
 def _take_lock(lock: Path, option: str) -> None:
     """Create `lock` holding this process's pid and host; take over a lock whose process is gone."""
-    import logging
     import socket
 
     me = f'{os.getpid()} {socket.gethostname()}\n'
@@ -166,26 +166,53 @@ def _take_lock(lock: Path, option: str) -> None:
     raise OutputError(f'{option} {lock.parent}: could not take the lock file {lock} (another run keeps taking it)')
 
 
+def _remove(target: Path) -> None:
+    if target.is_dir() and not target.is_symlink():
+        shutil.rmtree(target)
+    elif target.exists() or target.is_symlink():
+        target.unlink()
+
+
+def _settle_aside(path: Path, marker: str | None, replaces: Sequence[str]) -> None:
+    """Resolve `path/ASIDE_NAME` (the previous run's entries, put aside by an --overwrite run that failed or was
+    killed): if the new run wrote `marker` it replaced the old one, which is deleted; otherwise what the new run
+    wrote of `replaces` is deleted and the old entries are moved back."""
+    aside = path / ASIDE_NAME
+    if marker is not None and (path / marker).exists():
+        shutil.rmtree(aside)
+        return
+    old = sorted(aside.iterdir())
+    for name in {*replaces, *(entry.name for entry in old)}:
+        _remove(path / name)
+    for entry in old:
+        os.replace(entry, path / entry.name)
+    aside.rmdir()
+    logging.getLogger(__name__).warning('%s: the replacing run did not finish; the previous run is back', path)
+
+
 @contextlib.contextmanager
 def claim_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resume: bool = False,
-                     finished: Sequence[str] = (), replaces: Sequence[str] = (), option: str = '--output',
-                     resume_hint: str = '') -> Iterator[Path]:
+                     finished: Sequence[str] = (), replaces: Sequence[str] = (), superseded_by: str | None = None,
+                     option: str = '--output', resume_hint: str = '') -> Iterator[Path]:
     """Own the run folder `path` for the duration of the block; raises OutputError when it cannot be used.
 
     - A folder another live process holds (`path/.lock` with its pid) is refused; a lock whose process is gone
       (killed run) is taken over. The lock is removed when the block ends.
     - A folder holding one of the names in `finished` (what a completed or resumable run leaves, e.g. `last.pth`)
-      is refused unless `resume` (continue it) or `overwrite` (delete the names in `replaces`, then start afresh);
+      is refused unless `resume` (continue it) or `overwrite` (replace the names in `replaces`: start afresh);
       the message names both options (`resume_hint`, e.g. '--resume runs/x/last.pth to continue it', is omitted
       when the command cannot resume).
+    - Overwriting moves the names in `replaces` aside (a hidden folder in `path`) rather than deleting them; they
+      are deleted when the block completes. When it fails (or its process is killed: the next claim sees to it),
+      they are deleted too if the new run has written `superseded_by` (default: the first name in `finished`),
+      which makes it the run to continue; otherwise the new run's copies are deleted and the previous run comes
+      back as it was.
     - Temporary files of `atomic_path` and folders of `staged_outputs` left in the folder by a killed run
       (`.NAME.*.partial*`) are deleted.
     - `path` naming an existing file is refused; a folder this call created and the block left empty is removed.
 
     Commands call it once, on their top-level output folder (under DDP, rank 0 only).
     """
-    import shutil
-
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OutputError(f'{option} {path} is an existing file; expected a folder (new or a previous run\'s)')
@@ -196,15 +223,17 @@ def claim_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resume
         raise OutputError(f'{option} {path}: cannot create the folder ({e.strerror or e})') from e
     lock = path / LOCK_NAME
     _take_lock(lock, option)
+    marker = superseded_by or (finished[0] if finished else None)
+    aside = path / ASIDE_NAME
     try:
+        if aside.is_dir():  # left by an --overwrite run that was killed
+            _settle_aside(path, marker, replaces)
         done = [name for name in finished if (path / name).exists()]
         if done and overwrite:
             for name in replaces:
-                target = path / name
-                if target.is_dir() and not target.is_symlink():
-                    shutil.rmtree(target)
-                elif target.exists() or target.is_symlink():
-                    target.unlink()
+                if (path / name).exists() or (path / name).is_symlink():
+                    aside.mkdir(exist_ok=True)
+                    os.replace(path / name, aside / name)
         elif done and not resume:
             hint = f'pass {resume_hint}, ' if resume_hint else 'pass '
             raise OutputError(f'{option} {path} already holds a run ({done[0]}): {hint}--overwrite to replace it, '
@@ -214,7 +243,14 @@ def claim_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resume
                 shutil.rmtree(tmp)
             elif tmp.is_file():
                 tmp.unlink()
-        yield path
+        try:
+            yield path
+        except BaseException:
+            if aside.is_dir():
+                _settle_aside(path, marker, replaces)
+            raise
+        if aside.is_dir():
+            shutil.rmtree(aside)
     finally:
         pid, _ = _read_lock(lock)
         if pid == os.getpid():

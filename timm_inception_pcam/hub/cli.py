@@ -21,7 +21,7 @@ from typing import Any
 from ..models._common import PCAM_HUB_ORG
 from .card import DEFAULT_DATASET_ID, PAPERS
 from .folder import FolderConfig, build_hub_folder
-from .report import PublishError
+from .report import PublishError, check_repo_id
 from .upload import check_upload_allowed, upload_command, upload_folder
 
 __all__ = ['OFFICIAL_REPOS', 'build_parser', 'main']
@@ -60,16 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_repo_id(repo_id: str) -> None:
-    parts = repo_id.split('/')
-    if len(parts) != 2 or not all(parts) or any(p in ('.', '..') or p.startswith('.') for p in parts):
-        raise PublishError(f'--repo-id {repo_id!r}: expected ORG/NAME')
-
-
 def main(argv: Sequence[str] | None = None, *, api: Any = None) -> dict[str, Any]:
     """Build the Hub folder; upload it unless --dry-run. `api` replaces huggingface_hub.HfApi (tests)."""
     args = build_parser().parse_args(argv)
-    _check_repo_id(args.repo_id)
+    check_repo_id(args.repo_id)
     cfg = FolderConfig(checkpoint=args.checkpoint, report=args.report, repo_id=args.repo_id, output=args.output,
                        model=args.model, use_ema=args.use_ema, onnx=args.onnx, plots_dir=args.plots_dir,
                        mean=args.mean, std=args.std, dataset_id=args.dataset_id, license_id=args.license,

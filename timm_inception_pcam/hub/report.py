@@ -41,6 +41,21 @@ class PublishError(UsageError):
     """Input that must not be published (missing / mismatched report, bad weights, unknown model, ...)."""
 
 
+def check_repo_id(repo_id: str) -> None:
+    """PublishError unless `repo_id` is ORG/NAME as the Hub accepts it (huggingface_hub's own rules)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+        ok = repo_id.count('/') == 1
+    except HFValidationError:
+        ok = False
+    if not ok:
+        raise PublishError(f'--repo-id {repo_id!r}: expected ORG/NAME (letters, digits, \'-\', \'_\' or \'.\', '
+                           f'not starting or ending with \'-\' or \'.\')')
+
+
 def finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 

@@ -53,6 +53,34 @@ def build_optimization(cfg: TrainConfig, model: nn.Module, updates_per_epoch: in
     return optimizer, scheduler, num_epochs, ema, loss_fn
 
 
+def _check_schedule(cfg: TrainConfig) -> None:
+    """TrainError for a --sched (or its settings) timm refuses, found by building it for a one-tensor optimizer."""
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
+    try:
+        create_scheduler_v2(probe, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+                            warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, decay_rate=cfg.decay_rate,
+                            step_on_epochs=not cfg.sched_on_updates, updates_per_epoch=cfg.steps_per_epoch or 1,
+                            **({'decay_epochs': cfg.decay_epochs} if cfg.decay_epochs is not None else {}))
+    except (ValueError, AssertionError) as e:
+        raise TrainError(f'--sched {cfg.sched}: {e} (a timm scheduler, e.g. cosine, step, plateau, poly, wsd, '
+                         f'none)') from None
+
+
+def _device_name(requested: str | None) -> str:
+    """The device to train on: `requested` checked, or cuda when available, else cpu."""
+    if requested is None:
+        return 'cuda' if torch.cuda.is_available() else 'cpu'
+    try:
+        kind = torch.device(requested).type
+    except (RuntimeError, ValueError):
+        kind = None
+    if kind not in ('cpu', 'cuda'):
+        raise TrainError(f'--device {requested!r}: expected cpu, cuda or cuda:N')
+    if kind == 'cuda' and not torch.cuda.is_available():
+        raise TrainError(f'--device {requested}: no usable CUDA GPU on this machine; use --device cpu or leave it out')
+    return requested
+
+
 @contextlib.contextmanager
 def _messages(primary: bool, progress: bool) -> Iterator[None]:
     """Only the primary process logs; log records and tqdm bars do not overwrite each other."""
@@ -80,7 +108,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.opt.lower() not in list_optimizers():
         raise TrainError(f'--opt {cfg.opt!r}: unknown timm optimizer (e.g. adamw, sgd, rmsproptf)')
     resume_ckpt: dict[str, Any] | None = None
+    _check_schedule(cfg)
+    device_name = _device_name(cfg.device)
     if cfg.resume is not None:
+        if cfg.resume.is_dir():
+            raise TrainError(f'--resume {cfg.resume}: a folder, expected a checkpoint file (e.g. '
+                             f'{cfg.resume / LAST_NAME})')
         if not cfg.resume.is_file():
             raise TrainError(f'--resume {cfg.resume}: no such file')
         resume_ckpt = read_checkpoint(cfg.resume)
@@ -88,7 +121,6 @@ def train(cfg: TrainConfig) -> TrainResult:
     # Rank 0 (known from torchrun's environment before the process group exists) owns the folder; if it refuses,
     # torchrun stops the other processes.
     primary = int(os.environ.get('RANK', '0')) == 0
-    device_name = cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     claim = claim_output_dir(out_dir, overwrite=cfg.overwrite, resume=cfg.resume is not None, finished=(LAST_NAME,),
                              replaces=(LAST_NAME, BEST_NAME, LOG_CSV, 'log.json'),
                              resume_hint=f'--resume {out_dir / LAST_NAME} to continue it') \

@@ -94,7 +94,7 @@ def build_loaders(cfg: TrainConfig, device: torch.device, rank: int, world: int
                             collate_fn=_preprocessed_batch, **kw)
     if len(train_loader) == 0:
         raise TrainError(f'{len(train_set)} training patches per process make no full batch of {cfg.batch_size}: '
-                         'lower --batch-size or raise --limit-train')
+                         f'lower --batch-size{" or raise --limit-train" if cfg.limit_train else ""}')
     steps = len(train_loader) if cfg.steps_per_epoch is None else min(cfg.steps_per_epoch, len(train_loader))
     return train_loader, val_loader, val_labels, steps
 
