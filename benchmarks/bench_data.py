@@ -10,7 +10,6 @@ Reported: patches/s without a DataLoader (item by item, the 'per-item' figure) a
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import tempfile
@@ -21,6 +20,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from timm_inception_pcam.errors import ArgumentParser
 
 __all__ = ['run', 'main']
 
@@ -124,7 +125,7 @@ def run(quick: bool = False) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog='python -m benchmarks.bench_data', description=__doc__.split('\n')[0])
+    p = ArgumentParser(prog='python -m benchmarks.bench_data', description=__doc__.split('\n')[0])
     p.add_argument('--quick', action='store_true', help='tiny sizes (a smoke test, not figures to quote)')
     p.add_argument('--output', default=None, help='also write the figures to this JSON file')
     args = p.parse_args(argv)

@@ -61,7 +61,7 @@ import torch
 import torch.nn as nn
 
 from timm_inception_pcam import errors
-from timm_inception_pcam.errors import UsageError
+from timm_inception_pcam.errors import ArgumentParser, UsageError
 from timm_inception_pcam.storage import atomic_path, atomic_write_json
 
 from .common import fmt
@@ -595,7 +595,7 @@ def render_markdown(results: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='python -m benchmarks.gpu_check', description=__doc__.split('\n\n')[0])
+    parser = ArgumentParser(prog='python -m benchmarks.gpu_check', description=__doc__.split('\n\n')[0])
     parser.add_argument('--output', type=Path, required=True, help='folder for gpu_check.json and gpu_check.md')
     parser.add_argument('--budget-s', type=float, default=DEFAULT_BUDGET_S,
                         help='time budget of the whole run; later steps are skipped with the reason past it')

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from timm_inception_pcam import errors
-from timm_inception_pcam.errors import UsageError, check_range
+from timm_inception_pcam.errors import ArgumentParser, UsageError, check_range
 from timm_inception_pcam.storage import atomic_write_bytes, atomic_write_json
 
 from . import backends, cohort, evaluator, family, gpu, models, training
@@ -42,7 +42,7 @@ TITLES = {'models': 'Models at 96 px (CPU)', 'backends': 'CPU inference backends
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='python -m benchmarks.run', description=__doc__.split('\n')[0])
+    p = ArgumentParser(prog='python -m benchmarks.run', description=__doc__.split('\n')[0])
     p.add_argument('--output', default='benchmarks/results', help='folder for results.json and results.md')
     p.add_argument('--quick', action='store_true', help='tiny sizes and reduced-depth models (a smoke test)')
     p.add_argument('--sections', nargs='+', default=list(DEFAULT_SECTIONS), choices=SECTIONS, metavar='SECTION',

@@ -12,7 +12,6 @@ results go to `slide.json` and the first model's `auto` run (probability map, he
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import shutil
 import tempfile
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from timm_inception_pcam.data.synth_slide import write_synthetic_slide
+from timm_inception_pcam.errors import ArgumentParser
 from timm_inception_pcam.inference import create_runner, probabilities
 from timm_inception_pcam.inference.openvino_runner import default_calibration
 from timm_inception_pcam.storage import atomic_write_json
@@ -93,7 +93,7 @@ def benchmark_slide(quick: bool = True, output: str | Path | None = None,
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p = ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--output', default='benchmarks/results/slide')
     p.add_argument('--quick', action='store_true', help='depths=(1, 1, 1) models and a small slide')
     args = p.parse_args(argv)

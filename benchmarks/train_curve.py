@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from timm_inception_pcam.errors import ArgumentParser
 from timm_inception_pcam.storage import atomic_path, atomic_write_json
 from timm_inception_pcam.train import TrainConfig, train
 
@@ -25,8 +26,8 @@ MODELS = ('inception_v4_pcam', 'inception_resnet_v2_pcam')
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.split('\n')[0],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--output', default='benchmarks/results/train_curve')
     p.add_argument('--data-dir', default=None, help='PCam files to use instead of a synthetic set')
     p.add_argument('--model', nargs='+', default=list(MODELS))

@@ -24,7 +24,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 from tqdm import tqdm
 
-from timm_inception_pcam.errors import check_range, cli
+from timm_inception_pcam.errors import ArgumentParser, check_range, cli
 from timm_inception_pcam.inference.onnx_runner import OnnxRunner, load_onnx_proto, ort_options, read_onnx_metadata
 from timm_inception_pcam.preprocess import batch_slices
 from timm_inception_pcam.storage import atomic_path, atomic_write_json, file_sha256
@@ -308,7 +308,7 @@ def check_fp16_args(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog='python -m export.fp16', description=__doc__.split('\n\n')[0])
+    parser = ArgumentParser(prog='python -m export.fp16', description=__doc__.split('\n\n')[0])
     parser.add_argument('--onnx', required=True, help='FP32 ONNX model written by export.onnx')
     parser.add_argument('--data-dir', default=None, help='PCam folder (default: seeded random patches, no AUC)')
     parser.add_argument('--batch-size', type=int, default=64)

@@ -8,13 +8,12 @@ The tiny model is `inception_v4_pcam` with depths=(1, 1, 1): BatchNorm statistic
 patches, then the classifier trained for a few dozen steps on the frozen features. Its outputs vary across patches
 (a randomly initialised Inception gives near-constant logits, on which parity means nothing).
 """
-import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from timm_inception_pcam.errors import check_range, cli
+from timm_inception_pcam.errors import ArgumentParser, check_range, cli
 from timm_inception_pcam.inference import probabilities
 from timm_inception_pcam.preprocess import preprocess_patches
 from timm_inception_pcam.storage import atomic_write_bytes, atomic_write_json, file_sha256
@@ -109,7 +108,7 @@ def write_static_golden(output: Path, n: int = 4, seed: int = 0) -> dict[str, Pa
 
 
 def main(argv: list[str] | None = None) -> dict[str, Path]:
-    parser = argparse.ArgumentParser(prog='python -m export.golden', description=__doc__.split('\n\n')[0])
+    parser = ArgumentParser(prog='python -m export.golden', description=__doc__.split('\n\n')[0])
     parser.add_argument('--output', type=Path, default=Path('output/golden'), help='folder for the model golden set')
     parser.add_argument('--static', type=Path, default=None, help='write only the small committed files here')
     parser.add_argument('--patches', type=int, default=64, help='patches in patches.bin / expected.json')

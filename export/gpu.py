@@ -12,6 +12,8 @@ import sys
 from dataclasses import dataclass, field
 from importlib import metadata
 
+from timm_inception_pcam.errors import ArgumentParser
+
 TENSORRT_MAJOR = 11  # oldest TensorRT major version the project supports; export/cpp/CMakeLists.txt has the same
 CUDA_PYTHON_MIN = '12.6.1'  # first cuda-python with the `cuda.bindings` module layout (pyproject says the same)
 
@@ -124,8 +126,7 @@ def probe() -> Environment:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-    argparse.ArgumentParser(prog='python -m export.gpu', description=__doc__.split('\n\n')[0]).parse_args(argv)
+    ArgumentParser(prog='python -m export.gpu', description=__doc__.split('\n\n')[0]).parse_args(argv)
     env = probe()
     for gpu in env.gpus:
         print(f'GPU {gpu.index}: {gpu.name}, compute capability {gpu.compute_capability}, '

@@ -20,7 +20,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from timm_inception_pcam.checkpoint import ModelKwargsAction
-from timm_inception_pcam.errors import DataError, ExportError, UsageError, check_range, cli
+from timm_inception_pcam.errors import ArgumentParser, DataError, ExportError, UsageError, check_range, cli
 from timm_inception_pcam.inference.onnx_runner import OnnxRunner, load_onnx_proto, ort_options, read_onnx_metadata
 from timm_inception_pcam.inference.torch_runner import TorchRunner
 from timm_inception_pcam.storage import atomic_path, atomic_write_json, file_sha256
@@ -303,7 +303,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='python -m export.onnx', description=__doc__.split('\n\n')[0])
+    parser = ArgumentParser(prog='python -m export.onnx', description=__doc__.split('\n\n')[0])
     add_model_args(parser)
     return parser
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from timm_inception_pcam.errors import ExportError, UsageError, check_range, cli
+from timm_inception_pcam.errors import ArgumentParser, ExportError, UsageError, check_range, cli
 from timm_inception_pcam.storage import atomic_write_json, file_sha256, staged_outputs
 
 from .onnx import (
@@ -104,7 +104,7 @@ def export_openvino(model: Any, output: Path, *, model_name: str, checkpoint: st
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='python -m export.openvino', description=__doc__.split('\n\n')[0])
+    parser = ArgumentParser(prog='python -m export.openvino', description=__doc__.split('\n\n')[0])
     add_model_args(parser)
     parser.add_argument('--precision', default='fp32', choices=sorted(PRECISION_CHOICES),
                         help='fp32 (default), bf16 (float32 IR compiled in bf16) or int8 (NNCF quantisation)')

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from timm_inception_pcam.errors import ExportError, OutputExistsError, UsageError, check_range, cli
+from timm_inception_pcam.errors import ArgumentParser, ExportError, OutputExistsError, UsageError, check_range, cli
 from timm_inception_pcam.storage import file_sha256
 
 from .onnx import add_model_args, check_model_args, checkpoint_sha256, load_export_model
@@ -283,7 +283,7 @@ def build_repository(model: Any, repository: Path, *, model_name: str, checkpoin
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='python -m export.triton', description=__doc__.split('\n\n')[0])
+    parser = ArgumentParser(prog='python -m export.triton', description=__doc__.split('\n\n')[0])
     add_model_args(parser)
     parser.add_argument('--model-repository', required=True, type=Path, help='repository folder to write')
     parser.add_argument('--formats', default='onnx,openvino', help=f'comma-separated subset of {",".join(FORMATS)}')

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from timm_inception_pcam import errors
-from timm_inception_pcam.errors import MissingFileError, UsageError
+from timm_inception_pcam.errors import ArgumentParser, MissingFileError, UsageError
 from timm_inception_pcam.storage import atomic_path, atomic_write_bytes, file_sha256
 
 from .fp16 import add_fp16_args, check_fp16_args, run_fp16_stage
@@ -164,7 +164,7 @@ def finish_command(onnx_path: Path, args: argparse.Namespace) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='python -m export.trt', description=__doc__.split('\n\n')[0])
+    parser = ArgumentParser(prog='python -m export.trt', description=__doc__.split('\n\n')[0])
     add_model_args(parser)
     parser.add_argument('--fp16', action='store_true',
                         help='convert the ONNX model to mixed FP16 and build from it (default: FP32 engine)')

@@ -30,6 +30,11 @@ def test_script_help_and_user_error(name: str, capsys: pytest.CaptureFixture) ->
     with pytest.raises(SystemExit) as exit_info:
         run(['--help'])
     assert exit_info.value.code == 0 and 'usage:' in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own errors: one line too, not the usage text first
+        run(['--no-such-option', 'x'])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1, err
+    assert ': error: ' in err[0] and err[0].endswith(' --help)') and 'usage:' not in err[0]
 
 
 def test_installed_script_reports_a_user_error_in_one_line(tmp_path: Path) -> None:

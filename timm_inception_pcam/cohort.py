@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .constants import MAX_WORKERS
-from .errors import PCamError, UsageError, check_range, cli
+from .errors import ArgumentParser, PCamError, UsageError, check_range, cli
 from .storage import atomic_write_bytes, atomic_write_json
 
 __all__ = ['SlideJob', 'CohortConfig', 'CohortError', 'collect_slides', 'shard_of', 'run_cohort', 'merge_shards',
@@ -331,8 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .checkpoint import ModelKwargsAction
     from .wsi.cli import add_slide_options
 
-    p = argparse.ArgumentParser(prog='python -m timm_inception_pcam.cohort', description=__doc__.split('\n')[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = ArgumentParser(prog='python -m timm_inception_pcam.cohort', description=__doc__.split('\n')[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument('slides', nargs='*', metavar='SLIDE_OR_GLOB_OR_CSV')
     p.add_argument('--out', '--output', dest='out', required=True, help='cohort folder (one sub-folder per slide)')
     p.add_argument('--model', default=None)

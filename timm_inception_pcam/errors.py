@@ -6,16 +6,17 @@ is a bug and keeps its traceback. Subclasses also derive from the built-in class
 RuntimeError) so `except ValueError` callers keep working. The system refusing a path (read-only, no permission, a
 full disk, a file where a folder goes) is the user's to fix too: one line naming the path.
 """
+import argparse
 import errno
 import logging
 import math
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 __all__ = [
     'PCamError', 'UsageError', 'DataError', 'MissingFileError', 'TransferError', 'CheckpointError', 'ExportError',
-    'InferenceError', 'OutputError', 'OutputExistsError', 'cli', 'check_range',
+    'InferenceError', 'OutputError', 'OutputExistsError', 'ArgumentParser', 'cli', 'check_range',
 ]
 
 EXIT_USAGE = 2
@@ -34,6 +35,14 @@ class PCamError(Exception):
 
 class UsageError(PCamError, ValueError):
     """A value given on the command line or to an API is out of range or inconsistent."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with one-line usage errors (`prog: error: message (see prog --help)`, exit 2) rather than
+    the whole usage text first; every command builds its parser with it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f'{self.prog}: error: {message} (see {self.prog} --help)\n')
 
 
 class DataError(PCamError, ValueError):

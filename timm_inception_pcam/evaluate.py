@@ -42,7 +42,7 @@ from .constants import LABEL_NAMES, MAX_SEED, MAX_WORKERS, PCAM_NUM_CLASSES
 from .data import PCamDataset
 from .data.files import normalize_split
 from .data.provenance import folder_provenance
-from .errors import CheckpointError, DataError, UsageError, check_range, cli
+from .errors import ArgumentParser, CheckpointError, DataError, UsageError, check_range, cli
 from .inference.check import DecisionCheck, Settler
 from .inference.factory import BACKENDS, artefact_kind, create_runner, resolve
 from .inference.torch_runner import model_name_of
@@ -231,7 +231,7 @@ def _print_table(report: dict[str, Any]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='python -m timm_inception_pcam.evaluate', description=__doc__.split('\n')[0])
+    p = ArgumentParser(prog='python -m timm_inception_pcam.evaluate', description=__doc__.split('\n')[0])
     p.add_argument('--checkpoint', required=True,
                    help="what to score: our checkpoint, timm train.py's .pth.tar, a .safetensors file, "
                         "hf-hub:org/name, an .onnx file (FP32 or FP16) or a TensorRT .plan")

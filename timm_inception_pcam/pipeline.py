@@ -28,7 +28,7 @@ from typing import Any
 
 from .checkpoint import ModelKwargsAction
 from .constants import MAX_SEED, MAX_WORKERS
-from .errors import UsageError, check_range
+from .errors import ArgumentParser, UsageError, check_range
 from .storage import atomic_write_json, claim_output_dir
 from .train import TrainConfig, TrainResult, train
 from .train.model import create_train_model
@@ -199,7 +199,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     d = PipelineConfig()
-    p = argparse.ArgumentParser(prog='python -m timm_inception_pcam.pipeline', description=__doc__.split('\n\n')[0])
+    p = ArgumentParser(prog='python -m timm_inception_pcam.pipeline', description=__doc__.split('\n\n')[0])
     p.add_argument('--output', type=Path, default=d.output, help='folder for every artefact of the run')
     p.add_argument('--overwrite', action='store_true', help='replace the run already in --output')
     p.add_argument('--model', default=d.model)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .constants import LABEL_NAMES
-from .errors import DataError, InferenceError, UsageError, check_range, cli
+from .errors import ArgumentParser, DataError, InferenceError, UsageError, check_range, cli
 from .preprocess import batch_slices, check_patches
 
 __all__ = ['INPUT_NAME', 'OUTPUT_NAME', 'infer_patches', 'read_patch_files', 'main']
@@ -72,8 +72,8 @@ def read_patch_files(paths: Sequence[str | Path]) -> np.ndarray:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='python -m timm_inception_pcam.serve_client',
-                                     description=__doc__.split('\n')[0])
+    parser = ArgumentParser(prog='python -m timm_inception_pcam.serve_client',
+                            description=__doc__.split('\n')[0])
     parser.add_argument('files', nargs='*', help='.npy arrays of uint8 patches or 96x96 image files')
     parser.add_argument('--url', default='127.0.0.1:8000', help='Triton HTTP endpoint host:port')
     parser.add_argument('--model', required=True, help='model name in the repository, e.g. inception_v4_pcam_onnx')

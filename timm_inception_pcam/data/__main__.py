@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..constants import MAX_SEED, MAX_WORKERS, SPLITS
-from ..errors import MissingFileError, UsageError, check_range, cli
+from ..errors import ArgumentParser, MissingFileError, UsageError, check_range, cli
 
 __all__ = ['build_parser', 'main']
 
@@ -23,8 +23,8 @@ def _root(p: argparse.ArgumentParser, help_text: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='python -m timm_inception_pcam.data', description=__doc__.split('\n')[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = ArgumentParser(prog='python -m timm_inception_pcam.data', description=__doc__.split('\n')[0],
+                            formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = parser.add_subparsers(dest='command', required=True)
 
     p = sub.add_parser('synth', help='write a synthetic PCam set in the official file layout')

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..errors import ArgumentParser
 from ..models._common import PCAM_HUB_ORG
 from .card import DEFAULT_DATASET_ID, PAPERS
 from .folder import FolderConfig, build_hub_folder
@@ -31,7 +32,7 @@ OFFICIAL_REPOS: dict[str, str] = {name: f'{PCAM_HUB_ORG}/{name}' for name in PAP
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='python -m timm_inception_pcam.publish', description=__doc__.split('\n\n')[0])
+    p = ArgumentParser(prog='python -m timm_inception_pcam.publish', description=__doc__.split('\n\n')[0])
     p.add_argument('--checkpoint', required=True, type=Path, help='trained checkpoint file to publish')
     p.add_argument('--report', type=Path, default=None,
                    help='report.json from `python -m timm_inception_pcam.evaluate` for this checkpoint (required)')

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..checkpoint import ModelKwargsAction
 from ..constants import MAX_SEED, MAX_WORKERS, PCAM_NUM_CLASSES
-from ..errors import PCamError, check_range
+from ..errors import ArgumentParser, PCamError, check_range
 from ..precision import AUTOCAST_PRECISIONS, parse_precision
 
 __all__ = ['TrainConfig', 'TrainResult', 'TrainError', 'build_parser', 'config_from_args', 'LAST_NAME', 'BEST_NAME',
@@ -161,8 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __doc__ as doc
 
     d = _default
-    p = argparse.ArgumentParser(prog='python -m timm_inception_pcam.train', description=(doc or '').split('\n')[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(prog='python -m timm_inception_pcam.train', description=(doc or '').split('\n')[0],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group('data')
     g.add_argument('--data-dir', required=True, help='folder with the official camelyonpatch_level_2_split_* files')
     g.add_argument('--train-split', default=d('train_split'))

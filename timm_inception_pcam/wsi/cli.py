@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from typing import Any
 
+from ..errors import ArgumentParser
 from .grid import plan_grid
 from .options import PCAM_MPP, TILE, SlideOptions
 from .reader import open_slide
@@ -36,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     from ..checkpoint import ModelKwargsAction
     from ..inference import BACKENDS
 
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split('\n')[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(prog=PROG, description=__doc__.split('\n')[0],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('slide', metavar='SLIDE', help='whole-slide image (tiled/pyramidal TIFF, SVS, NDPI, MRXS, ...)')
     p.add_argument('--model', default=None, help='registered model name (default: the checkpoint\'s arch)')
     p.add_argument('--checkpoint', default=None,
