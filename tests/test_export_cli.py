@@ -57,7 +57,8 @@ def test_broken_onnx_files_are_named(tmp_path: Path, capsys) -> None:
     for path, expected in ((empty, 'empty.onnx: empty file (0 bytes)'),
                            (garbage, 'garbage.onnx: not a readable ONNX model'),
                            (notmodel, 'text.onnx: not'),
-                           (tmp_path / 'none.onnx', 'none.onnx: ONNX file not found')):
+                           (tmp_path / 'none.onnx', 'none.onnx: ONNX file not found'),
+                           (tmp_path, f'{tmp_path}: a folder, expected an ONNX file')):
         assert cli(main, 'python -m export.fp16', ['--onnx', str(path)]) == 2
         _one_line(capsys, expected)
     assert cli(evaluate_main, 'evaluate', ['--checkpoint', str(garbage), '--data-dir', str(tmp_path),

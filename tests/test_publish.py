@@ -273,6 +273,8 @@ def test_refuses_without_report(runs: dict, tmp_path: Path) -> None:
     _assert_refused(argv + ['--dry-run'], tmp_path / 'out', 'no evaluation report')
     _assert_refused(argv + ['--report', str(tmp_path / 'missing.json'), '--dry-run'], tmp_path / 'out',
                     'missing.json: evaluation report not found')
+    _assert_refused(argv + ['--report', str(run['report'].parent), '--dry-run'], tmp_path / 'out',
+                    'a folder, expected its report.json')
 
 
 def test_refuses_report_of_another_checkpoint(runs: dict, tmp_path: Path) -> None:
@@ -285,6 +287,10 @@ def test_refuses_report_of_another_checkpoint(runs: dict, tmp_path: Path) -> Non
     report.write_text(json.dumps(unmatched))
     argv[3] = str(report)
     _assert_refused(argv, tmp_path / 'out', 'checkpoint_sha256 is None')
+    garbage = tmp_path / 'garbage.pth'
+    garbage.write_bytes(b'not a checkpoint at all')
+    argv[1], argv[3] = str(garbage), str(v4['report'])  # no "another checkpoint": it is no checkpoint
+    _assert_refused(argv, tmp_path / 'out', 'garbage.pth: cannot load as a weights-only PyTorch checkpoint')
 
 
 def test_refuses_report_of_other_weights(runs: dict, tmp_path: Path) -> None:

@@ -183,15 +183,24 @@ def _check_measured_as_published(cfg: FolderConfig, report: Mapping[str, Any]) -
     return reported_norm
 
 
-def _load_checked(cfg: FolderConfig, report: Mapping[str, Any]) -> tuple[Any, dict[str, Any], str]:
-    """(model, checkpoint metadata, architecture) after the architecture, weights and class checks."""
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    from ..checkpoint import CheckpointError, read_checkpoint
+
+    try:
+        return read_checkpoint(path)
+    except CheckpointError as e:
+        raise PublishError(str(e)) from e
+
+
+def _load_checked(cfg: FolderConfig, report: Mapping[str, Any], meta: dict[str, Any]) -> tuple[Any, str]:
+    """(model, architecture) of the checkpoint (`meta`: its contents) after the architecture, weights and class
+    checks."""
     import timm
     from timm.models import split_model_name_tag
 
-    from ..checkpoint import CheckpointError, load_model, read_checkpoint
+    from ..checkpoint import CheckpointError, load_model
 
     try:
-        meta = read_checkpoint(cfg.checkpoint)
         arch = check_model_name(cfg.model, '--model') if cfg.model else check_model_name(
             meta.get('arch'), f'{cfg.checkpoint} "arch"')
         reported_model = report.get('model')
@@ -205,7 +214,7 @@ def _load_checked(cfg: FolderConfig, report: Mapping[str, Any]) -> tuple[Any, di
     if getattr(model, 'num_classes', None) != len(LABEL_NAMES):
         raise PublishError(f'{cfg.checkpoint}: model has {getattr(model, "num_classes", None)} classes, expected '
                            f'{len(LABEL_NAMES)} ({", ".join(LABEL_NAMES)})')
-    return model, meta, arch
+    return model, arch
 
 
 def build_hub_folder(cfg: FolderConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -220,8 +229,7 @@ def build_hub_folder(cfg: FolderConfig, log: Callable[[str], None] = print) -> d
     log(f'[1/5] reading report {cfg.report}')
     report = read_report(cfg.report)  # refuses a missing report
     report_path = Path(str(cfg.report))
-    if not cfg.checkpoint.is_file():
-        raise PublishError(f'{cfg.checkpoint}: checkpoint file not found')
+    meta = _read_checkpoint(cfg.checkpoint)  # a file that is no checkpoint is named so, not "another checkpoint"
     checkpoint_sha = file_sha256(cfg.checkpoint)
     check_report_checkpoint(report, report_path, checkpoint_sha, cfg.checkpoint)
     plot_files = plot_paths(report, report_path, cfg.plots_dir)
@@ -229,7 +237,7 @@ def build_hub_folder(cfg: FolderConfig, log: Callable[[str], None] = print) -> d
     reported_norm = _check_measured_as_published(cfg, report)
 
     log(f'[2/5] loading {cfg.checkpoint}')
-    model, meta, arch = _load_checked(cfg, report)
+    model, arch = _load_checked(cfg, report, meta)
     provenance, training = report_provenance(report), provenance_of(meta.get('data_provenance'))
 
     # normalisation: what the evaluation used > explicit > the checkpoint's config > PCam statistics

@@ -95,6 +95,9 @@ def read_report(path: str | os.PathLike | None) -> dict[str, Any]:
                            '`python -m timm_inception_pcam.evaluate` for this checkpoint; weights are not published '
                            'without measured metrics')
     path = Path(path)
+    if path.is_dir():
+        raise PublishError(f'{path}: a folder, expected its report.json (written by '
+                           f'`python -m timm_inception_pcam.evaluate`)')
     if not path.is_file():
         raise PublishError(f'{path}: evaluation report not found (expected the report.json written by '
                            f'`python -m timm_inception_pcam.evaluate`)')

@@ -26,7 +26,8 @@ def load_onnx_proto(path: str | Path, source: str | None = None) -> onnx.ModelPr
     path = Path(path)
     source = source or str(path)
     if not path.is_file():
-        raise MissingFileError(f'{source}: ONNX file not found')
+        raise MissingFileError(f'{source}: a folder, expected an ONNX file' if path.is_dir()
+                               else f'{source}: ONNX file not found')
     if path.stat().st_size == 0:
         raise ExportError(f'{source}: empty file (0 bytes); expected an ONNX model written by export.onnx')
     try:
