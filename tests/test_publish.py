@@ -2,6 +2,7 @@
 import fnmatch
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -556,14 +557,16 @@ def _synthetic_run(run: dict, root: Path, provenance: dict | None) -> list[str]:
 
 @pytest.mark.parametrize('provenance', [{'provenance': 'synthetic'}, None], ids=['synthetic', 'unrecorded'])
 def test_upload_of_a_non_pcam_result_is_refused_unless_allowed(provenance: dict | None, runs: dict,
-                                                               tmp_path: Path) -> None:
+                                                               tmp_path: Path, caplog) -> None:
     api = FakeHfApi(tmp_path / 'downloads')
     base = _synthetic_run(runs['inception_v4_pcam'], tmp_path / 'eval', provenance)
     repo = f'{ORG}/synthetic'
     word = 'synthetic' if provenance else 'unknown'
-    with pytest.raises(PublishError, match=f'not uploading .*records {word} data.*--allow-synthetic'):
+    with caplog.at_level(logging.INFO), pytest.raises(PublishError, match=f'not uploading .*records {word} data'
+                                                                          '.*--allow-synthetic'):
         main([*base, '--repo-id', repo, '--output', str(tmp_path / 'a')], api=api)
     assert api.commits == [] and repo not in api.files
+    assert not [r for r in caplog.records if r.name.startswith('timm.')]  # nor timm's lines naming a temporary folder
     dry = main([*base, '--repo-id', repo, '--output', str(tmp_path / 'b'), '--dry-run'])  # a dry run is fine
     assert dry['data_provenance'] == word and not dry['uploaded']
     assert json.loads(Path(dry['folder'], 'config.json').read_text())[hub.PROVENANCE_KEY]['data_provenance'] == word

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -153,7 +154,13 @@ def _verify_loads_back(folder: Path, model: Any, expected: Mapping[str, Any]) ->
     import timm
     import torch
 
-    loaded = timm.create_model(f'local-dir:{folder}', pretrained=True)
+    timm_log = logging.getLogger('timm.models')
+    level = timm_log.level
+    timm_log.setLevel(logging.WARNING)  # its INFO lines name the temporary folder; step [4/5] says what happens
+    try:
+        loaded = timm.create_model(f'local-dir:{folder}', pretrained=True)
+    finally:
+        timm_log.setLevel(level)
     source_sd, loaded_sd = model.state_dict(), loaded.state_dict()
     if source_sd.keys() != loaded_sd.keys():
         raise PublishError(f'{folder}: loads back with different parameter names '
