@@ -192,8 +192,8 @@ def _settle_aside(path: Path, marker: str | None, replaces: Sequence[str]) -> No
 
 @contextlib.contextmanager
 def claim_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resume: bool = False,
-                     finished: Sequence[str] = (), replaces: Sequence[str] = (), superseded_by: str | None = None,
-                     option: str = '--output', resume_hint: str = '') -> Iterator[Path]:
+                     finished: Sequence[str] = (), replaces: Sequence[str] = (), option: str = '--output',
+                     resume_hint: str = '') -> Iterator[Path]:
     """Own the run folder `path` for the duration of the block; raises OutputError when it cannot be used.
 
     - A folder another live process holds (`path/.lock` with its pid) is refused; a lock whose process is gone
@@ -204,7 +204,7 @@ def claim_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resume
       when the command cannot resume).
     - Overwriting moves the names in `replaces` aside (a hidden folder in `path`) rather than deleting them; they
       are deleted when the block completes. When it fails (or its process is killed: the next claim sees to it),
-      they are deleted too if the new run has written `superseded_by` (default: the first name in `finished`),
+      they are deleted too if the new run has written the first name in `finished` (e.g. its first `last.pth`),
       which makes it the run to continue; otherwise the new run's copies are deleted and the previous run comes
       back as it was.
     - Temporary files of `atomic_path` and folders of `staged_outputs` left in the folder by a killed run
@@ -223,7 +223,7 @@ def claim_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resume
         raise OutputError(f'{option} {path}: cannot create the folder ({e.strerror or e})') from e
     lock = path / LOCK_NAME
     _take_lock(lock, option)
-    marker = superseded_by or (finished[0] if finished else None)
+    marker = finished[0] if finished else None
     aside = path / ASIDE_NAME
     try:
         if aside.is_dir():  # left by an --overwrite run that was killed
