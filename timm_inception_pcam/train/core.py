@@ -41,26 +41,26 @@ def build_optimization(cfg: TrainConfig, model: nn.Module, updates_per_epoch: in
                                     momentum=cfg.momentum,
                                     **({'eps': cfg.opt_eps} if cfg.opt_eps is not None else {}),
                                     **({'betas': tuple(cfg.opt_betas)} if cfg.opt_betas else {}))
-    sched_kw: dict[str, Any] = {}
-    if cfg.decay_epochs is not None:
-        sched_kw['decay_epochs'] = cfg.decay_epochs
-    scheduler, num_epochs = create_scheduler_v2(
-        optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
-        warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, decay_rate=cfg.decay_rate,
-        step_on_epochs=not cfg.sched_on_updates, updates_per_epoch=updates_per_epoch, **sched_kw)
+    scheduler, num_epochs = _create_scheduler(cfg, optimizer, updates_per_epoch)
     ema = ModelEmaV3(model, decay=cfg.model_ema_decay, use_warmup=True) if cfg.model_ema else None
     loss_fn = LabelSmoothingCrossEntropy(cfg.smoothing) if cfg.smoothing > 0 else nn.CrossEntropyLoss()
     return optimizer, scheduler, num_epochs, ema, loss_fn
 
 
+def _create_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, updates_per_epoch: int) -> tuple[Any, int]:
+    """timm's scheduler for the recipe, and the epoch count it implies."""
+    return create_scheduler_v2(
+        optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr,
+        min_lr=cfg.min_lr, decay_rate=cfg.decay_rate, step_on_epochs=not cfg.sched_on_updates,
+        updates_per_epoch=updates_per_epoch,
+        **({'decay_epochs': cfg.decay_epochs} if cfg.decay_epochs is not None else {}))
+
+
 def _check_schedule(cfg: TrainConfig) -> None:
     """TrainError for a --sched (or its settings) timm refuses, found by building it for a one-tensor optimizer."""
-    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
     try:
-        create_scheduler_v2(probe, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
-                            warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, decay_rate=cfg.decay_rate,
-                            step_on_epochs=not cfg.sched_on_updates, updates_per_epoch=cfg.steps_per_epoch or 1,
-                            **({'decay_epochs': cfg.decay_epochs} if cfg.decay_epochs is not None else {}))
+        _create_scheduler(cfg, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr),
+                          cfg.steps_per_epoch or 1)
     except (ValueError, AssertionError) as e:
         raise TrainError(f'--sched {cfg.sched}: {e} (a timm scheduler, e.g. cosine, step, plateau, poly, wsd, '
                          f'none)') from None
