@@ -36,3 +36,30 @@ def test_a_killed_runs_staging_folder_is_cleared_by_the_next_claim(tmp_path):
     (out / '.keep.partial.d').mkdir()  # a folder of another writer: not ours to delete
     with claim_output_dir(out):
         assert sorted(p.name for p in out.iterdir()) == ['.keep.partial.d', '.lock']
+
+
+def test_a_publication_interrupted_between_two_renames_is_finished_by_the_next_claim(tmp_path, monkeypatch):
+    import os
+
+    out = tmp_path / 'run'
+    out.mkdir()
+    for name in ('done.json', 'a.csv', 'b.png'):
+        (out / name).write_text('old')
+    real_replace, moved = os.replace, []
+
+    def killed_after_one(src, dst):
+        if os.path.dirname(dst) == str(out):  # a staged file moved in (not a temporary file within the staging)
+            if moved:
+                raise KeyboardInterrupt  # the process stopped between two renames
+            moved.append(dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, 'replace', killed_after_one)
+    with pytest.raises(KeyboardInterrupt), staged_outputs(out, last='done.json', stale=('b.png',)) as staging:
+        for name in ('a.csv', 'done.json'):
+            (staging / name).write_text('new')
+    monkeypatch.undo()
+    assert (out / 'a.csv').read_text() == 'new' and not (out / 'done.json').exists()  # a mix, and no marker
+    with claim_output_dir(out):
+        assert sorted(p.name for p in out.iterdir()) == ['.lock', 'a.csv', 'done.json']  # the new run, complete
+        assert (out / 'done.json').read_text() == 'new'

@@ -60,36 +60,52 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 STAGING_PREFIX = '.outputs.'  # staged_outputs' folders: '.outputs.XXXXXXXX.partial'
+PUBLISHING = '.publishing.json'  # in a staging folder: its files are being moved in (finish the move if interrupted)
 
 
 @contextlib.contextmanager
 def staged_outputs(folder: str | os.PathLike, *, last: str, stale: Sequence[str] = ()) -> Iterator[Path]:
     """Yield a new hidden folder inside `folder` to write a run's output files into; they appear in `folder` together.
 
-    When the block completes: `last` (the run's completion marker, e.g. 'report.json') is deleted from `folder`, every
-    file written in the staging folder is moved onto its name in `folder`, the names in `stale` this run did not write
-    are deleted, and `last` is moved in at the end. When the block raises (a full disk, a bug, Ctrl-C), the staging
-    folder is deleted: nothing of the run becomes visible and the previous run's files are left as they were. A
-    staging folder left by a killed run is deleted by the next `claim_output_dir` on `folder`.
+    When the block completes, the files are published: `last` (the run's completion marker, e.g. 'report.json') is
+    deleted from `folder`, every file written in the staging folder is moved onto its name in `folder`, the names in
+    `stale` this run did not write are deleted, and `last` is moved in at the end. A publication interrupted half-way
+    (the process killed between two renames) is finished by the next `claim_output_dir` on `folder`, so a folder
+    never keeps a mix of two runs. When the block raises (a full disk, a bug, Ctrl-C), the staging folder is
+    deleted: nothing of the run becomes visible and the previous run's files are left as they were; one left by a
+    killed run is deleted by the next `claim_output_dir`.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, suffix='.partial', dir=folder))
+    publishing = False
     try:
         yield staging
         names = sorted(p.name for p in staging.iterdir())
         if last not in names:
             raise RuntimeError(f'staged_outputs: the run wrote no {last} in {staging}')
+        atomic_write_json(staging / PUBLISHING, {'last': last, 'names': names, 'stale': list(stale)})
+        publishing = True
+        _publish(folder, staging)
+        publishing = False
+    finally:
+        if not publishing:  # else interrupted while publishing: the next claim finishes it
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _publish(folder: Path, staging: Path) -> None:
+    """Move the files of `staging` into `folder` as its PUBLISHING record says; repeatable after an interruption."""
+    plan = json.loads((staging / PUBLISHING).read_text())
+    last = plan['last']
+    if (staging / last).exists():  # else the marker is in: published, only the staging folder was left
         (folder / last).unlink(missing_ok=True)
-        for name in names:
-            if name != last:
+        for name in plan['names']:
+            if name != last and (staging / name).exists():
                 os.replace(staging / name, folder / name)
-        for name in stale:
-            if name not in names:
+        for name in plan['stale']:
+            if name not in plan['names']:
                 (folder / name).unlink(missing_ok=True)
         os.replace(staging / last, folder / last)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
@@ -208,7 +224,7 @@ def claim_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resume
       which makes it the run to continue; otherwise the new run's copies are deleted and the previous run comes
       back as it was.
     - Temporary files of `atomic_path` and folders of `staged_outputs` left in the folder by a killed run
-      (`.NAME.*.partial*`) are deleted.
+      (`.NAME.*.partial*`) are deleted, after finishing a publication of `staged_outputs` the run had begun.
     - `path` naming an existing file is refused; a folder this call created and the block left empty is removed.
 
     Commands call it once, on their top-level output folder (under DDP, rank 0 only).
@@ -228,6 +244,13 @@ def claim_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resume
     try:
         if aside.is_dir():  # left by an --overwrite run that was killed
             _settle_aside(path, marker, replaces)
+        for staging in path.glob(f'{STAGING_PREFIX}*.partial'):  # a killed run's: finish a publication it began
+            if staging.is_dir() and not staging.is_symlink():
+                if (staging / PUBLISHING).is_file():
+                    logging.getLogger(__name__).warning('%s: finishing the publication of a run killed while its '
+                                                        'files were being moved in', path)
+                    _publish(path, staging)
+                shutil.rmtree(staging)
         done = [name for name in finished if (path / name).exists()]
         if done and overwrite:
             for name in replaces:
@@ -239,9 +262,7 @@ def claim_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resume
             raise OutputError(f'{option} {path} already holds a run ({done[0]}): {hint}--overwrite to replace it, '
                               f'or choose another {option}')
         for tmp in path.glob(PARTIAL_GLOB):
-            if tmp.is_dir() and not tmp.is_symlink() and tmp.name.startswith(STAGING_PREFIX):
-                shutil.rmtree(tmp)
-            elif tmp.is_file():
+            if tmp.is_file():
                 tmp.unlink()
         try:
             yield path
