@@ -132,6 +132,33 @@ def test_a_failed_overwrite_brings_the_previous_run_back(demo: tuple[Path, dict]
     assert {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob('*')} == before
 
 
+SMALL = ['--model-kwargs', 'depths=1,1,1', '--n-train', '64', '--n-eval', '16', '--epochs', '1', '--batch-size', '16',
+         '--workers', '0', '--no-export', '--no-progress']
+
+
+def test_an_unfinished_run_is_replaced_without_overwrite(tmp_path: Path, monkeypatch, capsys) -> None:
+    import timm_inception_pcam.pipeline as pipeline
+
+    out = tmp_path / 'demo'
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, 'train', interrupted)  # Ctrl-C in step 2: the synthetic data are there
+    with pytest.raises(KeyboardInterrupt):
+        main(['--output', str(out), *SMALL])
+    assert (out / 'data').is_dir() and (out / pipeline.STARTED).exists() and not (out / 'pipeline.json').exists()
+    monkeypatch.undo()
+    summary = main(['--output', str(out), *SMALL])  # "rerun to replace": no --overwrite needed for leftovers
+    assert summary['config']['n_train'] == 64 and not (out / pipeline.STARTED).exists()
+    assert sorted(p.name for p in out.iterdir()) == ['data', 'evaluate', 'hub', 'pipeline.json', 'train']
+
+    foreign = tmp_path / 'project'
+    (foreign / 'data').mkdir(parents=True)  # a folder of the user's that merely has a 'data' in it
+    line = _exit_2(capsys, ['--output', str(foreign), *SMALL])
+    assert 'already holds a run (data)' in line and (foreign / 'data').is_dir()
+
+
 def test_makefile_demo_replaces_the_previous_run() -> None:
     """`make demo` twice must work: the Makefile's demo target passes --overwrite."""
     makefile = (Path(__file__).resolve().parents[1] / 'Makefile').read_text()

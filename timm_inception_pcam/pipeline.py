@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import logging
 import shlex
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -36,8 +37,9 @@ from .train.model import create_train_model
 __all__ = ['PipelineConfig', 'train_config', 'run_pipeline', 'build_parser', 'main', 'RUN_ENTRIES']
 
 _logger = logging.getLogger(__name__)
-# What a pipeline run writes in its folder (all of it is replaced by --overwrite).
-RUN_ENTRIES = ('pipeline.json', 'data', 'train', 'evaluate', 'export', 'hub')
+# What a pipeline run writes in its folder (all of it is replaced by --overwrite); pipeline.json comes last.
+STARTED = '.pipeline.started'  # present from a run's start until its pipeline.json is written
+RUN_ENTRIES = ('pipeline.json', 'data', 'train', 'evaluate', 'export', 'hub', STARTED)
 
 
 @dataclass
@@ -151,7 +153,20 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     create_train_model(train_cfg)  # and the model name and --model-kwargs (a throw-away model, random weights)
     started = time.monotonic()
     artefacts: dict[str, Any] = {}
-    with claim_output_dir(out, overwrite=cfg.overwrite, finished=RUN_ENTRIES, replaces=RUN_ENTRIES):
+    # A run that never wrote its pipeline.json (killed, failed) left only leftovers: the next run replaces them
+    # without --overwrite; entries of anything else in --output are refused as a run.
+    unfinished = (out / STARTED).exists() and not (out / 'pipeline.json').exists()
+    finished = ('pipeline.json',) if unfinished else RUN_ENTRIES
+    with claim_output_dir(out, overwrite=cfg.overwrite, finished=finished, replaces=RUN_ENTRIES):
+        leftovers = [name for name in RUN_ENTRIES if (out / name).exists()]
+        if leftovers and (out / STARTED).exists():
+            _logger.info('replacing an unfinished run in %s (%s)', out, ', '.join(leftovers))
+            for name in leftovers:
+                if (out / name).is_dir():
+                    shutil.rmtree(out / name)
+                else:
+                    (out / name).unlink()
+        (out / STARTED).touch()
         from .data import synthesize_pcam
 
         _logger.info('=== 1/5 synthetic PCam sample ===')
@@ -194,6 +209,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
             'config': {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()},
         }
         atomic_write_json(out / 'pipeline.json', summary)
+        (out / STARTED).unlink()
     return summary
 
 
