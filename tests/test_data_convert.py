@@ -115,3 +115,37 @@ def test_resume_and_refusals(h5_root: Path, tmp_path: Path) -> None:
     assert json.loads((out / MARKER).read_text())['complete'] is False
     with pytest.raises(ValueError, match='unknown convert format'):
         convert_pcam(h5_root, tmp_path / 'x', 'jpeg')
+
+
+@pytest.mark.skipif(not Path('/proc/self').exists(), reason='reads process states from /proc (Linux)')
+def test_conversion_workers_end_when_their_parent_is_killed(tmp_path: Path) -> None:
+    """A `kill -9` of the command must not leave its pool workers waiting for chunks forever (without the
+    initializer, a ProcessPoolExecutor worker outlives its parent indefinitely)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = ('import os\n'
+              'from concurrent.futures import ProcessPoolExecutor\n'
+              'from timm_inception_pcam.data.convert import _exit_with_parent\n'
+              'pool = ProcessPoolExecutor(1, initializer=_exit_with_parent, initargs=(os.getpid(),))\n'
+              'print(pool.submit(os.getpid).result(), flush=True)\n'
+              'os._exit(0)\n')  # gone without a word to its worker, like a kill -9
+    out = tmp_path / 'pid.txt'
+    with open(out, 'w') as f:  # a file, not a pipe: an orphaned worker would hold a pipe open
+        subprocess.run([sys.executable, '-c', script], stdout=f, timeout=120, check=True)
+    pid = int(out.read_text().split()[0])
+
+    def alive() -> bool:
+        try:
+            return 'State:\tZ' not in Path(f'/proc/{pid}/status').read_text()
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 15
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if alive():
+        os.kill(pid, signal.SIGKILL)
+        pytest.fail(f'worker {pid} outlived its parent')

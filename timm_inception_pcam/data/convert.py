@@ -15,6 +15,8 @@ import io
 import json
 import os
 import tarfile
+import threading
+import time
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -135,6 +137,17 @@ def _verify_shards(out: Path, split: str, lengths: list[int]) -> None:
             raise PCamFormatError(f'{path}: {found} images, expected {expected}; delete it and convert again')
 
 
+def _exit_with_parent(parent: int) -> None:
+    """Worker initializer: the worker ends once the process that started it is gone (killed with -9), instead of
+    waiting for chunks forever."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name='exit-with-parent', daemon=True).start()
+
+
 def _check_marker(out: Path, fmt: str, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
     marker = out / MARKER
     if not marker.is_file():
@@ -194,11 +207,14 @@ def _convert(root: Path, out: Path, fmt: str, splits: list[str], fingerprint: di
     written = 0
     with tqdm(total=total, unit='patch', desc=f'convert -> {fmt}', disable=not progress) as bar:
         if workers > 1 and len(jobs) > 1:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
+            pool = ProcessPoolExecutor(max_workers=workers, initializer=_exit_with_parent, initargs=(os.getpid(),))
+            try:
                 futures = [(pool.submit(job[0], *job[1:]), job) for job in jobs]
                 for future, job in futures:
                     written += future.result()
                     bar.update(job[4] - job[3])
+            finally:  # Ctrl-C or a failed chunk: the chunks being written finish, the others never start
+                pool.shutdown(wait=True, cancel_futures=True)
         else:
             for job in jobs:
                 written += job[0](*job[1:])
