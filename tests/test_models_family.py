@@ -270,6 +270,14 @@ def test_no_residual_branches_refuse_drop_path(name: str) -> None:
         timm.create_model(name, drop_path_rate=0.1)
 
 
+@pytest.mark.parametrize('name, low', [('inception_v4_pcam', 'positive'), ('inception_resnet_v1_pcam', 'non-negative'),
+                                       ('inception_resnet_v2_pcam', 'non-negative')])
+@pytest.mark.parametrize('depths', ['a,b', (1, 1), (1, -1, 1), (1.5, 1, 1)])
+def test_bad_depths_say_what_is_expected(name: str, low: str, depths) -> None:
+    with pytest.raises(UsageError, match=rf'depths must be three {low} block counts \(A, B, C\), e.g. depths=1,1,1'):
+        timm.create_model(name, depths=depths)
+
+
 def test_googlenet_kernel_5x5() -> None:
     tv_like = timm.create_model('googlenet_pcam')
     table_1 = timm.create_model('googlenet_pcam', kernel_5x5=5).eval()

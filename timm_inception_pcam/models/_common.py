@@ -78,6 +78,15 @@ def avg_pool() -> nn.AvgPool2d:
     return nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False)
 
 
+def check_depths(depths: Any, low: int) -> tuple[int, int, int]:
+    """`depths` as three block counts (A, B, C) of at least `low`, or a UsageError saying so."""
+    if (not isinstance(depths, (tuple, list)) or len(depths) != 3
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= low for d in depths)):
+        kind = 'positive' if low > 0 else 'non-negative'
+        raise UsageError(f'depths must be three {kind} block counts (A, B, C), e.g. depths=1,1,1; got {depths!r}')
+    return tuple(depths)
+
+
 def check_no_drop_block(drop_block_rate: float | None) -> None:
     if drop_block_rate:
         raise UsageError(f'drop_block_rate={drop_block_rate}: DropBlock is not implemented for the PCam models; '

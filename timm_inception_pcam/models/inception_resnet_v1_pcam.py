@@ -25,6 +25,7 @@ from ._common import (
     LayerTrunk,
     ScaledResidual,
     adapt_head_filter,
+    check_depths,
     check_no_drop_block,
     check_pretrained_available,
     layer_group_matcher,
@@ -180,8 +181,7 @@ class InceptionResnetV1Pcam(LayerTrunk, nn.Module):
             raise UsageError(f'stem_stride must be 1 or 2, got {stem_stride}')
         if output_stride != 32:
             raise UsageError(f'output_stride must be 32, got {output_stride}')
-        if len(depths) != 3 or min(depths) < 0:
-            raise UsageError(f'depths must be three block counts (A, B, C), got {depths}')
+        depths = check_depths(depths, 0)
         if len(scales) != 3:
             raise UsageError(f'scales must be three residual scales (A, B, C), got {scales}')
         check_no_drop_block(drop_block_rate)

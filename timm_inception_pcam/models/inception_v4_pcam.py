@@ -21,6 +21,7 @@ from ._common import (
     PCAM_HUB_ORG,
     adapt_head_filter,
     avg_pool,
+    check_depths,
     check_no_drop_block,
     check_no_drop_path,
     check_pretrained_available,
@@ -236,8 +237,7 @@ class InceptionV4Pcam(nn.Module):
             raise UsageError(f'output_stride must be 32, got {output_stride}')
         check_no_drop_path(drop_path_rate, 'Inception-v4')
         check_no_drop_block(drop_block_rate)
-        if len(depths) != 3 or min(depths) < 1:
-            raise UsageError(f'depths must be three positive block counts (A, B, C), got {depths}')
+        depths = check_depths(depths, 1)
         dd = dict(device=device, dtype=dtype)
         self.num_classes = num_classes
         self.in_chans = in_chans
