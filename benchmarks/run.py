@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from timm_inception_pcam import errors
-from timm_inception_pcam.errors import ArgumentParser, UsageError, check_range
-from timm_inception_pcam.storage import atomic_write_bytes, atomic_write_json
+from timm_inception_pcam.errors import ArgumentParser, check_range
+from timm_inception_pcam.storage import atomic_write_bytes, atomic_write_json, check_output_folder
 
 from . import backends, cohort, evaluator, family, gpu, models, training
 from .common import DEFAULT_CACHE, FULL, QUICK, Sizes, fmt, machine_info, synthetic_split
@@ -159,14 +159,12 @@ def _write(out: Path, results: dict[str, Any]) -> None:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    """UsageError (or the reader's one-line error) for options no section could use, before any section runs."""
+    """A one-line user error (PCamError) for options no section could use, before any section runs."""
     from timm_inception_pcam.checkpoint import read_checkpoint
     from timm_inception_pcam.data import PCamDataset
 
     check_range('--threads', args.threads, 1)
-    if Path(args.output).exists() and not Path(args.output).is_dir():
-        raise UsageError(f'--output {args.output} is an existing file; expected a folder for results.json and '
-                         f'results.md')
+    check_output_folder(args.output)
     for path in args.checkpoint:
         read_checkpoint(path)  # a missing, folder or garbage file is a CheckpointError naming it
     if args.data_dir is not None:

@@ -23,7 +23,7 @@ from timm_inception_pcam.checkpoint import ModelKwargsAction
 from timm_inception_pcam.errors import ArgumentParser, DataError, ExportError, UsageError, check_range, cli
 from timm_inception_pcam.inference.onnx_runner import OnnxRunner, load_onnx_proto, ort_options, read_onnx_metadata
 from timm_inception_pcam.inference.torch_runner import TorchRunner
-from timm_inception_pcam.storage import atomic_path, atomic_write_json, file_sha256
+from timm_inception_pcam.storage import atomic_path, atomic_write_json, check_output_folder, file_sha256
 
 from .spec import INPUT_NAME, ONNX_METADATA_KEY, OUTPUT_NAME, IOSpec, softmax
 
@@ -318,8 +318,7 @@ def check_model_args(args: argparse.Namespace) -> None:
     name = args.name
     if name is not None and (not name.strip() or Path(name).name != name or name in ('.', '..')):
         raise UsageError(f'--name {name!r}: expected a file stem for the artefacts in --output (no folders)')
-    if Path(args.output).exists() and not Path(args.output).is_dir():
-        raise UsageError(f'--output {args.output} is an existing file; expected a folder for the artefacts')
+    check_output_folder(args.output)
 
 
 def onnx_stage_from_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import Any
 from .errors import OutputError
 
 __all__ = ['atomic_path', 'atomic_write_bytes', 'atomic_write_json', 'staged_outputs', 'file_sha256',
-           'claim_output_dir']
+           'check_output_folder', 'claim_output_dir']
 
 
 def _process_umask() -> int:
@@ -206,6 +206,14 @@ def _settle_aside(path: Path, marker: str | None, replaces: Sequence[str]) -> No
     logging.getLogger(__name__).warning('%s: the replacing run did not finish; the previous run is back', path)
 
 
+def check_output_folder(path: str | os.PathLike, option: str = '--output') -> Path:
+    """`path` as a Path; OutputError when it names an existing file where a folder (new or a run's) goes."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f'{option} {path} is an existing file; expected a folder (new or a previous run\'s)')
+    return path
+
+
 @contextlib.contextmanager
 def claim_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resume: bool = False,
                      finished: Sequence[str] = (), replaces: Sequence[str] = (), option: str = '--output',
@@ -229,9 +237,7 @@ def claim_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resume
 
     Commands call it once, on their top-level output folder (under DDP, rank 0 only).
     """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise OutputError(f'{option} {path} is an existing file; expected a folder (new or a previous run\'s)')
+    path = check_output_folder(path, option)
     created = not path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)
