@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import logging
 import shlex
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -30,7 +29,7 @@ from typing import Any
 from .checkpoint import ModelKwargsAction
 from .constants import MAX_SEED, MAX_WORKERS
 from .errors import ArgumentParser, UsageError, check_range
-from .storage import atomic_write_json, claim_output_dir
+from .storage import atomic_write_json, claim_output_dir, remove_path
 from .train import TrainConfig, TrainResult, train
 from .train.model import create_train_model
 
@@ -162,10 +161,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         if leftovers and (out / STARTED).exists():
             _logger.info('replacing an unfinished run in %s (%s)', out, ', '.join(leftovers))
             for name in leftovers:
-                if (out / name).is_dir():
-                    shutil.rmtree(out / name)
-                else:
-                    (out / name).unlink()
+                remove_path(out / name)
         (out / STARTED).touch()
         from .data import synthesize_pcam
 

@@ -15,7 +15,7 @@ from typing import Any
 from .errors import OutputError
 
 __all__ = ['atomic_path', 'atomic_write_bytes', 'atomic_write_json', 'staged_outputs', 'file_sha256',
-           'check_output_folder', 'claim_output_dir']
+           'check_output_folder', 'claim_output_dir', 'remove_path']
 
 
 def _process_umask() -> int:
@@ -182,7 +182,8 @@ def _take_lock(lock: Path, option: str) -> None:
     raise OutputError(f'{option} {lock.parent}: could not take the lock file {lock} (another run keeps taking it)')
 
 
-def _remove(target: Path) -> None:
+def remove_path(target: Path) -> None:
+    """Delete a file, link or folder tree; nothing when there is nothing."""
     if target.is_dir() and not target.is_symlink():
         shutil.rmtree(target)
     elif target.exists() or target.is_symlink():
@@ -199,7 +200,7 @@ def _settle_aside(path: Path, marker: str | None, replaces: Sequence[str]) -> No
         return
     old = sorted(aside.iterdir())
     for name in {*replaces, *(entry.name for entry in old)}:
-        _remove(path / name)
+        remove_path(path / name)
     for entry in old:
         os.replace(entry, path / entry.name)
     aside.rmdir()
