@@ -233,23 +233,30 @@ def _advance(bar: Any, rows: dict[str, dict[str, Any]]) -> None:
                     failed=sum(r['status'] == 'failed' for r in rows.values()), refresh=False)
 
 
-def check_ray_address(address: str | None) -> None:
-    """UsageError unless `address` is None, auto, local, HOST:PORT or ray://HOST:PORT."""
+def _ray_endpoint(address: str | None) -> tuple[str, int] | None:
+    """(host, port) of a HOST:PORT or ray://HOST:PORT address, None for none / auto / local; else UsageError."""
     if address is None or address in ('auto', 'local'):
-        return
+        return None
     host, _, port = address.removeprefix('ray://').rpartition(':')
     if not host or not port.isdigit() or not 0 < int(port) < 65536 or any(c in host for c in '/ '):
         raise UsageError(f'--ray-address {address!r}: expected auto, local, HOST:PORT or ray://HOST:PORT of a running '
                          'Ray cluster (e.g. 10.0.0.1:6379)')
+    return host, int(port)
+
+
+def check_ray_address(address: str | None) -> None:
+    """UsageError unless `address` is None, auto, local, HOST:PORT or ray://HOST:PORT."""
+    _ray_endpoint(address)
 
 
 def _check_ray_reachable(address: str, timeout: float = RAY_CONNECT_TIMEOUT) -> None:
     """UsageError when nothing accepts a connection at a HOST:PORT address (Ray itself would retry for minutes)."""
-    if address in ('auto', 'local'):
+    endpoint = _ray_endpoint(address)
+    if endpoint is None:
         return
-    host, _, port = address.removeprefix('ray://').rpartition(':')
+    host, port = endpoint
     try:
-        socket.create_connection((host.strip('[]'), int(port)), timeout=timeout).close()
+        socket.create_connection((host.strip('[]'), port), timeout=timeout).close()
     except OSError as e:
         raise UsageError(f'--ray-address {address}: no Ray cluster answers at {host}:{port} '
                          f'({e.strerror or e or "timed out"}); expected a running head node (`ray start --head` '
