@@ -84,7 +84,7 @@ def _exit_2(capsys, argv: list[str]) -> str:
     (('--n-train', '16'), '--n-train 16 makes no full batch of --batch-size 32: raise --n-train or lower'),
     (('--repo-id', 'bad id'), "--repo-id 'bad id': expected ORG/NAME"),
     (('--model', 'nope'), "--model 'nope': not a registered timm model"),
-    (('--model-kwargs', 'foo=1'), 'does not accept these arguments'),
+    (('--model-kwargs', 'foo=1'), "inception_v4_pcam does not take 'foo'"),
 ])
 def test_bad_values_exit_2_before_any_work(tmp_path, capsys, extra, needle) -> None:
     out = tmp_path / 'demo'

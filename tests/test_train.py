@@ -450,6 +450,15 @@ def test_output_naming_a_file_and_missing_data_exit_2(pcam_dir, tmp_path, capsys
                      'a folder, expected a checkpoint file')
 
 
+@pytest.mark.parametrize('pretrained', [True, False])
+def test_model_argument_the_model_does_not_take(pcam_dir, tmp_path, capsys, pretrained) -> None:
+    """A bad --model-kwargs is one line whether the run starts from pretrained weights (a traceback before) or not."""
+    argv = [a for a in quick_args(pcam_dir, tmp_path / 'x', '--model-kwargs', 'foo=1')
+            if pretrained is False or a != '--no-pretrained']
+    _exit_2_one_line(capsys, argv, "model argument foo=1: inception_v4_pcam does not take 'foo'")
+    assert not (tmp_path / 'x').exists()
+
+
 def test_cuda_without_a_gpu_is_one_line(pcam_dir, tmp_path, capsys, monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     _exit_2_one_line(capsys, quick_args(pcam_dir, tmp_path / 'x', '--device', 'cuda'),

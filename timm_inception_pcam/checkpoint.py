@@ -21,7 +21,8 @@ from .models._common import is_aux_key
 from .storage import atomic_path
 
 __all__ = ['CHECKPOINT_FORMAT', 'CheckpointError', 'read_checkpoint', 'load_model', 'save_checkpoint',
-           'model_kwargs_of', 'ModelKwargsAction']
+           'model_kwargs_of', 'ModelKwargsAction', 'create_model',
+           'ModelArgumentError']
 
 # The one format of every checkpoint this project writes (the trainer's last.pth / model_best.pth add 'train_state').
 CHECKPOINT_FORMAT = 'timm-inception-pcam-checkpoint/1'
@@ -125,16 +126,24 @@ class ModelKwargsAction(ParseKwargs):
         super().__call__(parser, namespace, values, option_string)
 
 
-def _create_model(model_name: str, **kwargs: Any) -> nn.Module:
-    """`timm.create_model`, an argument the model does not take is a usage error."""
+class ModelArgumentError(UsageError):
+    """A model argument (--model-kwargs or a checkpoint's model_kwargs) that the architecture does not take."""
+
+    def __init__(self, model_name: str, argument: str, value: Any) -> None:
+        super().__init__(f'model argument {argument}={value!r}: {model_name} does not take {argument!r} '
+                         f'(--model-kwargs or the checkpoint\'s model_kwargs)')
+        self.argument = argument
+
+
+def create_model(model_name: str, **kwargs: Any) -> nn.Module:
+    """`timm.create_model`; an argument the model does not take raises ModelArgumentError (a usage error)."""
     try:
         return timm.create_model(model_name, **kwargs)
     except TypeError as e:
         found = re.search(r"unexpected keyword argument '(\w+)'", str(e))
         if found is None or found.group(1) not in kwargs:
             raise
-        raise UsageError(f'model argument {found.group(1)}={kwargs[found.group(1)]!r}: {model_name} does not take '
-                         f'{found.group(1)!r} (--model-kwargs or the checkpoint\'s model_kwargs)') from None
+        raise ModelArgumentError(model_name, found.group(1), kwargs[found.group(1)]) from None
 
 
 def load_model(
@@ -159,7 +168,7 @@ def load_model(
         ckpt = dict(checkpoint)
         checkpoint = f'checkpoint of {ckpt.get("arch") or "unknown arch"}'
     elif checkpoint is not None and str(checkpoint).startswith(('hf-hub:', 'local-dir:')):
-        return _create_model(str(checkpoint), pretrained=True, **model_kwargs).eval()
+        return create_model(str(checkpoint), pretrained=True, **model_kwargs).eval()
     else:
         ckpt = read_checkpoint(checkpoint) if checkpoint is not None else {}
     arch = ckpt.get('arch')
@@ -178,20 +187,20 @@ def load_model(
 
     kwargs = {**model_kwargs_of(ckpt), **model_kwargs}
     if not ckpt:
-        return _create_model(model_name, pretrained=pretrained, **kwargs).eval()
+        return create_model(model_name, pretrained=pretrained, **kwargs).eval()
 
     key = 'state_dict_ema' if use_ema and ckpt.get('state_dict_ema') else 'state_dict'
     if use_ema and key != 'state_dict_ema':
         raise CheckpointError(f'{checkpoint}: use_ema requested but the checkpoint has no EMA weights')
     state_dict = _strip_prefixes(ckpt[key])
-    model = _create_model(model_name, pretrained=False, **{'num_classes': 2, **kwargs})
+    model = create_model(model_name, pretrained=False, **{'num_classes': 2, **kwargs})
     classifier = model.pretrained_cfg.get('classifier', 'classifier')
     stored_classes = _num_classes_of(state_dict, classifier)
     if stored_classes is not None and stored_classes != model.num_classes:
         if 'num_classes' in model_kwargs:
             raise CheckpointError(f'{checkpoint}: checkpoint has {stored_classes} classes, expected '
                                   f'num_classes={model.num_classes}')
-        model = _create_model(model_name, pretrained=False, **{**kwargs, 'num_classes': stored_classes})
+        model = create_model(model_name, pretrained=False, **{**kwargs, 'num_classes': stored_classes})
     own = model.state_dict()
     other_shape = [k for k, v in state_dict.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
     mismatched = [k for k in other_shape if not is_aux_key(k)]

@@ -10,7 +10,8 @@ import timm
 import torch
 import torch.nn as nn
 
-from ..checkpoint import CheckpointError, load_model, model_kwargs_of, read_checkpoint
+from ..checkpoint import CheckpointError, ModelArgumentError, create_model, load_model, model_kwargs_of, read_checkpoint
+from ..errors import PCamError
 from .config import TrainConfig, TrainError
 
 __all__ = ['architecture_kwargs', 'create_train_model']
@@ -48,7 +49,9 @@ def _pretrained(name: str, kwargs: dict[str, Any]) -> tuple[nn.Module | None, st
     where = cfg.file or cfg.url or f'hf-hub:{cfg.hf_hub_id}'
     try:
         with torch.random.fork_rng(devices=[]):  # a failed attempt leaves the RNG as --no-pretrained would find it
-            return timm.create_model(name, pretrained=True, **kwargs), f'pretrained {tag} ({where})'
+            return _create(name, kwargs, pretrained=True), f'pretrained {tag} ({where})'
+    except PCamError:  # the arguments, not the weights: no fallback helps
+        raise
     except (OSError, RuntimeError, ValueError) as e:  # not cached, offline, unreachable, or a bad download
         reason = ' '.join(str(e).split())[:200] or type(e).__name__
         if _offline():
@@ -90,11 +93,11 @@ def create_train_model(cfg: TrainConfig, resume: Mapping[str, Any] | None = None
     return _create(name, {**kwargs, **aux}), kwargs, 'random init'
 
 
-def _create(name: str, kwargs: dict[str, Any]) -> nn.Module:
+def _create(name: str, kwargs: dict[str, Any], pretrained: bool = False) -> nn.Module:
     try:
-        return timm.create_model(name, pretrained=False, **kwargs)
-    except TypeError as e:
-        if kwargs.get('aux_logits'):
+        return create_model(name, pretrained=pretrained, **kwargs)
+    except ModelArgumentError as e:
+        if e.argument == 'aux_logits':
             raise TrainError(f'--aux-weight: {name} has no auxiliary classifiers (googlenet_pcam and '
-                             f'inception_v3_pcam have); drop --aux-weight') from e
-        raise TrainError(f'--model {name} does not accept these arguments {kwargs}: {e}') from e
+                             f'inception_v3_pcam have); drop --aux-weight') from None
+        raise
