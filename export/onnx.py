@@ -287,6 +287,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--use-ema', action='store_true', help='export the EMA weights of the checkpoint')
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ModelKwargsAction, metavar='KEY=VALUE',
                         help='extra create_model arguments, e.g. depths=1,1,1')
+
+
+def add_artefact_args(parser: argparse.ArgumentParser) -> None:
+    """The artefact folder, its file stem and the parity check against PyTorch (ONNX, TensorRT, OpenVINO)."""
     parser.add_argument('--output', default='output/export', help='artefact folder')
     parser.add_argument('--name', default=None, help='file stem of the artefacts (default: the model name)')
     parser.add_argument('--bake-preprocessing', action='store_true',
@@ -305,24 +309,28 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog='python -m export.onnx', description=__doc__.split('\n\n')[0])
     add_model_args(parser)
+    add_artefact_args(parser)
     return parser
 
 
-def check_model_args(args: argparse.Namespace) -> None:
-    """Range-check the numbers of `add_model_args` before anything is loaded or written."""
+def check_name(name: str | None, what: str = 'a file stem for the artefacts in --output (no folders)') -> None:
+    """--name is one plain file or folder name (no separators, not '.' or '..')."""
+    if name is not None and (not name.strip() or Path(name).name != name or name in ('.', '..')):
+        raise UsageError(f'--name {name!r}: expected {what}')
+
+
+def check_artefact_args(args: argparse.Namespace) -> None:
+    """Check the values of `add_artefact_args` before anything is loaded or written."""
     check_range('--batch-size', args.batch_size, 1)
     check_range('--parity-samples', args.parity_samples, 1)
     check_range('--tolerance', args.tolerance, 0, low_open=True)
-    if hasattr(args, 'opset'):
-        check_range('--opset', args.opset, MIN_OPSET, onnx.defs.onnx_opset_version())
-    name = args.name
-    if name is not None and (not name.strip() or Path(name).name != name or name in ('.', '..')):
-        raise UsageError(f'--name {name!r}: expected a file stem for the artefacts in --output (no folders)')
+    check_range('--opset', args.opset, MIN_OPSET, onnx.defs.onnx_opset_version())
+    check_name(args.name)
     check_output_folder(args.output)
 
 
 def onnx_stage_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    check_model_args(args)
+    check_artefact_args(args)
     model, name = load_export_model(args.model, args.checkpoint, use_ema=args.use_ema, pretrained=args.pretrained,
                                     **args.model_kwargs)
     patches, _, source = load_patches(args.data_dir, args.split, args.parity_samples)

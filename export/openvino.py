@@ -28,8 +28,9 @@ from timm_inception_pcam.storage import atomic_write_json, file_sha256, staged_o
 
 from .onnx import (
     DEFAULT_TOLERANCE,
+    add_artefact_args,
     add_model_args,
-    check_model_args,
+    check_artefact_args,
     checkpoint_sha256,
     load_export_model,
     load_patches,
@@ -106,6 +107,7 @@ def export_openvino(model: Any, output: Path, *, model_name: str, checkpoint: st
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog='python -m export.openvino', description=__doc__.split('\n\n')[0])
     add_model_args(parser)
+    add_artefact_args(parser)
     parser.add_argument('--precision', default='fp32', choices=sorted(PRECISION_CHOICES),
                         help='fp32 (default), bf16 (float32 IR compiled in bf16) or int8 (NNCF quantisation)')
     parser.add_argument('--calibration-samples', type=int, default=512, help='int8: training patches to calibrate')
@@ -116,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     precision = PRECISION_CHOICES[args.precision]
-    check_model_args(args)
+    check_artefact_args(args)
     check_range('--calibration-samples', args.calibration_samples, 1)
     if args.bake_preprocessing:
         raise UsageError('--bake-preprocessing applies to ONNX; the OpenVINO runner normalises on the host')

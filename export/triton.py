@@ -34,7 +34,7 @@ from typing import Any
 from timm_inception_pcam.errors import ArgumentParser, ExportError, OutputExistsError, UsageError, check_range, cli
 from timm_inception_pcam.storage import file_sha256
 
-from .onnx import add_model_args, check_model_args, checkpoint_sha256, load_export_model
+from .onnx import add_model_args, check_name, checkpoint_sha256, load_export_model
 from .spec import IOSpec
 
 __all__ = ['FORMATS', 'OUTPUT_NAME', 'build_repository', 'model_config', 'validate_model_config', 'main']
@@ -286,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog='python -m export.triton', description=__doc__.split('\n\n')[0])
     add_model_args(parser)
     parser.add_argument('--model-repository', required=True, type=Path, help='repository folder to write')
+    parser.add_argument('--name', default=None,
+                        help='model name in the repository: folders NAME_onnx, NAME_openvino, ... (default: the '
+                             'model name)')
     parser.add_argument('--formats', default='onnx,openvino', help=f'comma-separated subset of {",".join(FORMATS)}')
     parser.add_argument('--plan', action='append', type=Path, default=[],
                         help='TensorRT plan (with its sidecar) built from the repository ONNX; repeat per GPU type')
@@ -297,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
-    check_model_args(args)
+    check_name(args.name, 'a model name for the repository, without folders')
     check_range('--max-batch-size', args.max_batch_size, 1)
     check_range('--instances', args.instances, 1)
     formats = [f.strip() for f in args.formats.split(',') if f.strip()]

@@ -29,7 +29,15 @@ from timm_inception_pcam.storage import atomic_path, atomic_write_bytes, file_sh
 
 from .fp16 import add_fp16_args, check_fp16_args, run_fp16_stage
 from .gpu import GpuInfo, probe
-from .onnx import ExportError, add_model_args, check_model_args, check_onnx, onnx_stage_from_args, read_onnx_metadata
+from .onnx import (
+    ExportError,
+    add_artefact_args,
+    add_model_args,
+    check_artefact_args,
+    check_onnx,
+    onnx_stage_from_args,
+    read_onnx_metadata,
+)
 from .sidecar import Profile, make_sidecar, sidecar_path, write_sidecar
 from .spec import IOSpec
 
@@ -166,6 +174,7 @@ def finish_command(onnx_path: Path, args: argparse.Namespace) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog='python -m export.trt', description=__doc__.split('\n\n')[0])
     add_model_args(parser)
+    add_artefact_args(parser)
     parser.add_argument('--fp16', action='store_true',
                         help='convert the ONNX model to mixed FP16 and build from it (default: FP32 engine)')
     parser.add_argument('--onnx-only', action='store_true', help='stop after the ONNX artefacts (exit 0)')
@@ -195,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         raise UsageError(f'--min-batch/--opt-batch/--max-batch: {e}') from None
     errors.check_range('--workspace-gib', args.workspace_gib, 0, low_open=True)
-    check_model_args(args)  # --output, --name, ...: found before minutes of export, not after
+    check_artefact_args(args)  # --output, --name, ...: found before minutes of export, not after
     if args.fp16:
         check_fp16_args(args)
     output = Path(args.output)

@@ -37,6 +37,15 @@ def test_script_help_and_user_error(name: str, capsys: pytest.CaptureFixture) ->
     assert ': error: ' in err[0] and err[0].endswith(' --help)') and 'usage:' not in err[0]
 
 
+def test_option_value_starting_with_a_dash_says_how_to_write_it(capsys: pytest.CaptureFixture) -> None:
+    """`--shard -1/2` read as two options; argparse's 'expected one argument' alone does not say why."""
+    with pytest.raises(SystemExit, match='2'):
+        commands._script('pcam-cohort')(['--shard', '-1/2', 'a.tif'])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "argument --shard: expected one argument (one that starts with '-' is written " \
+        '--shard=VALUE)' in err[0], err
+
+
 def test_installed_script_reports_a_user_error_in_one_line(tmp_path: Path) -> None:
     script = Path(sys.executable).parent / 'pcam-data'
     if not script.is_file():

@@ -42,7 +42,8 @@ def test_the_other_exports_check_the_same_options(command: str, tmp_path: Path, 
     main = importlib.import_module(f'export.{command}').main
     out = ['--model-repository' if command == 'triton' else '--output', str(tmp_path / 'out')]
     assert cli(main, f'python -m export.{command}', ['--model', 'inception_v4_pcam', *out, '--name', '../x']) == 2
-    _one_line(capsys, "--name '../x': expected a file stem")
+    _one_line(capsys, "--name '../x': expected " + ('a model name for the repository' if command == 'triton' else
+                                                     'a file stem'))
     assert not list(tmp_path.iterdir())
 
 
@@ -91,6 +92,10 @@ def test_triton_user_errors(tmp_path: Path, capsys) -> None:
     _one_line(capsys, '--max-batch-size must be >= 1')
     assert cli(main, 'python -m export.triton', [*base, '--plan', str(tmp_path / 'x.plan')]) == 2
     _one_line(capsys, 'x.plan: file not found')
+    for unused in (['--output', 'x'], ['--tolerance', '1'], ['--bake-preprocessing']):  # accepted, then ignored before
+        with pytest.raises(SystemExit, match='2'):
+            main([*base, *unused])
+        _one_line(capsys, f'unrecognized arguments: {" ".join(unused)}')
     assert not (tmp_path / 'repo').exists()
 
 

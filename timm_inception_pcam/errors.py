@@ -10,6 +10,7 @@ import argparse
 import errno
 import logging
 import math
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -42,6 +43,9 @@ class ArgumentParser(argparse.ArgumentParser):
     the whole usage text first; every command builds its parser with it."""
 
     def error(self, message: str) -> NoReturn:
+        option = re.match(r'argument (--[\w-]+)(?:/[-\w]+)*: expected one argument$', message)
+        if option:  # `--shard -1/2`: argparse takes a value starting with '-' for an option and says nothing of it
+            message += f' (one that starts with \'-\' is written {option.group(1)}=VALUE)'
         self.exit(2, f'{self.prog}: error: {message} (see {self.prog} --help)\n')
 
 
