@@ -24,7 +24,7 @@ from typing import Any
 from timm_inception_pcam.errors import ExportError
 from timm_inception_pcam.storage import atomic_write_json, file_sha256
 
-from .spec import RAW_SCALE, IOSpec
+from .spec import ACTIVATIONS, RAW_SCALE, IOSpec
 
 __all__ = ['FORMAT', 'Profile', 'DEFAULT_PROFILE', 'Sidecar', 'SidecarError', 'PlanMismatchError',
            'sidecar_path', 'make_sidecar', 'write_sidecar', 'parse_sidecar', 'read_sidecar', 'verify_plan_file',
@@ -34,7 +34,6 @@ _logger = logging.getLogger(__name__)
 
 FORMAT = 'timm-inception-pcam-engine/1'
 PRECISIONS = ('fp16', 'fp32')
-ACTIVATIONS = ('softmax', 'none')
 _SHA256 = re.compile(r'[0-9a-f]{64}')
 _REBUILD = 'rebuild it on this machine with: python -m export.trt --fp16 --from-onnx <model>.fp16.onnx'
 

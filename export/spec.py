@@ -15,12 +15,14 @@ from timm_inception_pcam.errors import DataError
 from timm_inception_pcam.inference.base import softmax
 from timm_inception_pcam.preprocess import check_patches, preprocess_patches
 
-__all__ = ['IOSpec', 'INPUT_NAME', 'OUTPUT_NAME', 'ONNX_METADATA_KEY', 'softmax']
+__all__ = ['ACTIVATIONS', 'IOSpec', 'INPUT_NAME', 'OUTPUT_NAME', 'ONNX_METADATA_KEY', 'softmax']
 
 INPUT_NAME = 'input'
 OUTPUT_NAME = 'logits'
 ONNX_METADATA_KEY = 'timm_inception_pcam'
 RAW_SCALE = 255.0
+# What the graph's output is: 'softmax' = logits (the runner's softmax gives probabilities), 'none' = probabilities.
+ACTIVATIONS = ('softmax', 'none')
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,7 @@ class IOSpec:
 
     `baked_in` True: the graph takes raw uint8 NHWC patches and normalises inside. False: the graph takes float32
     NCHW patches already normalised as (x / 255 - mean) / std, which the runners compute on the host.
+    `activation` 'softmax': the graph returns logits; 'none': it returns probabilities (Triton's serving models).
     """
     baked_in: bool = False
     mean: tuple[float, float, float] = PCAM_MEAN
@@ -36,6 +39,7 @@ class IOSpec:
     label_names: tuple[str, ...] = LABEL_NAMES
     input_name: str = INPUT_NAME
     output_name: str = OUTPUT_NAME
+    activation: str = 'softmax'
 
     def input_dict(self) -> dict[str, Any]:
         c, h, w = PCAM_INPUT_SIZE
@@ -45,7 +49,7 @@ class IOSpec:
 
     def output_dict(self) -> dict[str, Any]:
         return {'name': self.output_name, 'shape': [-1, len(self.label_names)], 'dtype': 'float32',
-                'activation': 'softmax'}
+                'activation': self.activation}
 
     def preprocessing_dict(self) -> dict[str, Any]:
         return {'baked_in': self.baked_in, 'raw_layout': 'NHWC', 'raw_dtype': 'uint8', 'scale': RAW_SCALE,
@@ -67,12 +71,16 @@ class IOSpec:
                 label_names=tuple(str(n) for n in labels),
                 input_name=str(inp['name']),
                 output_name=str(out['name']),
+                activation=str(out.get('activation', 'softmax')),
             )
         except (KeyError, TypeError) as e:
             raise DataError(f'{source}: missing or malformed field {e} (expected the timm-inception-pcam '
                              f'input/output/preprocessing/label_names fields)') from None
         if float(pre.get('scale', RAW_SCALE)) != RAW_SCALE:
             raise DataError(f'{source}: preprocessing.scale is {pre.get("scale")}, expected {RAW_SCALE}')
+        if spec.activation not in ACTIVATIONS:
+            raise DataError(f'{source}: output.activation is {spec.activation!r}, expected one of '
+                            f'{", ".join(ACTIVATIONS)}')
         if any(s <= 0 for s in spec.std):
             raise DataError(f'{source}: preprocessing.std must be positive, got {list(spec.std)}')
         for key, found, expected in (
@@ -103,6 +111,14 @@ class IOSpec:
         if x.dtype != self.input_dtype:
             raise DataError(f'{source}: expected dtype {self.input_dtype}, got {x.dtype}')
         return np.ascontiguousarray(x)
+
+    def to_logits(self, output: np.ndarray) -> np.ndarray:
+        """The graph's output as logits: probabilities ('none') become their logarithms, whose softmax gives them
+        back; logits are returned as they are."""
+        if self.activation == 'softmax':
+            return output
+        with np.errstate(divide='ignore'):
+            return np.log(output).astype(np.float32)
 
     def onnx_metadata(self, **extra: Any) -> str:
         return json.dumps({**self.to_dict(), **extra}, sort_keys=True)

@@ -35,7 +35,7 @@ from timm_inception_pcam.errors import ArgumentParser, ExportError, OutputExists
 from timm_inception_pcam.storage import file_sha256
 
 from .onnx import add_model_args, check_name, checkpoint_sha256, load_export_model
-from .spec import IOSpec
+from .spec import ONNX_METADATA_KEY, IOSpec
 
 __all__ = ['FORMATS', 'OUTPUT_NAME', 'build_repository', 'model_config', 'validate_model_config', 'main']
 
@@ -161,9 +161,9 @@ def _serving_onnx(model: Any, path: Path, model_name: str, checkpoint: str | Non
     probs.name = OUTPUT_NAME
     del graph.output[:]
     graph.output.append(probs)
-    served = IOSpec(baked_in=True, output_name=OUTPUT_NAME)
-    helper.set_model_props(proto, {'timm_inception_pcam': served.onnx_metadata(
-        model=model_name, precision='fp32', output_is='probabilities',
+    served = IOSpec(baked_in=True, output_name=OUTPUT_NAME, activation='none')
+    helper.set_model_props(proto, {ONNX_METADATA_KEY: served.onnx_metadata(
+        model=model_name, precision='fp32',
         checkpoint_sha256=checkpoint_sha256(checkpoint))})
     onnx.save_model(proto, str(path))
     check_onnx(path, served)
@@ -179,9 +179,11 @@ def _plan_files(plans: Sequence[Path], label_count: int) -> dict[str, tuple[Path
         sidecar = read_sidecar(plan)
         verify_plan_file(plan, sidecar)
         spec = sidecar.spec
-        if not spec.baked_in or spec.output_name != OUTPUT_NAME or len(spec.label_names) != label_count:
+        if (not spec.baked_in or spec.output_name != OUTPUT_NAME or spec.activation != 'none'
+                or len(spec.label_names) != label_count):
             raise UsageError(f'{plan}: built from another ONNX (input baked_in={spec.baked_in}, output '
-                             f'{spec.output_name!r}); build it from the repository\'s <model>_onnx/1/model.onnx so it '
+                             f'{spec.output_name!r}, activation {spec.activation!r}); build it from the '
+                             f'repository\'s <model>_onnx/1/model.onnx so it '
                              f'takes uint8 patches and returns {OUTPUT_NAME}')
         cc = sidecar.gpu['compute_capability']
         if cc in by_cc:
@@ -227,8 +229,7 @@ def build_repository(model: Any, repository: Path, *, model_name: str, checkpoin
         onnx_file.parent.mkdir(parents=True)
         spec = _serving_onnx(model, onnx_file, model_name, checkpoint)
         base = {'format': 'timm-inception-pcam-triton/1', 'model': model_name, 'input': spec.input_dict(),
-                'output': {'name': OUTPUT_NAME, 'shape': [-1, len(spec.label_names)], 'dtype': 'float32',
-                           'activation': 'none (probabilities)'},
+                'output': spec.output_dict(),
                 'preprocessing': spec.preprocessing_dict(), 'label_names': list(spec.label_names),
                 'checkpoint_sha256': checkpoint_sha256(checkpoint)}
         if 'onnx' in formats:

@@ -1,5 +1,6 @@
 """Triton model repository: layout, configs parsed by Triton's own protobuf schema and checked against the model
 files, TensorRT plans mapped per compute capability, and a client round trip against a KServe v2 stand-in."""
+import json
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,35 @@ def test_served_models_return_the_model_probabilities(repository, model) -> None
     np.testing.assert_allclose(compiled(patches)[0], expected, atol=1e-4)
 
 
+@pytest.mark.parametrize('artefact, precision', [('tiny_onnx/1/model.onnx', 'auto'),
+                                                 ('tiny_openvino/1/model.xml', 'fp32'),
+                                                 ('tiny_openvino/1/model.xml', 'auto')])
+def test_our_runners_run_the_served_models(repository, model, artefact: str, precision: str) -> None:
+    """The served graphs return probabilities and take raw patches: the runners read that from the file (softmax was
+    applied twice to the ONNX; the IR got a second normalisation and failed to compile)."""
+    from timm_inception_pcam.inference import create_runner, probabilities
+
+    root, _ = repository
+    patches, _ = blob_patches(20, seed=3)
+    with torch.inference_mode():
+        expected = torch.softmax(model(torch.from_numpy(preprocess_patches(patches))), 1).numpy()
+    runner = create_runner(root / artefact, precision=precision)
+    np.testing.assert_allclose(probabilities(runner, patches), expected, atol=1e-4)
+
+
+def test_a_plan_built_from_the_serving_onnx_says_it_returns_probabilities(repository) -> None:
+    from export.sidecar import Profile, make_sidecar
+    from timm_inception_pcam.inference.onnx_runner import read_onnx_metadata
+
+    root, _ = repository
+    spec, _ = read_onnx_metadata(root / 'tiny_onnx' / '1' / 'model.onnx')
+    data = make_sidecar(model='tiny', tensorrt_version='11.1.0', gpu={'name': 'GPU', 'compute_capability': '9.0'},
+                        precision='fp16', spec=spec, profile=Profile(), checkpoint_sha256=None,
+                        onnx_sha256='0' * 64, plan_sha256='0' * 64)
+    assert data['output'] == {'name': OUTPUT_NAME, 'shape': [-1, 2], 'dtype': 'float32', 'activation': 'none'}
+    assert json.loads((root / 'tiny_onnx' / 'sidecar.json').read_text())['output'] == data['output']
+
+
 def test_tensorrt_plans_map_per_compute_capability(model, repository, tmp_path: Path, monkeypatch) -> None:
     from export.sidecar import Profile, make_sidecar, write_sidecar
     from export.spec import IOSpec
@@ -97,7 +127,7 @@ def test_tensorrt_plans_map_per_compute_capability(model, repository, tmp_path: 
         path.write_bytes(f'fake plan for {cc}'.encode())
         write_sidecar(path, make_sidecar(
             model='tiny', tensorrt_version='11.1.0', gpu={'name': f'GPU {cc}', 'compute_capability': cc},
-            precision='fp16', spec=IOSpec(baked_in=True, output_name=output), profile=Profile(),
+            precision='fp16', spec=IOSpec(baked_in=True, output_name=output, activation='none'), profile=Profile(),
             checkpoint_sha256=None, onnx_sha256='0' * 64, plan_sha256=file_sha256(path)))
         return path
 
@@ -185,3 +215,20 @@ def test_a_url_with_a_scheme_or_path_is_one_line(url: str, tmp_path: Path, capsy
     gc.collect()  # a half-built client's __del__ would print its traceback here
     err = capsys.readouterr().err
     assert f"--url {url!r}: expected HOST:PORT" in err and 'Traceback' not in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_ir_taking_raw_patches_without_our_metadata_is_one_line(repository, tmp_path: Path) -> None:
+    import onnx
+    import openvino as ov
+
+    from timm_inception_pcam.inference import create_runner
+
+    root, _ = repository
+    proto = onnx.load_model(str(root / 'tiny_onnx' / '1' / 'model.onnx'))
+    del proto.metadata_props[:]
+    onnx.save_model(proto, str(tmp_path / 'foreign.onnx'))
+    xml = tmp_path / 'foreign.xml'
+    ov.save_model(ov.convert_model(str(tmp_path / 'foreign.onnx')), str(xml))
+    with pytest.raises(InferenceError, match=r'foreign\.xml: the IR takes u8 \[\?,96,96,3\]; expected one float32 '
+                                             r'input \(N, 3, 96, 96\)'):
+        create_runner(xml, precision='fp32')

@@ -94,7 +94,8 @@ class OnnxRunner:
         self.spec = RunnerSpec(backend='onnxruntime', precision=str(self.metadata.get('precision', 'fp32')),
                                source=str(self.path), device='cpu', mean=self.io.mean, std=self.io.std,
                                label_names=self.io.label_names,
-                               extra={**extra, 'baked_in': self.io.baked_in, 'onnxruntime': ort.__version__})
+                               extra={**extra, 'baked_in': self.io.baked_in, 'activation': self.io.activation,
+                                      'onnxruntime': ort.__version__})
 
     def __repr__(self) -> str:
         return f'OnnxRunner({str(self.path)!r}, precision={self.spec.precision!r}, batch_size={self.batch_size})'
@@ -102,8 +103,9 @@ class OnnxRunner:
     def logits(self, patches: np.ndarray) -> np.ndarray:
         """uint8 (N, 96, 96, 3) NHWC patches -> float32 logits (N, num_classes)."""
         x = self.io.prepare(patches, source=str(self.path))
-        return collect_logits(lambda s: self.session.run([self.io.output_name], {self.io.input_name: x[s]})[0],
-                              batch_slices(len(x), self.batch_size), len(self.io.label_names), str(self.path))
+        return self.io.to_logits(collect_logits(
+            lambda s: self.session.run([self.io.output_name], {self.io.input_name: x[s]})[0],
+            batch_slices(len(x), self.batch_size), len(self.io.label_names), str(self.path)))
 
     def close(self) -> None:
         self.session = None

@@ -34,7 +34,7 @@ import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -43,6 +43,9 @@ from ..errors import InferenceError, UsageError
 from ..preprocess import batch_slices, check_patches, model_normalization, preprocess_patches
 from ..storage import atomic_write_json, file_sha256
 from .base import RunnerSpec, check_normalization
+
+if TYPE_CHECKING:
+    from export.spec import IOSpec
 
 __all__ = ['OV_PRECISIONS', 'OV_HINTS', 'OpenVINORunner', 'ir_precision', 'openvino_version', 'weights_sha256',
            'default_cache_dir', 'cache_limit_bytes', 'prune_cache', 'convert_to_openvino', 'default_calibration',
@@ -332,8 +335,12 @@ class OpenVINORunner:
             except RuntimeError as e:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise InferenceError(f'{xml}: not a readable OpenVINO IR ({first})') from None
+            io = _embedded_io(ov_model, source)
+            if io is not None:
+                mean, std, label_names = io.mean, io.std, io.label_names
             extra['ir'] = meta
         else:
+            io = None
             mean, std = module_normalization(model, mean, std)
             label_names = tuple((getattr(model, 'pretrained_cfg', None) or {}).get('label_names',
                                                                                   ('normal', 'metastatic')))
@@ -345,7 +352,11 @@ class OpenVINORunner:
         config: dict[str, Any] = {'INFERENCE_PRECISION_HINT': _HINTS[precision], 'PERFORMANCE_HINT': hint.upper()}
         if threads:
             config['INFERENCE_NUM_THREADS'] = int(threads)
-        self._compiled = self._core.compile_model(_raw_patch_input(ov_model, mean, std), 'CPU', config)
+        if io is None or not io.baked_in:
+            _check_normalized_input(ov_model, source)
+            ov_model = _raw_patch_input(ov_model, mean, std)
+        self._to_logits = io.to_logits if io is not None else (lambda out: out)
+        self._compiled = self._core.compile_model(ov_model, 'CPU', config)
         widen_signal_stack()
         self._requests = max(1, int(self._compiled.get_property('OPTIMAL_NUMBER_OF_INFER_REQUESTS')))
         self._queue = ov.AsyncInferQueue(self._compiled, self._requests)
@@ -379,7 +390,7 @@ class OpenVINORunner:
                 part = slice(start, min(start + step, batch.stop))
                 self._queue.start_async({0: x[part]}, (out, part))
             self._queue.wait_all()
-        return out
+        return self._to_logits(out)
 
     def close(self) -> None:
         self._queue = self._compiled = None
@@ -431,6 +442,34 @@ def _raw_patch_input(ov_model: Any, mean: tuple[float, ...], std: tuple[float, .
     ppp.input().preprocess().convert_element_type(ov.Type.f32).mean([255.0 * m for m in mean]) \
         .scale([255.0 * s for s in std])
     return ppp.build()
+
+
+def _embedded_io(ov_model: Any, source: str) -> IOSpec | None:
+    """The input/output description an IR converted from one of our ONNX files carries (OpenVINO keeps the ONNX
+    metadata in its rt_info; the Triton repository's IR takes raw uint8 patches and returns probabilities); None
+    for an IR converted from the module (export.openvino's: float32 NCHW in, logits out, its sidecar beside it)."""
+    from export.spec import ONNX_METADATA_KEY, IOSpec
+
+    key = ['framework', ONNX_METADATA_KEY]
+    if not ov_model.has_rt_info(key):
+        return None
+    try:
+        data = json.loads(ov_model.get_rt_info(key).astype(str))
+    except ValueError as e:
+        raise InferenceError(f'{source}: unreadable {ONNX_METADATA_KEY} metadata ({e})') from None
+    return IOSpec.from_dict(data, source)
+
+
+def _check_normalized_input(ov_model: Any, source: str) -> None:
+    """The IR takes float32 NCHW patches (N, 3, 96, 96), the input the runner's preprocessing is added to."""
+    (port,) = ov_model.inputs if len(ov_model.inputs) == 1 else (None,)
+    shape = port.get_partial_shape() if port is not None else None
+    dims = [d.get_length() if d.is_static else -1 for d in shape] if shape is not None and shape.rank.is_static \
+        else []
+    if port is None or port.get_element_type().get_type_name() != 'f32' or dims[1:] != list(PCAM_INPUT_SIZE):
+        found = 'several inputs' if port is None else f'{port.get_element_type().get_type_name()} {shape}'
+        raise InferenceError(f'{source}: the IR takes {found}; expected one float32 input (N, 3, 96, 96), as '
+                             f'python -m export.openvino writes it')
 
 
 def _store_output(request: Any, userdata: tuple[np.ndarray, slice]) -> None:

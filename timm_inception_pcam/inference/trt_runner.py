@@ -148,10 +148,7 @@ class TrtRunner:
             cuda.memcpy_dtoh_async(host_out, self._dev_out, stream)
             stream.synchronize()
             out[s] = host_out[:b]
-        if self.sidecar.activation == 'none':
-            with np.errstate(divide='ignore'):
-                out = np.log(out).astype(np.float32)
-        return out
+        return self.io.to_logits(out)
 
     def predict(self, patches: np.ndarray) -> np.ndarray:
         """Class probabilities (N, classes): softmax of the logits."""
