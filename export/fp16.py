@@ -257,10 +257,14 @@ def fp16_parity(fp32_path: str | Path, fp16_path: str | Path, patches: np.ndarra
 
 def run_fp16_stage(fp32_path: Path, *, data_dir: str | None, calib_split: str, calib_samples: int,
                    parity_split: str, parity_samples: int, data_max: float = DEFAULT_DATA_MAX,
-                   batch_size: int = 64, require_targets: bool = False) -> dict[str, Any]:
-    """Convert and compare; writes `<stem>.fp16.onnx` and `<stem>.fp16.parity.json` beside the FP32 model."""
+                   batch_size: int = 64, require_targets: bool = False, output: Path | None = None
+                   ) -> dict[str, Any]:
+    """Convert and compare; writes `<stem>.fp16.onnx` and `<stem>.fp16.parity.json` into `output` (default: the FP32
+    model's folder)."""
     stem = fp32_path.name.removesuffix('.onnx')
-    fp16_path = fp32_path.with_name(f'{stem}.fp16.onnx')
+    output = fp32_path.parent if output is None else output
+    output.mkdir(parents=True, exist_ok=True)
+    fp16_path = output / f'{stem}.fp16.onnx'
     calibration, _, calib_source = load_patches(data_dir, calib_split, calib_samples, seed=1)
     # Held-out patches: a different split, or (same split / random) a disjoint range or seed.
     offset = calib_samples if data_dir is not None and parity_split == calib_split else 0
@@ -274,7 +278,7 @@ def run_fp16_stage(fp32_path: Path, *, data_dir: str | None, calib_split: str, c
                        'rounding and overflow; the candidate therefore rounds every FP16 tensor explicitly (weights '
                        'and activations), with FP32 arithmetic as in TensorRT FP16 kernels. TensorRT fuses layers, so '
                        'it rounds less often than this emulation.')
-    report_path = atomic_write_json(fp32_path.with_name(f'{stem}.fp16.parity.json'), report)
+    report_path = atomic_write_json(output / f'{stem}.fp16.parity.json', report)
     auc = 'n/a (no labels)' if report['auc_change'] is None else f'{report["auc_change"]:.2e}'
     print(f'FP16 vs FP32 over {report["n"]} patches: max |prob diff| {report["max_abs_prob_diff"]:.2e}, '
           f'decision agreement {100 * report["decision_agreement"]:.2f} %, AUC change {auc}; '

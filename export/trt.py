@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         fp16 = run_fp16_stage(onnx_path, data_dir=args.data_dir, calib_split=args.calib_split,
                               calib_samples=args.calib_samples, parity_split=args.fp16_parity_split,
                               parity_samples=args.fp16_parity_samples, data_max=args.data_max,
-                              batch_size=args.batch_size, require_targets=args.require_fp16_targets)
+                              batch_size=args.batch_size, require_targets=args.require_fp16_targets, output=output)
         onnx_path = fp16['fp16_onnx']
         artefacts += [onnx_path, fp16['fp16_parity_report']]
     if args.onnx_only:

@@ -112,10 +112,11 @@ def test_baked_preprocessing_takes_raw_patches(exported: dict, trained: SimpleNa
 
 
 def test_trt_fp16_without_gpu_writes_onnx_artefacts_and_exits_nonzero(
-        exported: dict, trained: SimpleNamespace, capsys: pytest.CaptureFixture) -> None:
+        exported: dict, trained: SimpleNamespace, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     if probe().can_build:
         pytest.skip('a GPU and TensorRT are present: the no-GPU path is not taken here (see test_export_gpu.py)')
-    out = exported['onnx'].parent
+    out = tmp_path / 'engines'  # not the ONNX's folder: the FP16 artefacts go to --output (they went beside the ONNX)
+    beside = sorted(exported['onnx'].parent.iterdir())
     rc = export_trt.main(['--from-onnx', str(exported['onnx']), '--fp16', '--output', str(out), '--data-dir',
                           str(trained.data_dir), '--calib-split', 'train', '--calib-samples', '32',
                           '--fp16-parity-split', 'valid', '--fp16-parity-samples', '128'])
@@ -136,6 +137,7 @@ def test_trt_fp16_without_gpu_writes_onnx_artefacts_and_exits_nonzero(
     kinds = [t.data_type for t in model.graph.initializer]
     assert kinds.count(TensorProto.FLOAT16) > 0.9 * len(kinds)
     assert read_onnx_metadata(fp16_path)[1]['precision'] == 'fp16'
+    assert sorted(exported['onnx'].parent.iterdir()) == beside
 
 
 def test_trt_onnx_only_succeeds_without_engine(exported: dict) -> None:
