@@ -120,3 +120,17 @@ def test_modules_exit_2_without_traceback(module: str, tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, '-m', module, *args], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_pretrained_weights_out_of_reach_are_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
+    """--pretrained with no network and nothing cached: one line naming the model and the way out (a 60-line
+    huggingface_hub traceback before)."""
+    from export.onnx import main
+
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setattr('huggingface_hub.constants.HF_HUB_CACHE', str(tmp_path / 'empty-cache'))  # nothing cached
+    monkeypatch.setattr('huggingface_hub.constants.HF_HUB_OFFLINE', True)
+    assert cli(main, 'python -m export.onnx', ['--model', 'inception_v4_pcam', '--pretrained', '--model-kwargs',
+                                               'depths=1,1,1', '--output', str(tmp_path / 'out')]) == 2
+    _one_line(capsys, 'inception_v4_pcam: pretrained weights could not be loaded')
+    assert not (tmp_path / 'out').exists()

@@ -17,7 +17,7 @@ import torch.nn as nn
 from timm.utils import ParseKwargs
 
 from .errors import CheckpointError, UsageError
-from .models._common import is_aux_key
+from .models._common import WeightsUnavailableError, is_aux_key
 from .storage import atomic_path
 
 __all__ = ['CHECKPOINT_FORMAT', 'CheckpointError', 'read_checkpoint', 'load_model', 'save_checkpoint',
@@ -136,9 +136,17 @@ class ModelArgumentError(UsageError):
 
 
 def create_model(model_name: str, **kwargs: Any) -> nn.Module:
-    """`timm.create_model`; an argument the model does not take raises ModelArgumentError (a usage error)."""
+    """`timm.create_model`; an argument the model does not take raises ModelArgumentError (a usage error), pretrained
+    weights that cannot be had (not cached, offline, unreachable) WeightsUnavailableError."""
     try:
         return timm.create_model(model_name, **kwargs)
+    except OSError as e:  # huggingface_hub's and urllib's errors: not in the cache, offline, no such repo or file
+        if not kwargs.get('pretrained'):
+            raise
+        reason = ' '.join(str(e).split())[:200] or type(e).__name__
+        raise WeightsUnavailableError(f'{model_name}: pretrained weights could not be loaded ({reason}); pass '
+                                      f'--checkpoint with a weights file, or load them once with network access '
+                                      f'(they are then read from the local cache)') from None
     except TypeError as e:
         found = re.search(r"unexpected keyword argument '(\w+)'", str(e))
         if found is None or found.group(1) not in kwargs:

@@ -11,7 +11,6 @@ import torch
 import torch.nn as nn
 
 from ..checkpoint import CheckpointError, ModelArgumentError, create_model, load_model, model_kwargs_of, read_checkpoint
-from ..errors import PCamError
 from .config import TrainConfig, TrainError
 
 __all__ = ['architecture_kwargs', 'create_train_model']
@@ -50,7 +49,7 @@ def _pretrained(name: str, kwargs: dict[str, Any]) -> tuple[nn.Module | None, st
     try:
         with torch.random.fork_rng(devices=[]):  # a failed attempt leaves the RNG as --no-pretrained would find it
             return _create(name, kwargs, pretrained=True), f'pretrained {tag} ({where})'
-    except PCamError:  # the arguments, not the weights: no fallback helps
+    except (ModelArgumentError, TrainError):  # the arguments, not the weights: no fallback helps
         raise
     except (OSError, RuntimeError, ValueError) as e:  # not cached, offline, unreachable, or a bad download
         reason = ' '.join(str(e).split())[:200] or type(e).__name__
