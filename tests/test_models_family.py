@@ -407,6 +407,17 @@ def test_googlenet_tv_in1k_loads_torchvision_weights_fresh_aux_and_head(tmp_path
             assert not torch.equal(sd['aux1.fc1.weight'], stock['aux1.fc1.weight'])
 
 
+def test_googlenet_loads_aux_heads_trained_for_its_classes(tmp_path: Path) -> None:
+    """A PCam GoogLeNet saved with its auxiliary heads gives them back through pretrained=True (they were dropped:
+    only torchvision's 1000-class, untrained ones start fresh)."""
+    trained = timm.create_model('googlenet_pcam', aux_logits=True).state_dict()
+    path = _save(trained, tmp_path / 'pcam_googlenet.safetensors')
+    ours = timm.create_model('googlenet_pcam', pretrained=True, aux_logits=True,
+                             pretrained_cfg_overlay=dict(file=str(path))).state_dict()
+    assert all(torch.equal(ours[k], v) for k, v in trained.items())
+    assert any(is_aux_key(k) for k in trained)
+
+
 @pytest.mark.parametrize('aux', [False, True])
 def test_inception_v3_tv_in1k_loads_trained_aux_head(aux: bool, tmp_path: Path) -> None:
     stock = _stock_state_dict('inception_v3_pcam')

@@ -119,21 +119,22 @@ def pcam_cfg(classifier: str, first_conv: str, **kwargs: Any) -> dict[str, Any]:
 def adapt_head_filter(
         *classifiers: str,
         rename: Callable[[str, torch.Tensor], tuple[str, torch.Tensor]] | None = None,
-        load_aux: bool = True,
+        load_aux: bool | Callable[[dict[str, torch.Tensor], nn.Module], bool] = True,
 ) -> Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]:
     """A pretrained filter mapping ImageNet weights onto a PCam model, whose own fresh head replaces theirs.
 
     `rename` maps a checkpoint's (key, tensor) to the model's layout (torchvision names, say). A classifier whose
     shape differs from the model's (1000 ImageNet classes, 2 here) keeps the model's fresh initialisation; so does
-    every auxiliary head in the model that the checkpoint lacks (or, with `load_aux=False`, whose published weights
-    are untrained), and the checkpoint's auxiliary heads are dropped when the model has none. Everything else must
-    match: the load stays strict.
+    every auxiliary head in the model that the checkpoint lacks (or whose weights are untrained: `load_aux` False, or
+    a callable of the renamed state dict and the model returning False), and the checkpoint's auxiliary heads are
+    dropped when the model has none. Everything else must match: the load stays strict.
     """
     def _filter(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
         if rename is not None:
             state_dict = dict(rename(k, v) for k, v in state_dict.items())
         own = model.state_dict()
-        state_dict = {k: v for k, v in state_dict.items() if not is_aux_key(k) or (load_aux and k in own)}
+        aux = load_aux(state_dict, model) if callable(load_aux) else load_aux
+        state_dict = {k: v for k, v in state_dict.items() if not is_aux_key(k) or (aux and k in own)}
         for key, value in own.items():
             if is_aux_key(key) and key not in state_dict:
                 state_dict[key] = value

@@ -258,9 +258,17 @@ class GoogLeNetPcam(LayerTrunk, nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-# torchvision's names are ours; its auxiliary heads are untrained ("NOT pretrained", its googlenet() warns), so an
-# aux_logits=True model keeps fresh ones, and the 1000-class classifiers give way to fresh 2-class ones.
-checkpoint_filter_fn = adapt_head_filter('fc', load_aux=False)
+def _trained_aux(state_dict: dict[str, torch.Tensor], model: nn.Module) -> bool:
+    """Whether the checkpoint's auxiliary heads were trained for this model: their classifiers fit its classes.
+    torchvision's are untrained ("NOT pretrained", its googlenet() warns) and 1000-class."""
+    own = model.state_dict()
+    keys = [k for k in ('aux1.fc2.weight', 'aux2.fc2.weight') if k in own]
+    return bool(keys) and all(k in state_dict and state_dict[k].shape == own[k].shape for k in keys)
+
+
+# torchvision's names are ours. An aux_logits=True model keeps fresh auxiliary heads unless the checkpoint's were
+# trained for its classes (a PCam checkpoint saved with them), and the 1000-class classifier gives way to a fresh one.
+checkpoint_filter_fn = adapt_head_filter('fc', load_aux=_trained_aux)
 
 
 def _create_googlenet_pcam(variant: str, pretrained: bool = False, **kwargs: Any) -> GoogLeNetPcam:
