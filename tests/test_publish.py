@@ -224,6 +224,20 @@ def test_local_dir_round_trip(arch: str, runs: dict, published: dict) -> None:
     assert _data_cfg(model) == EXPECTED_DATA_CFG
 
 
+@pytest.mark.parametrize('arch', list(MODEL_KWARGS))
+def test_the_weights_file_alone_loads(arch: str, runs: dict, published: dict) -> None:
+    """The folder's model.safetensors given as a checkpoint: its architecture and arguments (depths here) come from
+    the config.json beside it (before: 'records no arch'); the folder itself is refused with the two ways that work."""
+    from timm_inception_pcam.checkpoint import load_model
+
+    folder = Path(published[arch]['folder'])
+    model = load_model(None, folder / 'model.safetensors')
+    _same_weights(model.state_dict(), runs[arch]['model'].state_dict())
+    with pytest.raises(errors.CheckpointError, match=f'a folder, expected a checkpoint file \\(a Hub folder: its '
+                                              f'model.safetensors, or local-dir:{folder}\\)'):
+        load_model(None, folder)
+
+
 def test_hf_hub_round_trip_from_environment_only(runs: dict, published: dict, tmp_path: Path) -> None:
     """A fresh interpreter given only HF_HOME / HF_HUB_CACHE / HF_HUB_OFFLINE (no patching) loads the repo."""
     arch = 'inception_resnet_v2_pcam'

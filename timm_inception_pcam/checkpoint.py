@@ -45,7 +45,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f'{path}: a folder, expected a checkpoint file' if path.is_dir()
+        hub = ' (a Hub folder: its model.safetensors, or local-dir:' + str(path) + ')' \
+            if (path / 'config.json').is_file() else ''
+        raise CheckpointError(f'{path}: a folder, expected a checkpoint file{hub}' if path.is_dir()
                               else f'{path}: checkpoint file not found')
     if path.suffix == '.safetensors':
         from safetensors import SafetensorError, safe_open
@@ -64,6 +66,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             if not isinstance(meta['model_kwargs'], dict):
                 raise CheckpointError(f'{path}: its model_kwargs metadata is {type(meta["model_kwargs"]).__name__}, '
                                       f'expected a JSON object')
+        if 'arch' not in meta:
+            meta.update(_hub_config_of(path))
         return {**meta, 'state_dict': state_dict}
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -79,6 +83,21 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             raise CheckpointError(f'{path}: no "state_dict" key and not a bare state dict of tensors')
         obj = {'state_dict': obj}
     return {k: v if k in ('state_dict', 'state_dict_ema') else _to_plain(v) for k, v in obj.items()}
+
+
+def _hub_config_of(weights: Path) -> dict[str, Any]:
+    """'arch' and 'model_kwargs' of a weights file in a timm Hub folder, from the config.json beside it ({} if none)."""
+    config_path = weights.with_name('config.json')
+    if not config_path.is_file():
+        return {}
+    try:
+        config = json.loads(config_path.read_text(encoding='utf-8'))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f'{config_path}: unreadable config.json beside {weights.name} ({e})') from None
+    if not isinstance(config, dict) or not isinstance(config.get('architecture'), str):
+        return {}
+    args = config.get('model_args')
+    return {'arch': config['architecture'], 'model_kwargs': dict(args) if isinstance(args, dict) else {}}
 
 
 def _load_failure(e: Exception) -> str:
