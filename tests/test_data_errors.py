@@ -75,3 +75,31 @@ def test_missing_label_file_names_it(root: Path) -> None:
     y.unlink()
     with pytest.raises(FileNotFoundError, match=rf'{y.name}: PCam file not found'):
         PCamDataset(root, 'val')
+
+
+def test_an_empty_split_is_refused(root: Path) -> None:
+    """N = 0 passed the reader and `data info` ('complete'), then the evaluator failed with a traceback."""
+    paths = split_paths(root, 'test')
+    _rewrite(paths['x'], 'x', np.zeros((0, 96, 96, 3), np.uint8))
+    _rewrite(paths['y'], 'y', np.zeros((0, 1, 1, 1), np.uint8))
+    with pytest.raises(PCamFormatError, match=rf'{paths["x"].name}: holds no images \(shape \(0, 96, 96, 3\)\); '
+                                              r'expected \(N, 96, 96, 3\) with N >= 1'):
+        PCamDataset(root, 'test')
+
+
+def test_a_gz_that_is_already_decompressed_says_rename(root: Path) -> None:
+    x = split_paths(root, 'test')['x']
+    gz = x.with_name(x.name + '.gz')
+    x.rename(gz)  # what a browser that decompresses on download leaves
+    with pytest.raises(PCamFormatError, match=rf'{gz.name}: an uncompressed HDF5 file named .gz .*rename it to '
+                                              rf'{x.name}$'):
+        PCamDataset(root, 'test')
+    assert not x.exists()
+
+
+def test_a_folder_where_a_file_goes_is_named(root: Path) -> None:
+    x = split_paths(root, 'test')['x']
+    x.unlink()
+    x.mkdir()
+    with pytest.raises(FileNotFoundError, match=rf'{x.name}: a folder, expected the PCam HDF5 file of that name'):
+        PCamDataset(root, 'test')

@@ -22,6 +22,8 @@ from .download import GZ_MD5, H5_MD5
 from .files import IMAGE_SHAPE, META_COLUMNS, ChecksumError, PCamFormatError, normalize_split, split_paths
 from .provenance import record_verified, split_provenance
 
+HDF5_SIGNATURE = b'\x89HDF\r\n\x1a\n'
+
 __all__ = ['PCamDataset', 'ensure_decompressed', 'check_split_files', 'read_meta_rows']
 
 
@@ -51,10 +53,16 @@ def ensure_decompressed(path: Path, progress: bool = True, md5: str | None = Non
     if path.is_file():
         return path
     gz = path.with_name(path.name + '.gz')
+    if path.is_dir():
+        raise MissingFileError(f'{path}: a folder, expected the PCam HDF5 file of that name')
     if not gz.is_file():
         raise MissingFileError(f'{path}: PCam file not found (nor {gz.name}); expected the official file layout '
                                 f'(get it with `python -m timm_inception_pcam.data download --root {path.parent}`)')
     total = gz.stat().st_size
+    with open(gz, 'rb') as head:
+        if head.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE:
+            raise PCamFormatError(f'{gz}: an uncompressed HDF5 file named .gz (a browser or download tool may have '
+                                  f'decompressed it already); rename it to {path.name}')
     try:
         with open(gz, 'rb') as raw, tqdm(total=total, unit='B', unit_scale=True, desc=f'decompress {gz.name}',
                                           disable=not progress, leave=False) as bar, atomic_path(path) as tmp:
@@ -66,7 +74,8 @@ def ensure_decompressed(path: Path, progress: bool = True, md5: str | None = Non
                     pass
             if md5 is not None and reader.md5.hexdigest() != md5.lower():
                 raise ChecksumError(f'{gz}: md5 {reader.md5.hexdigest()}, expected {md5.lower()}; the file is '
-                                    f'corrupt or not the official one: delete it and download it again')
+                                    f'corrupt or not the official one: delete it and download it again (a file '
+                                    f'of your own, e.g. from `data synth --gzip`, is decompressed with --no-md5)')
         official = md5 is not None and GZ_MD5.get(gz.name) == md5.lower()
     except (OSError, EOFError, gzip.BadGzipFile) as e:
         raise PCamFormatError(f'{gz}: corrupt or truncated gzip file ({type(e).__name__}: {e}); delete it and '
@@ -93,6 +102,9 @@ def check_split_files(x_path: Path, y_path: Path) -> tuple[int, np.ndarray]:
                 raise PCamFormatError(f'{x_path}: images have shape {x.shape} dtype {x.dtype}; expected '
                                       f'(N, 96, 96, 3) uint8')
             n = int(x.shape[0])
+            if n == 0:
+                raise PCamFormatError(f'{x_path}: holds no images (shape {x.shape}); expected (N, 96, 96, 3) with '
+                                      f'N >= 1')
     except OSError as e:
         raise PCamFormatError(f'{x_path}: not a readable HDF5 file ({e}); it may be truncated or corrupt') from e
     try:
