@@ -6,6 +6,7 @@ import math
 import shutil
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ import torch
 from PIL import Image
 
 from timm_inception_pcam import evaluate
-from timm_inception_pcam.checkpoint import CheckpointError, load_model, save_checkpoint
+from timm_inception_pcam.checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
 from timm_inception_pcam.constants import PCAM_MEAN, PCAM_STD
 from timm_inception_pcam.data import PCamDataset, dihedral, synthesize_pcam
 from timm_inception_pcam.errors import InferenceError, UsageError, cli
@@ -213,8 +214,8 @@ def test_evaluate_tta_threshold_from_valid(pcam_dir, checkpoint, tmp_path, monke
     for k in ('tp', 'fp', 'tn', 'fn'):
         assert report['metrics'][k] == expected[k]
     for k in ('accuracy', 'roc_auc', 'f1', 'weighted_f1', 'precision', 'recall', 'balanced_accuracy',
-              'average_precision', 'nll', 'ece', 'tpr', 'fpr'):
-        assert report['metrics'][k] == pytest.approx(expected[k], abs=1e-5, nan_ok=True) or (
+              'average_precision', 'nll', 'ece', 'tpr', 'fpr'):  # the file's probabilities are the report's exactly
+        assert report['metrics'][k] == pytest.approx(expected[k], abs=1e-12, rel=1e-9, nan_ok=True) or (
             report['metrics'][k] is None and math.isnan(expected[k]))
     for k in ('roc_auc', 'accuracy', 'f1'):
         lo, hi = report['ci95'][k]
@@ -225,6 +226,7 @@ def test_evaluate_tta_threshold_from_valid(pcam_dir, checkpoint, tmp_path, monke
     plain = np.array([float(r['prob_no_tta']) for r in rows])
     assert not np.allclose(plain, probs)
     plain_threshold = select_threshold(valid.labels, valid_views[0])  # the plain view gets its own valid threshold
+    assert gain['without_tta_threshold'] == pytest.approx(plain_threshold, abs=1e-6)
     assert gain['without_tta']['accuracy'] == pytest.approx(float(np.mean((plain >= plain_threshold) == labels)))
     assert gain['delta']['accuracy'] == pytest.approx(report['metrics']['accuracy'] - gain['without_tta']['accuracy'])
     assert gain['delta']['roc_auc'] == pytest.approx(report['metrics']['roc_auc'] - gain['without_tta']['roc_auc'])
@@ -245,7 +247,45 @@ def test_evaluate_without_valid_uses_default_threshold(pcam_dir, checkpoint, tmp
     with pytest.warns(UserWarning, match='no valid split'):
         report = evaluate.main(_args(data, checkpoint, tmp_path / 'eval'))
     assert report['threshold']['value'] == 0.5 and report['threshold']['source'] == 'default'
+    assert report['threshold']['fallback'].startswith('no valid split to choose the threshold on')
     assert report['tta'] == 1 and report['tta_gain'] is None and report['n'] == N_TEST
+    explicit = evaluate.main(_args(pcam_dir, checkpoint, tmp_path / 'eval2', '--threshold-from', 'default'))
+    assert 'fallback' not in explicit['threshold']  # asked for: not a fallback
+
+
+def test_a_valid_split_missing_one_file_is_an_error(pcam_dir, checkpoint, tmp_path, capsys):
+    """valid_x without valid_y: one line naming the file (it was taken as 'no valid split' and 0.5, silently)."""
+    data = _only_split(pcam_dir, tmp_path / 'half_valid', 'test')
+    x = next(p for p in pcam_dir.iterdir() if '_valid_x' in p.name)
+    shutil.copy(x, data / x.name)
+    assert cli(evaluate.main, 'evaluate', _args(data, checkpoint, tmp_path / 'eval')) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and 'split_valid_y.h5: PCam file not found' in err
+    assert 'the valid split is incomplete' in err and '--threshold-from default' in err
+    assert not (tmp_path / 'eval').exists()
+
+
+def test_non_finite_model_outputs_are_one_line(pcam_dir, checkpoint, tmp_path, capsys):
+    ckpt = read_checkpoint(checkpoint)
+    bias = next(k for k in ckpt['state_dict'] if k.endswith('last_linear.bias'))
+    ckpt['state_dict'][bias] = torch.tensor([float('nan'), 0.0])
+    broken = tmp_path / 'nan.pth'
+    torch.save(ckpt, broken)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter('always')
+        assert cli(evaluate.main, 'evaluate', _args(pcam_dir, broken, tmp_path / 'eval', '--backend', 'eager')) == 2
+    assert not [w for w in record if 'threshold' in str(w.message)]  # not blamed on the valid split
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{broken}: the model's outputs are not finite (NaN or inf) for " \
+        f'{N_TEST} of {N_TEST} test patches (first: patch 0)' in err
+    assert not (tmp_path / 'eval').exists()
+
+
+def test_one_class_in_the_labels_gives_no_curves(pcam_dir, checkpoint, tmp_path):
+    report = evaluate.main(_args(pcam_dir, checkpoint, tmp_path / 'eval', '--limit', '1'))
+    assert report['n'] == 1 and report['metrics']['roc_auc'] is None
+    assert report['curves']['roc'] is None  # undefined, not a curve of NaNs or of sklearn's conventions
+    assert (report['curves']['pr'] is None) == (PCamDataset(pcam_dir, 'test').labels[0] == 0)
 
 
 def test_evaluate_valid_split_predicts_once(pcam_dir, checkpoint, tmp_path, monkeypatch):

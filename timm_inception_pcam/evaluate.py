@@ -40,9 +40,9 @@ import torch
 from .checkpoint import ModelKwargsAction, load_model
 from .constants import LABEL_NAMES, MAX_SEED, MAX_WORKERS, PCAM_NUM_CLASSES
 from .data import PCamDataset
-from .data.files import normalize_split
+from .data.files import normalize_split, split_paths
 from .data.provenance import folder_provenance
-from .errors import ArgumentParser, CheckpointError, DataError, UsageError, check_range, cli
+from .errors import ArgumentParser, CheckpointError, DataError, InferenceError, UsageError, check_range, cli
 from .inference.check import DecisionCheck, Settler
 from .inference.factory import BACKENDS, artefact_kind, create_runner, resolve
 from .inference.torch_runner import model_name_of
@@ -67,6 +67,7 @@ REPORT_FORMAT = 'timm-inception-pcam-report/1'
 TTA_GAIN_KEYS = ('roc_auc', 'accuracy', 'f1', 'balanced_accuracy', 'nll', 'ece')
 OUTPUT_NAMES = ('report.json', 'predictions.csv', 'roc.png', 'pr.png', 'confusion.png')
 PLOTS = {'roc': 'roc.png', 'pr': 'pr.png', 'confusion': 'confusion.png'}
+PROB_FORMAT = '%.9g'  # float32 round-trips
 
 
 @dataclasses.dataclass
@@ -136,10 +137,12 @@ def _open_evaluated_split(data_dir: str | Path, split: str) -> PCamDataset:
 def _write_predictions(path: Path, labels: np.ndarray, probs: np.ndarray, threshold: float,
                        plain: np.ndarray | None) -> None:
     cols = [np.arange(labels.size), labels, probs, (probs >= threshold).astype(np.int64)]
-    header, fmt = 'index,label,prob,pred', ['%d', '%d', '%.6f', '%d']
+    # %.9g: the float32 probabilities exactly (rounded to 6 decimals, the file could not reproduce report.json's
+    # figures, and a printed prob could sit on the other side of the threshold from its pred)
+    header, fmt = 'index,label,prob,pred', ['%d', '%d', PROB_FORMAT, '%d']
     if plain is not None:
         cols.append(plain)
-        header, fmt = header + ',prob_no_tta', fmt + ['%.6f']
+        header, fmt = header + ',prob_no_tta', fmt + [PROB_FORMAT]
     buf = io.StringIO()
     np.savetxt(buf, np.column_stack(cols), fmt=fmt, delimiter=',', header=header, comments='')
     with atomic_path(path) as tmp:
@@ -166,9 +169,11 @@ def evaluate_split(
     if views.shape[0] > 1:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')  # a single-class warning was already given for the TTA metrics
-            plain = compute_metrics(labels, views[0], threshold if plain_threshold is None else plain_threshold)
+            plain_at = threshold if plain_threshold is None else plain_threshold
+            plain = compute_metrics(labels, views[0], plain_at)
         without = {k: plain[k] for k in TTA_GAIN_KEYS}
-        out['tta_gain'] = {'without_tta': without, 'delta': {k: metrics[k] - without[k] for k in TTA_GAIN_KEYS}}
+        out['tta_gain'] = {'without_tta': without, 'delta': {k: metrics[k] - without[k] for k in TTA_GAIN_KEYS},
+                           'without_tta_threshold': plain_at}
     return out
 
 
@@ -183,14 +188,22 @@ def _threshold(cfg: EvalConfig, predict: Callable[[PCamDataset, str], np.ndarray
     default = {'value': 0.5, 'source': 'default', 'method': None}
     if cfg.threshold_from == 'default':
         return default, None, None
+
+    def fallback(reason: str) -> tuple[dict[str, Any], None, None]:
+        warnings.warn(f'{reason}: using 0.5', stacklevel=3)
+        return {**default, 'fallback': reason}, None, None
+
     if split_views is not None:  # evaluating valid itself
         labels, views, settler = split_views
     else:
         try:
             valid = _open_split(cfg.data_dir, 'valid')
         except FileNotFoundError as e:
-            warnings.warn(f'no valid split to choose the threshold on ({e}): using 0.5', stacklevel=2)
-            return default, None, None
+            files = split_paths(cfg.data_dir, 'valid')
+            if any(p.exists() or p.with_name(p.name + '.gz').exists() for p in (files['x'], files['y'])):
+                raise DataError(f'{e} (the valid split is incomplete: the threshold is chosen on it; add the '
+                                f'file, or pass --threshold-from default)') from None
+            return fallback(f'no valid split to choose the threshold on ({e})')
         views = predict(valid, 'valid')
         labels = valid.labels[:views.shape[1]]
         settler = settler_for(valid, views) if settler_for is not None else None
@@ -204,8 +217,7 @@ def _threshold(cfg: EvalConfig, predict: Callable[[PCamDataset, str], np.ndarray
         chosen: dict[str, Any] = {'value': choose(False), 'source': 'valid', 'method': cfg.threshold_method}
         plain = choose(True) if views.shape[0] > 1 else None
     except ValueError as e:
-        warnings.warn(f'valid split unusable for threshold selection ({e}): using 0.5', stacklevel=2)
-        return default, None, None
+        return fallback(f'valid split unusable for threshold selection ({e})')
     if settler is not None:
         chosen['valid_settled'] = settler.settled
     return chosen, plain, int(labels.size)
@@ -219,7 +231,8 @@ def _print_table(report: dict[str, Any]) -> None:
     m, ci, thr = report['metrics'], report['ci95'], report['threshold']
     gain = (report['tta_gain'] or {}).get('delta', {})
     print(f"\n{report['model']} on {report['split']} (n={report['n']}, tta={report['tta']}, "
-          f"threshold {thr['value']:.4f} from {thr['source']}{', ' + thr['method'] if thr['method'] else ''})")
+          f"threshold {thr['value']:.4f} from {thr['source']}{', ' + thr['method'] if thr['method'] else ''}"
+          f"{'; ' + thr['fallback'] if thr.get('fallback') else ''})")
     print(f"{'metric':<18} {'value':>8}  {'95% CI':<19} {'TTA gain' if gain else ''}")
     for k in ('roc_auc', 'accuracy', 'balanced_accuracy', 'f1', 'weighted_f1', 'precision', 'recall',
               'average_precision', 'nll', 'ece', 'tpr', 'fpr'):
@@ -351,8 +364,15 @@ def _evaluate(cfg: EvalConfig, split: str, dataset: PCamDataset, runner: Any, ar
     check = runner if isinstance(runner, DecisionCheck) else None
 
     def predict(ds: PCamDataset, name: str) -> np.ndarray:
-        return view_probabilities(runner, ds, cfg.batch_size, cfg.tta, workers=cfg.workers, limit=cfg.limit,
-                                  desc=f'{name} x{cfg.tta}')
+        views = view_probabilities(runner, ds, cfg.batch_size, cfg.tta, workers=cfg.workers, limit=cfg.limit,
+                                   desc=f'{name} x{cfg.tta}')
+        bad = ~np.isfinite(views).all(axis=0)
+        if bad.any():
+            raise InferenceError(f'{cfg.checkpoint}: the model\'s outputs are not finite (NaN or inf) for '
+                                 f'{int(bad.sum())} of {bad.size} {name} patches (first: patch '
+                                 f'{int(np.argmax(bad))}); its weights are broken or overflow at precision '
+                                 f'{spec.precision}')
+        return views
 
     views = predict(dataset, split)
     labels = np.asarray(dataset.labels[:views.shape[1]], dtype=np.int64)

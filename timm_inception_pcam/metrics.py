@@ -20,10 +20,11 @@ Conventions (also in the README's evaluate section):
 """
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+from sklearn import exceptions as skm_exceptions
 from sklearn import metrics as skm
 
 from .constants import LABEL_NAMES
@@ -267,17 +268,31 @@ def _finite_list(x: np.ndarray) -> list[float | None]:
     return [float(v) if np.isfinite(v) else None for v in x]
 
 
-def roc_points(labels: Any, probs: Any, max_points: int = 201) -> dict[str, list[float | None]]:
-    """ROC curve sub-sampled to at most `max_points` (end points kept); the +inf threshold is written as None."""
+def _curve(function: Callable[..., Any], labels: np.ndarray, probs: np.ndarray) -> Any:
+    """An sklearn curve without its warnings for one class (the caller says so once, as SingleClassWarning)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', skm_exceptions.UndefinedMetricWarning)
+        warnings.filterwarnings('ignore', message='No (positive|negative) ')
+        return function(labels, probs)
+
+
+def roc_points(labels: Any, probs: Any, max_points: int = 201) -> dict[str, list[float | None]] | None:
+    """ROC curve sub-sampled to at most `max_points` (end points kept); the +inf threshold is written as None.
+    None with one class in the labels: the curve is undefined."""
     labels, probs = check_inputs(labels, probs)
+    if labels.min() == labels.max():
+        return None
     fpr, tpr, thr = skm.roc_curve(labels, probs)
     keep = _subsample(fpr.size, max_points)
     return {'fpr': _finite_list(fpr[keep]), 'tpr': _finite_list(tpr[keep]), 'thresholds': _finite_list(thr[keep])}
 
 
-def pr_points(labels: Any, probs: Any, max_points: int = 201) -> dict[str, list[float | None]]:
-    """Precision-recall curve sub-sampled to at most `max_points`; the last point (recall 0) has threshold None."""
+def pr_points(labels: Any, probs: Any, max_points: int = 201) -> dict[str, list[float | None]] | None:
+    """Precision-recall curve sub-sampled to at most `max_points`; the last point (recall 0) has threshold None.
+    None without positives: recall is undefined."""
     labels, probs = check_inputs(labels, probs)
+    if not labels.any():
+        return None
     precision, recall, thr = skm.precision_recall_curve(labels, probs)
     thr = np.r_[thr, np.nan]
     keep = _subsample(precision.size, max_points)
@@ -307,7 +322,7 @@ def plot_roc(labels: Any, probs: Any, path: str | os.PathLike, threshold: float 
              title: str = 'ROC curve') -> str:
     """ROC curve PNG with its AUC in the legend and the operating point at `threshold` marked."""
     labels, probs = check_inputs(labels, probs)
-    fpr, tpr, _ = skm.roc_curve(labels, probs)
+    fpr, tpr, _ = _curve(skm.roc_curve, labels, probs)
     auc = float(skm.roc_auc_score(labels, probs)) if labels.min() != labels.max() else float('nan')
     fig, ax = _figure(title)
     ax.plot(fpr, tpr, lw=1.5, label=f'AUC = {auc:.4f}')
@@ -325,7 +340,7 @@ def plot_pr(labels: Any, probs: Any, path: str | os.PathLike, threshold: float |
             title: str = 'Precision-recall curve') -> str:
     """Precision-recall curve PNG with average precision and the prevalence baseline."""
     labels, probs = check_inputs(labels, probs)
-    precision, recall, _ = skm.precision_recall_curve(labels, probs)
+    precision, recall, _ = _curve(skm.precision_recall_curve, labels, probs)
     ap = float(skm.average_precision_score(labels, probs)) if labels.min() != labels.max() else float('nan')
     fig, ax = _figure(title)
     ax.step(recall, precision, where='post', lw=1.5, label=f'AP = {ap:.4f}')

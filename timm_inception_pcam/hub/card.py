@@ -101,6 +101,8 @@ def render_card(*, repo_id: str, arch: str, report: Mapping[str, Any], provenanc
     threshold_line = ''
     if finite_number(threshold.get('value')):
         source = 'chosen on the valid split' if threshold.get('source') == 'valid' else 'the default'
+        if threshold.get('fallback'):
+            source += f', as {threshold["fallback"]}'
         threshold_line = f'Decisions use P({LABEL_NAMES[1]}) >= {threshold["value"]:.4f} ({source}).'
     confusion_line = ''
     if all(finite_number(metrics.get(k)) for k in ('tp', 'fp', 'tn', 'fn')):
