@@ -160,6 +160,21 @@ def test_info_prints_provenance(synth_root: Path, capsys: pytest.CaptureFixture)
     assert 'provenance: synthetic (written by synth: results on it are not PCam results)' in capsys.readouterr().out
 
 
+def test_info_checks_the_splits_asked_for(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A folder with only the test split (`download --splits test`): info --splits test checks it (info stopped at
+    the missing train split; convert and evaluate take such a folder)."""
+    synthesize_pcam(tmp_path, 8, seed=3, n_valid=4, n_test=6)
+    for key in ('x', 'y', 'meta'):
+        for split in ('train', 'valid'):
+            split_paths(tmp_path, split)[key].unlink()
+    code, err = _run_cli(['info', '--root', str(tmp_path)], capsys)
+    assert code == 2 and 'split_train_x.h5: PCam file not found' in err[0]
+    assert main(['info', '--root', str(tmp_path), '--splits', 'test']) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith('test: 6 patches') and out[-1].startswith(f'info: {tmp_path} holds the test split in the '
+                                                                      f'PCam layout; provenance: synthetic')
+
+
 def test_info_reads_the_meta_csv_when_present(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     synthesize_pcam(tmp_path, 16, seed=3, n_valid=8, n_test=8)
     valid, test = split_paths(tmp_path, 'valid')['meta'], split_paths(tmp_path, 'test')['meta']

@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser('info', help='check the files of every split and print counts and provenance')
     _root(p, 'folder with the official files')
+    p.add_argument('--splits', nargs='+', default=list(SPLITS), help='splits to check (default: all)')
     p.add_argument('--verify', action='store_true',
                    help='compute the md5 of unmarked files once, so official files are recorded as PCam')
     return parser
@@ -113,11 +114,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f'convert: {total} patches verified in {args.output} ({args.format}; '
               f'{record.get("written_now", 0)} written now) in {time.perf_counter() - start:.1f} s')
     elif args.command == 'info':
-        from .files import split_paths
+        from .files import normalize_split, split_paths
         from .pcam import check_split_files, ensure_decompressed, read_meta_rows
         from .provenance import folder_provenance, verify_official
 
-        for split in SPLITS:
+        splits = tuple(dict.fromkeys(normalize_split(s) for s in args.splits))
+        for split in splits:
             paths = split_paths(root, split)
             meta_path = paths['meta']
             paths = {k: ensure_decompressed(paths[k]) for k in ('x', 'y')}
@@ -132,10 +134,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 meta = (f'meta: {len({r["wsi"] for r in rows})} slides, center_tumor_patch = label for {agree} of '
                         f'{n}')
             print(f'{split}: {n} patches, {int(labels.sum())} metastatic ({labels.mean():.1%}); {meta}')
-        prov = folder_provenance(root)
+        prov = folder_provenance(root, splits)
         hint = {'synthetic': ' (written by synth: results on it are not PCam results)',
                 'unknown': ' (md5 not verified: run `info --verify` on the official files)'}.get(prov['provenance'], '')
-        print(f'info: {root} holds a complete PCam layout; provenance: {prov["provenance"]}{hint}')
+        held = ('a complete PCam layout' if set(splits) == set(SPLITS) else
+                f'the {", ".join(splits)} split{"s" if len(splits) > 1 else ""} in the PCam layout')
+        print(f'info: {root} holds {held}; provenance: {prov["provenance"]}{hint}')
     return 0
 
 

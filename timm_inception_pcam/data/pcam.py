@@ -64,8 +64,10 @@ def ensure_decompressed(path: Path, progress: bool = True, md5: str | None = Non
             raise PCamFormatError(f'{gz}: an uncompressed HDF5 file named .gz (a browser or download tool may have '
                                   f'decompressed it already); rename it to {path.name}')
     try:
+        # disable=None: no bar when stderr is not a terminal (a log file kept its text before an error line)
         with open(gz, 'rb') as raw, tqdm(total=total, unit='B', unit_scale=True, desc=f'decompress {gz.name}',
-                                          disable=not progress, leave=False) as bar, atomic_path(path) as tmp:
+                                          disable=None if progress else True, leave=False) as bar, \
+                atomic_path(path) as tmp:
             reader = _HashingReader(raw, bar)
             with gzip.GzipFile(fileobj=io.BufferedReader(reader, 1 << 20), mode='rb') as src, open(tmp, 'wb') as dst:
                 while chunk := src.read(1 << 22):
