@@ -8,7 +8,9 @@ Every model takes raw patches (`input`: uint8, NHWC, 96x96x3; the normalisation 
 `probabilities` (float32, one per label, softmax in the graph), so clients send patches as they are read. One folder
 per format, `<model>_<format>/` with `config.pbtxt` (platform or backend, max_batch_size, dynamic batching,
 instance group), `1/model.*`, `labels.txt` and `sidecar.json`. Each `config.pbtxt` is parsed with the
-model-config protobuf that `tritonclient` ships and its inputs/outputs are checked against the model file's.
+model-config protobuf that `tritonclient` ships and its inputs/outputs are checked against the model file's. Each
+served file runs through our runner against PyTorch (probabilities on `--data-dir`'s valid patches, else seeded
+random ones, within 1e-4; the sidecar's `parity`), so no repository is written around a graph serving other numbers.
 
 TensorRT plans are tied to a GPU's compute capability: each `--plan` must have been built by `export.trt` from this
 repository's ONNX (`<model>_onnx/1/model.onnx`, so that it too takes uint8 patches and returns probabilities) with its
@@ -31,16 +33,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from timm_inception_pcam.errors import ArgumentParser, ExportError, OutputExistsError, UsageError, check_range, cli
 from timm_inception_pcam.storage import file_sha256
 
-from .onnx import add_model_args, check_name, checkpoint_sha256, load_export_model
-from .spec import ONNX_METADATA_KEY, IOSpec
+from .onnx import add_model_args, check_name, checkpoint_sha256, load_export_model, load_patches, torch_logits
+from .spec import ONNX_METADATA_KEY, IOSpec, softmax
 
 __all__ = ['FORMATS', 'OUTPUT_NAME', 'build_repository', 'model_config', 'validate_model_config', 'main']
 
 FORMATS = ('onnx', 'openvino', 'tensorrt')
 OUTPUT_NAME = 'probabilities'
+PARITY_SAMPLES, PARITY_TOLERANCE = 32, 1e-4  # seeded random patches; max |probability difference| vs PyTorch
 MARKER = '.pcam_triton.json'
 _TYPES = {'uint8': 'TYPE_UINT8', 'float32': 'TYPE_FP32'}
 _PLATFORM = {'onnx': ('platform', 'onnxruntime_onnx', 'model.onnx', 'KIND_CPU'),
@@ -170,6 +175,33 @@ def _serving_onnx(model: Any, path: Path, model_name: str, checkpoint: str | Non
     return served
 
 
+def _parity_patches(data_dir: str | None) -> tuple[np.ndarray, str]:
+    patches, _, source = load_patches(data_dir, 'valid', PARITY_SAMPLES)
+    return patches, source
+
+
+def _served_parity(path: Path, name: str, reference: np.ndarray, patches: np.ndarray, source: str
+                   ) -> dict[str, Any]:
+    """Probabilities of a served model file (float32, through our runner) against PyTorch's; ExportError beyond
+    PARITY_TOLERANCE."""
+    from timm_inception_pcam.inference import create_runner, probabilities
+
+    runner = create_runner(path, precision='fp32')
+    try:
+        served = probabilities(runner, patches)
+    finally:
+        runner.close()
+    diff = float(np.abs(served.astype(np.float64) - reference).max())
+    report = {'reference': 'PyTorch eager float32, softmax', 'inputs': source, 'n': int(len(patches)),
+              'max_abs_prob_diff': diff, 'tolerance': PARITY_TOLERANCE,
+              'decision_agreement': float((served.argmax(1) == reference.argmax(1)).mean()),
+              'prob_std_across_inputs': float(reference[:, 1].std())}
+    if not diff <= PARITY_TOLERANCE:
+        raise ExportError(f'{name}: the served model\'s probabilities differ from PyTorch\'s by {diff:.3g} (allowed '
+                          f'{PARITY_TOLERANCE:g}) over {len(patches)} patches; nothing was written')
+    return report
+
+
 def _plan_files(plans: Sequence[Path], label_count: int) -> dict[str, tuple[Path, dict[str, Any]]]:
     """{compute capability: (plan, sidecar data)}, each plan verified against its sidecar."""
     from .sidecar import read_sidecar, verify_plan_file
@@ -204,8 +236,12 @@ def _write_model(root: Path, name: str, fmt: str, spec: IOSpec, options: TritonO
 
 def build_repository(model: Any, repository: Path, *, model_name: str, checkpoint: str | None,
                      formats: Sequence[str] = ('onnx', 'openvino'), plans: Sequence[Path] = (),
-                     options: TritonOptions = TritonOptions(), overwrite: bool = False) -> dict[str, Any]:
-    """Write the repository (in a temporary folder renamed into place when complete); returns what was written."""
+                     options: TritonOptions = TritonOptions(), overwrite: bool = False,
+                     parity_patches: tuple[np.ndarray, str] | None = None) -> dict[str, Any]:
+    """Write the repository (in a temporary folder renamed into place when complete); returns what was written.
+
+    `parity_patches`: (uint8 NHWC patches, where from) the served files are checked on (default: 32 seeded random
+    patches)."""
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown or not formats:
         raise UsageError(f'--formats {",".join(formats)}: expected a comma-separated subset of {",".join(FORMATS)}')
@@ -232,8 +268,12 @@ def build_repository(model: Any, repository: Path, *, model_name: str, checkpoin
                 'output': spec.output_dict(),
                 'preprocessing': spec.preprocessing_dict(), 'label_names': list(spec.label_names),
                 'checkpoint_sha256': checkpoint_sha256(checkpoint)}
+        patches, source = parity_patches or _parity_patches(None)
+        reference = softmax(torch_logits(model, patches))
         if 'onnx' in formats:
-            _write_model(tmp, onnx_name, 'onnx', spec, options, {**base, 'sha256': file_sha256(onnx_file)},
+            _write_model(tmp, onnx_name, 'onnx', spec, options,
+                         {**base, 'sha256': file_sha256(onnx_file),
+                          'parity': _served_parity(onnx_file, onnx_name, reference, patches, source)},
                          _onnx_io(onnx_file))
             written['models'][onnx_name] = 'onnx'
         if 'openvino' in formats:
@@ -244,7 +284,8 @@ def build_repository(model: Any, repository: Path, *, model_name: str, checkpoin
             xml.parent.mkdir(parents=True)
             ov.save_model(ov.convert_model(str(onnx_file)), str(xml), compress_to_fp16=False)
             _write_model(tmp, name, 'openvino', spec, options,
-                         {**base, 'sha256': {'xml': file_sha256(xml), 'bin': file_sha256(xml.with_suffix('.bin'))}},
+                         {**base, 'sha256': {'xml': file_sha256(xml), 'bin': file_sha256(xml.with_suffix('.bin'))},
+                          'parity': _served_parity(xml, name, reference, patches, source)},
                          _openvino_io(xml))
             written['models'][name] = 'openvino'
         if 'tensorrt' in formats:
@@ -296,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--max-batch-size', type=int, default=256)
     parser.add_argument('--instances', type=int, default=1, help='model instances per device')
     parser.add_argument('--overwrite', action='store_true', help='replace a repository written earlier')
+    parser.add_argument('--data-dir', default=None,
+                        help=f'PCam folder whose valid patches check the served files against PyTorch (default: '
+                             f'{PARITY_SAMPLES} seeded random patches)')
     return parser
 
 
@@ -308,12 +352,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for plan in args.plan:
         if not plan.is_file():
             raise UsageError(f'--plan {plan}: file not found')
+    parity = _parity_patches(args.data_dir) if args.data_dir is not None else None
     model, name = load_export_model(args.model, args.checkpoint, use_ema=args.use_ema, pretrained=args.pretrained,
                                     **args.model_kwargs)
     result = build_repository(model, args.model_repository, model_name=args.name or name, checkpoint=args.checkpoint,
                               formats=formats, plans=args.plan,
                               options=TritonOptions(max_batch_size=args.max_batch_size, instances=args.instances),
-                              overwrite=args.overwrite)
+                              overwrite=args.overwrite, parity_patches=parity)
     for model_dir, fmt in result['models'].items():
         print(f'{args.model_repository / model_dir}: {fmt}')
     for model_dir, why in result['skipped'].items():

@@ -34,7 +34,8 @@ def model() -> torch.nn.Module:
 @pytest.fixture(scope='module')
 def repository(model, tmp_path_factory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp('triton') / 'repo'
-    result = build_repository(model, root, model_name='tiny', checkpoint=None, formats=['onnx', 'openvino', 'tensorrt'])
+    result = build_repository(model, root, model_name='tiny', checkpoint=None, formats=['onnx', 'openvino', 'tensorrt'],
+                              parity_patches=(blob_patches(32, seed=5)[0], 'blob patches'))
     return root, result
 
 
@@ -102,6 +103,22 @@ def test_our_runners_run_the_served_models(repository, model, artefact: str, pre
         expected = torch.softmax(model(torch.from_numpy(preprocess_patches(patches))), 1).numpy()
     runner = create_runner(root / artefact, precision=precision)
     np.testing.assert_allclose(probabilities(runner, patches), expected, atol=1e-4)
+
+
+def test_served_files_are_checked_against_pytorch(repository, model, tmp_path: Path, monkeypatch) -> None:
+    root, _ = repository
+    for name in ('tiny_onnx', 'tiny_openvino'):
+        parity = json.loads((root / name / 'sidecar.json').read_text())['parity']
+        assert parity['n'] == 32 and parity['max_abs_prob_diff'] <= 1e-4 and parity['decision_agreement'] == 1.0
+        assert parity['inputs'] == 'blob patches' and parity['prob_std_across_inputs'] > 0.05  # they vary
+    import export.triton
+
+    real = export.triton.torch_logits
+    monkeypatch.setattr(export.triton, 'torch_logits', lambda *a, **k: real(*a, **k) * 1.5)  # another model
+    with pytest.raises(ExportError, match=r"tiny_onnx: the served model's probabilities differ from PyTorch's by "):
+        build_repository(model, tmp_path / 'repo', model_name='tiny', checkpoint=None, formats=['onnx'],
+                         parity_patches=(blob_patches(32, seed=5)[0], 'blob patches'))
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_plan_built_from_the_serving_onnx_says_it_returns_probabilities(repository) -> None:

@@ -124,7 +124,7 @@ def _serving_step(model: str, checkpoint: Path, data_dir: Path, output: Path) ->
     ir = export_openvino(net, output / 'openvino', model_name=name, checkpoint=str(checkpoint), precision='fp32',
                          patches=patches, patch_source=source)
     repo = build_repository(net, output / 'triton', model_name=name, checkpoint=str(checkpoint),
-                            formats=('onnx', 'openvino', 'tensorrt'))
+                            formats=('onnx', 'openvino', 'tensorrt'), parity_patches=(patches[:64], source))
     return {'openvino_ir': str(ir['xml']), 'triton_repository': str(output / 'triton'),
             'triton_models': sorted(repo['models']), 'triton_left_out': repo['skipped']}
 
