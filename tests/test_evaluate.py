@@ -532,7 +532,7 @@ def test_evaluate_scores_onnx_and_fp16_onnx_like_the_checkpoint(pcam_dir, checkp
         assert report['threshold']['value'] == pytest.approx(reference['threshold']['value'], abs=tolerance)
         for name in ('predictions.csv', 'report.json', 'roc.png'):
             assert (tmp_path / precision / name).is_file()
-    with pytest.raises(UsageError, match='apply to checkpoints, not to a onnx file'):
+    with pytest.raises(UsageError, match='apply to checkpoints, not to an onnx file'):
         evaluate.main(_args(pcam_dir, onnx_files[0], tmp_path / 'ema', '--use-ema'))
 
 

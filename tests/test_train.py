@@ -7,6 +7,7 @@ import argparse
 import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -601,6 +602,23 @@ def test_two_trainings_into_one_folder(pcam_dir, tmp_path, capsys) -> None:
     assert [row['epoch'] for row in result.history] == [0]
     assert read_checkpoint(out / LAST_NAME)['epoch'] == 0
     assert not list(out.glob('.*partial*')) and not (out / '.lock').exists()
+
+
+def test_resume_alone_continues_the_run_as_it_was_started(finished_run, pcam_dir, tmp_path) -> None:
+    """`--resume RUN/last.pth` with nothing else (the README's line): the data folder, architecture and schedule are
+    the run's own (it was refused for a missing --data-dir, then for other --model-kwargs); a given option wins."""
+    run = tmp_path / 'run'
+    shutil.copytree(finished_run.output, run)
+    cfg = config_from_args(['--resume', str(run / LAST_NAME), '--epochs', '3'])
+    want = quick_config(pcam_dir, run, epochs=3)
+    assert (cfg.data_dir, cfg.model, cfg.model_kwargs, cfg.batch_size, cfg.steps_per_epoch, cfg.limit_val,
+            cfg.precision, cfg.epochs, cfg.run_dir) == (want.data_dir, want.model, {'depths': [1, 1, 1]},
+                                                        want.batch_size, want.steps_per_epoch, want.limit_val,
+                                                        want.precision, 3, run)
+    result = main(['--resume', str(run / LAST_NAME), '--epochs', '3', '--no-progress'])
+    assert [row['epoch'] for row in result.history] == [0, 1, 2]
+    with pytest.raises(SystemExit):  # without --resume, --data-dir is required as before
+        config_from_args(['--output', str(run)])
 
 
 def test_initial_checkpoint_goes_through_load_model(finished_run, pcam_dir, tmp_path) -> None:

@@ -311,8 +311,9 @@ def _load(cfg: EvalConfig):
     kind = artefact_kind(cfg.checkpoint)
     if kind != 'checkpoint':
         if cfg.use_ema or cfg.model_kwargs:
-            raise UsageError(f'{cfg.checkpoint}: --use-ema and --model-kwargs apply to checkpoints, not to a {kind} '
-                             'file (its weights and architecture are fixed)')
+            article = 'an' if kind[0] in 'aeiou' else 'a'
+            raise UsageError(f'{cfg.checkpoint}: --use-ema and --model-kwargs apply to checkpoints, not to {article} '
+                             f'{kind} file (its weights and architecture are fixed)')
         return cfg.checkpoint, kind
     model = load_model(cfg.model, cfg.checkpoint, use_ema=cfg.use_ema, **cfg.model_kwargs)
     _check_classes(cfg, int(getattr(model, 'num_classes', PCAM_NUM_CLASSES)))

@@ -189,7 +189,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
             status, onnx_path = _export_step(cfg.model, cfg.model_kwargs, checkpoint, data_dir, out / 'export')
             artefacts['export'] = str(out / 'export')
             artefacts['tensorrt'] = 'engine built' if status == 0 else f'not built here (exit {status}; see above)'
-            _logger.info('=== 4/5 export: OpenVINO IR and a Triton model repository ===')
+            _logger.info('--- 4/5 continued: OpenVINO IR and a Triton model repository ---')
             artefacts.update(_serving_step(cfg.model, checkpoint, data_dir, out / 'export'))
 
         _logger.info('=== 5/5 Hugging Face Hub folder (dry run) ===')
@@ -245,7 +245,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f'\nTo publish for real: {cmd if isinstance(cmd, str) else shlex.join(cmd)}')
     test = summary['test']
     print(f'\nDone in {summary["seconds"]:.0f} s: test ROC AUC {test["roc_auc"]:.3f}, accuracy {test["accuracy"]:.3f}, '
-          f'F1 {test["f1"]:.3f} (synthetic data, {summary["config"]["epochs"]} epochs; not a PCam result)')
+          f'F1 {test["f1"]:.3f} (synthetic data, {summary["config"]["epochs"]} epoch'
+          f'{"" if summary["config"]["epochs"] == 1 else "s"}; not a PCam result)')
     return summary
 
 

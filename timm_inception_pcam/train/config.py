@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import ModelKwargsAction
+from ..checkpoint import ModelKwargsAction, read_checkpoint
 from ..constants import MAX_SEED, MAX_WORKERS, PCAM_NUM_CLASSES
 from ..errors import ArgumentParser, PCamError, check_range
 from ..precision import AUTOCAST_PRECISIONS, parse_precision
@@ -164,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog='python -m timm_inception_pcam.train', description=(doc or '').split('\n')[0],
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group('data')
-    g.add_argument('--data-dir', required=True, help='folder with the official camelyonpatch_level_2_split_* files')
+    g.add_argument('--data-dir', default=None,
+                   help='folder with the official camelyonpatch_level_2_split_* files (with --resume: the run\'s own)')
     g.add_argument('--train-split', default=d('train_split'))
     g.add_argument('--val-split', default=d('val_split'))
     g.add_argument('--limit-train', type=int, default=None, metavar='N', help='train on a seeded random N patches')
@@ -223,13 +224,47 @@ def build_parser() -> argparse.ArgumentParser:
                         'GPUs, fp32 (no autocast) otherwise')
     g.add_argument('--seed', type=int, default=d('seed'))
     g.add_argument('--output', default=None, help='run folder (default: the folder of --resume)')
-    g.add_argument('--resume', default=None, metavar='PATH', help=f'continue from this {LAST_NAME}')
+    g.add_argument('--resume', default=None, metavar='PATH',
+                   help=f'continue from this {LAST_NAME}, with the run\'s own options for those not given')
     g.add_argument('--overwrite', action='store_true', help='replace the run already in --output')
     g.add_argument('--progress', action=argparse.BooleanOptionalAction, default=d('progress'),
                    help='tqdm progress bars')
     return p
 
 
+# Where and how this process runs, not what the run is: never taken from the resumed run.
+_NOT_RESUMED = frozenset({'resume', 'output', 'overwrite', 'progress', 'device', 'workers', 'in_memory'})
+
+
 def config_from_args(argv: Sequence[str] | None = None) -> TrainConfig:
-    """Parse a command line into a TrainConfig."""
-    return TrainConfig(**vars(build_parser().parse_args(argv)))
+    """Parse a command line into a TrainConfig. With --resume, an option not given is the run's own (its last.pth
+    records them), so `--resume RUN/last.pth` alone continues the run as it was started."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.resume is not None:
+        given = _given_options(argv)
+        for name, value in _recorded_args(Path(args.resume)).items():
+            if name not in given and name not in _NOT_RESUMED and hasattr(args, name):
+                setattr(args, name, value)
+    if args.data_dir is None:
+        parser.error('the following arguments are required: --data-dir (or --resume with a run that records it)')
+    return TrainConfig(**vars(args))
+
+
+def _given_options(argv: Sequence[str] | None) -> set[str]:
+    """The destinations the command line sets explicitly (a parse with every default suppressed)."""
+    quiet = build_parser()
+    for action in quiet._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(quiet.parse_args(argv)))
+
+
+def _recorded_args(path: Path) -> dict[str, Any]:
+    """The options a `last.pth` records ({} for a file that is not one: the run's own check names the problem)."""
+    if not path.is_file():
+        return {}
+    try:
+        saved = read_checkpoint(path).get('train_args')
+    except PCamError:
+        return {}
+    return dict(saved) if isinstance(saved, dict) else {}

@@ -208,6 +208,8 @@ def _run(cfg: TrainConfig, out_dir: Path, resume_ckpt: dict[str, Any] | None, de
                          best_metric=state.best_metric if found else None, best_epoch=state.best_epoch,
                          history=state.history)
     best = f'{state.best_metric:.4f} at epoch {state.best_epoch}' if found else 'n/a'
-    _logger.info('done: %d epochs of %s, best val ROC AUC %s -> %s; last state %s; log %s', len(state.history), arch,
-                 best, result.best_checkpoint, result.last_checkpoint, out_dir / LOG_CSV)
+    epochs = len(state.history)
+    _logger.info('done: %d epoch%s of %s, best val ROC AUC %s -> %s; last state %s; log %s', epochs,
+                 '' if epochs == 1 else 's', arch, best, result.best_checkpoint, result.last_checkpoint,
+                 out_dir / LOG_CSV)
     return result
