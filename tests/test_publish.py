@@ -571,7 +571,7 @@ def _synthetic_run(run: dict, root: Path, provenance: dict | None) -> list[str]:
 
 @pytest.mark.parametrize('provenance', [{'provenance': 'synthetic'}, None], ids=['synthetic', 'unrecorded'])
 def test_upload_of_a_non_pcam_result_is_refused_unless_allowed(provenance: dict | None, runs: dict,
-                                                               tmp_path: Path, caplog) -> None:
+                                                               tmp_path: Path, caplog, capsys) -> None:
     api = FakeHfApi(tmp_path / 'downloads')
     base = _synthetic_run(runs['inception_v4_pcam'], tmp_path / 'eval', provenance)
     repo = f'{ORG}/synthetic'
@@ -583,6 +583,11 @@ def test_upload_of_a_non_pcam_result_is_refused_unless_allowed(provenance: dict 
     assert not [r for r in caplog.records if r.name.startswith('timm.')]  # nor timm's lines naming a temporary folder
     dry = main([*base, '--repo-id', repo, '--output', str(tmp_path / 'b'), '--dry-run'])  # a dry run is fine
     assert dry['data_provenance'] == word and not dry['uploaded']
+    assert dry['upload_command'] is None  # an `hf upload` line would get round the refusal: none is offered
+    printed = capsys.readouterr().out
+    assert 'hf upload' not in printed and f'upload: refused as it is (the evaluation report records {word}' in printed
+    allowed = main([*base, '--repo-id', repo, '--output', str(tmp_path / 'b2'), '--dry-run', '--allow-synthetic'])
+    assert allowed['upload_command'].startswith(f'hf upload {repo} ')
     assert json.loads(Path(dry['folder'], 'config.json').read_text())[hub.PROVENANCE_KEY]['data_provenance'] == word
 
     done = main([*base, '--repo-id', repo, '--output', str(tmp_path / 'c'), '--allow-synthetic'], api=api)

@@ -23,7 +23,7 @@ from ..models._common import PCAM_HUB_ORG
 from .card import DEFAULT_DATASET_ID, PAPERS
 from .folder import FolderConfig, build_hub_folder
 from .report import PublishError, check_repo_id
-from .upload import check_upload_allowed, upload_command, upload_folder
+from .upload import check_upload_allowed, not_pcam_reasons, upload_command, upload_folder
 
 __all__ = ['OFFICIAL_REPOS', 'build_parser', 'main']
 
@@ -85,7 +85,13 @@ def main(argv: Sequence[str] | None = None, *, api: Any = None) -> dict[str, Any
                            f'to another --repo-id')
     if args.dry_run:
         print('[5/5] dry run: nothing uploaded')
-        print(f'upload with: {result["upload_command"]}')
+        refusal = not_pcam_reasons(result['data_provenance'], result['training_data_provenance'])
+        if refusal and not args.allow_synthetic:  # `hf upload` would skip the refusal: not offered
+            result['upload_command'] = None
+            print(f'upload: refused as it is ({refusal}); the same command without --dry-run and with '
+                  f'--allow-synthetic uploads it labelled as such')
+        else:
+            print(f'upload with: {result["upload_command"]}')
         summary = f'dry run: {result["folder"]} ready ({len(result["files"])} files) for {args.repo_id}'
     else:
         check_upload_allowed(result['data_provenance'], result['training_data_provenance'],

@@ -11,25 +11,29 @@ from typing import Any
 from .folder import PROVENANCE_KEY
 from .report import PublishError
 
-__all__ = ['STALE_WEIGHT_PATTERNS', 'check_upload_allowed', 'upload_command', 'upload_folder']
+__all__ = ['STALE_WEIGHT_PATTERNS', 'check_upload_allowed', 'not_pcam_reasons', 'upload_command', 'upload_folder']
 
 # Remote weight files an upload removes unless the new folder has them: no stale pickle or ONNX beside new weights.
 STALE_WEIGHT_PATTERNS = ('*.onnx', '*.onnx.data', '*.data', '*.bin', '*.pth', '*.pt', '*.ckpt', '*.safetensors')
 
 
-def check_upload_allowed(data_provenance: str, training_provenance: str, *, allow_synthetic: bool,
-                         folder: str | os.PathLike) -> None:
-    """Refuse to upload a model whose results are not PCam's (synthetic or unrecorded data) unless allowed."""
-    if allow_synthetic:
-        return
+def not_pcam_reasons(data_provenance: str, training_provenance: str) -> str | None:
+    """Why a model's numbers are not PCam results (synthetic or unrecorded data), or None when they are."""
     reasons = []
     if data_provenance != 'pcam':
         reasons.append(f'the evaluation report records {data_provenance} data'
                        + (' (no data.provenance)' if data_provenance == 'unknown' else ''))
     if training_provenance == 'synthetic':
         reasons.append('the checkpoint was trained on synthetic data')
-    if reasons:
-        raise PublishError(f'not uploading {folder}: {" and ".join(reasons)}, so its numbers are not PCam results; '
+    return ' and '.join(reasons) or None
+
+
+def check_upload_allowed(data_provenance: str, training_provenance: str, *, allow_synthetic: bool,
+                         folder: str | os.PathLike) -> None:
+    """Refuse to upload a model whose results are not PCam's (synthetic or unrecorded data) unless allowed."""
+    reasons = not_pcam_reasons(data_provenance, training_provenance)
+    if reasons and not allow_synthetic:
+        raise PublishError(f'not uploading {folder}: {reasons}, so its numbers are not PCam results; '
                            f'evaluate on PCam (python -m timm_inception_pcam.data download) and publish that report, '
                            f'or pass --allow-synthetic to upload it labelled as such')
 
