@@ -241,6 +241,18 @@ def checkpoint_sha256(checkpoint: str | None) -> str | None:
     return file_sha256(checkpoint)
 
 
+def source_record(checkpoint: str | None) -> dict[str, Any]:
+    """What every exported artefact records of the checkpoint it came from: its sha256 and the data it was trained
+    on ('synthetic' | 'pcam' | 'unknown'), so results of the artefact say what the checkpoint's would."""
+    from timm_inception_pcam.checkpoint import read_checkpoint
+    from timm_inception_pcam.data.provenance import provenance_of
+
+    provenance = 'unknown'
+    if checkpoint is not None and Path(checkpoint).is_file():
+        provenance = provenance_of(read_checkpoint(checkpoint).get('data_provenance'))
+    return {'checkpoint_sha256': checkpoint_sha256(checkpoint), 'training_data_provenance': provenance}
+
+
 def run_onnx_stage(
         model: torch.nn.Module,
         output: Path,
@@ -259,7 +271,7 @@ def run_onnx_stage(
     stem = stem or model_name
     onnx_path = output / f'{stem}.onnx'
     metadata = {'model': model_name, 'precision': 'fp32', 'checkpoint': str(checkpoint) if checkpoint else None,
-                'checkpoint_sha256': checkpoint_sha256(checkpoint)}
+                **source_record(checkpoint)}
     print(f'Exporting {model_name} to {onnx_path} (opset {opset}, '
           f'{"uint8 NHWC input, preprocessing baked in" if spec.baked_in else "float32 NCHW normalised input"})')
     export_onnx(model, onnx_path, spec=spec, opset=opset, metadata=metadata)

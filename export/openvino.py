@@ -31,10 +31,10 @@ from .onnx import (
     add_artefact_args,
     add_model_args,
     check_artefact_args,
-    checkpoint_sha256,
     load_export_model,
     load_patches,
     parity_report,
+    source_record,
     torch_logits,
 )
 from .spec import IOSpec
@@ -75,6 +75,7 @@ def export_openvino(model: Any, output: Path, *, model_name: str, checkpoint: st
     spec = IOSpec()
     ov_model, _ = cached_model(model, 'int8' if precision == 'int8' else 'fp32', calibration, calibration_info,
                                spec.mean, spec.std)
+    record = source_record(checkpoint)
     with staged_outputs(output, last=f'{stem}.xml') as tmp:  # the .xml last: it is the entry
         xml, bin_ = tmp / f'{stem}.xml', tmp / f'{stem}.bin'
         ov.save_model(ov_model, str(xml), compress_to_fp16=False)
@@ -82,7 +83,8 @@ def export_openvino(model: Any, output: Path, *, model_name: str, checkpoint: st
             'format': FORMAT, 'model': model_name, 'openvino_version': openvino_version(), 'precision': precision,
             'input': spec.input_dict(), 'output': spec.output_dict(), 'preprocessing': spec.preprocessing_dict(),
             'label_names': list(spec.label_names),
-            'sha256': {'checkpoint': checkpoint_sha256(checkpoint), 'xml': file_sha256(xml), 'bin': file_sha256(bin_)},
+            'sha256': {'checkpoint': record['checkpoint_sha256'], 'xml': file_sha256(xml), 'bin': file_sha256(bin_)},
+            'training_data_provenance': record['training_data_provenance'],
             'calibration': calibration_info if precision == 'int8' else None,
         }
         atomic_write_json(tmp / f'{stem}.xml.json', sidecar)

@@ -76,7 +76,7 @@ def sidecar_path(plan_path: str | Path) -> Path:
 
 def make_sidecar(*, model: str, tensorrt_version: str, gpu: dict[str, str], precision: str, spec: IOSpec,
                  profile: Profile, checkpoint_sha256: str | None, onnx_sha256: str, plan_sha256: str,
-                 version_compatible: bool = False) -> dict[str, Any]:
+                 version_compatible: bool = False, training_data_provenance: str = 'unknown') -> dict[str, Any]:
     if precision not in PRECISIONS:
         raise ValueError(f'precision must be one of {PRECISIONS}, got {precision!r}')
     return {
@@ -86,6 +86,7 @@ def make_sidecar(*, model: str, tensorrt_version: str, gpu: dict[str, str], prec
         'input': spec.input_dict(), 'output': spec.output_dict(), 'profile': profile.as_dict(),
         'preprocessing': spec.preprocessing_dict(), 'label_names': list(spec.label_names),
         'sha256': {'checkpoint': checkpoint_sha256, 'onnx': onnx_sha256, 'plan': plan_sha256},
+        'training_data_provenance': training_data_provenance,
     }
 
 

@@ -38,7 +38,7 @@ import numpy as np
 from timm_inception_pcam.errors import ArgumentParser, ExportError, OutputExistsError, UsageError, check_range, cli
 from timm_inception_pcam.storage import file_sha256
 
-from .onnx import add_model_args, check_name, checkpoint_sha256, load_export_model, load_patches, torch_logits
+from .onnx import add_model_args, check_name, load_export_model, load_patches, source_record, torch_logits
 from .spec import ONNX_METADATA_KEY, IOSpec, softmax
 
 __all__ = ['FORMATS', 'OUTPUT_NAME', 'build_repository', 'model_config', 'validate_model_config', 'main']
@@ -146,7 +146,7 @@ def _openvino_io(path: Path) -> dict[str, Any]:
     return {'inputs': io(model.inputs), 'outputs': io(model.outputs)}
 
 
-def _serving_onnx(model: Any, path: Path, model_name: str, checkpoint: str | None) -> IOSpec:
+def _serving_onnx(model: Any, path: Path, model_name: str, record: dict[str, Any]) -> IOSpec:
     """ONNX of `model` taking uint8 NHWC patches and returning probabilities (softmax appended to the graph)."""
     import onnx
     from onnx import helper
@@ -168,8 +168,7 @@ def _serving_onnx(model: Any, path: Path, model_name: str, checkpoint: str | Non
     graph.output.append(probs)
     served = IOSpec(baked_in=True, output_name=OUTPUT_NAME, activation='none')
     helper.set_model_props(proto, {ONNX_METADATA_KEY: served.onnx_metadata(
-        model=model_name, precision='fp32',
-        checkpoint_sha256=checkpoint_sha256(checkpoint))})
+        model=model_name, precision='fp32', **record)})
     onnx.save_model(proto, str(path))
     check_onnx(path, served)
     return served
@@ -263,11 +262,11 @@ def build_repository(model: Any, repository: Path, *, model_name: str, checkpoin
         onnx_name = f'{model_name}_onnx'
         onnx_file = tmp / onnx_name / '1' / 'model.onnx'
         onnx_file.parent.mkdir(parents=True)
-        spec = _serving_onnx(model, onnx_file, model_name, checkpoint)
+        record = source_record(checkpoint)
+        spec = _serving_onnx(model, onnx_file, model_name, record)
         base = {'format': 'timm-inception-pcam-triton/1', 'model': model_name, 'input': spec.input_dict(),
                 'output': spec.output_dict(),
-                'preprocessing': spec.preprocessing_dict(), 'label_names': list(spec.label_names),
-                'checkpoint_sha256': checkpoint_sha256(checkpoint)}
+                'preprocessing': spec.preprocessing_dict(), 'label_names': list(spec.label_names), **record}
         patches, source = parity_patches or _parity_patches(None)
         reference = softmax(torch_logits(model, patches))
         if 'onnx' in formats:

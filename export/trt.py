@@ -150,7 +150,8 @@ def build_from_onnx(onnx_path: Path, output: Path, gpu: GpuInfo, tensorrt_versio
             model=meta.get('model') or plan_path.stem, tensorrt_version=tensorrt_version, gpu=gpu.as_sidecar(),
             precision=meta.get('precision', 'fp32'), spec=spec, profile=profile,
             checkpoint_sha256=meta.get('checkpoint_sha256'), onnx_sha256=file_sha256(onnx_path),
-            plan_sha256=file_sha256(tmp), version_compatible=version_compatible)
+            plan_sha256=file_sha256(tmp), version_compatible=version_compatible,
+            training_data_provenance=meta.get('training_data_provenance') or 'unknown')
         write_sidecar(plan_path, sidecar)
     return plan_path, sidecar_path(plan_path)
 

@@ -334,6 +334,28 @@ def test_bf16_checked_keeps_float32_decisions_at_the_listing_threshold(probe_che
     assert sorted(checked.thresholds) == [0.3, 0.5]  # 1.0 decides nothing: no check needed
 
 
+def test_exported_files_keep_the_checkpoints_training_data(probe_checkpoint, tmp_path):
+    """A slide scored with the ONNX export or the OpenVINO IR of a checkpoint trained on synthetic data says so (it
+    said 'unknown': the export kept the checkpoint's sha256, not its provenance); the sidecars record it too."""
+    from contextlib import ExitStack
+
+    from export.onnx import load_export_model, load_patches, run_onnx_stage
+    from export.openvino import export_openvino
+    from export.spec import IOSpec
+
+    model, name = load_export_model(None, str(probe_checkpoint))
+    patches, _, source = load_patches(None, 'valid', 8)
+    onnx_file = run_onnx_stage(model, tmp_path, model_name=name, checkpoint=str(probe_checkpoint), spec=IOSpec(),
+                               opset=18, patches=patches, patch_source=source, tolerance=1e-3, batch_size=8)['onnx']
+    ir = export_openvino(model, tmp_path / 'ov', model_name=name, checkpoint=str(probe_checkpoint), precision='fp32',
+                         patches=patches, patch_source=source)
+    assert json.loads(Path(str(ir['sidecar'])).read_text())['training_data_provenance'] == 'synthetic'
+    for artefact, backend in ((onnx_file, 'onnxruntime'), (ir['xml'], 'openvino_fp32')):
+        with ExitStack() as stack:
+            _, info = _make_runner(stack, None, str(artefact), backend, 8)
+        assert (info['data_provenance'], info['model']) == ('synthetic', 'inception_v4_pcam'), artefact
+
+
 def test_model_provenance_is_unknown_unless_the_checkpoint_records_it(tmp_path):
     import timm
 

@@ -89,7 +89,8 @@ class OnnxRunner:
         source = path.SerializeToString() if in_memory else str(path)
         self.session = ort.InferenceSession(source, ort_options(threads), providers=['CPUExecutionProvider'])
         self.batch_size = batch_size
-        extra = {k: self.metadata.get(k) for k in ('model', 'checkpoint_sha256', 'fp32_source_sha256')
+        extra = {k: self.metadata.get(k) for k in ('model', 'checkpoint_sha256', 'fp32_source_sha256',
+                                                   'training_data_provenance')
                  if self.metadata.get(k) is not None}
         self.spec = RunnerSpec(backend='onnxruntime', precision=str(self.metadata.get('precision', 'fp32')),
                                source=str(self.path), device='cpu', mean=self.io.mean, std=self.io.std,

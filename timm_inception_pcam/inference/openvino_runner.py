@@ -335,10 +335,13 @@ class OpenVINORunner:
             except RuntimeError as e:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise InferenceError(f'{xml}: not a readable OpenVINO IR ({first})') from None
-            io = _embedded_io(ov_model, source)
+            io, embedded = _embedded_io(ov_model, source)
             if io is not None:
                 mean, std, label_names = io.mean, io.std, io.label_names
             extra['ir'] = meta
+            for key in ('model', 'checkpoint_sha256', 'training_data_provenance'):  # where the IR came from
+                if meta.get(key) or embedded.get(key):
+                    extra[key] = meta.get(key) or embedded.get(key)
         else:
             io = None
             mean, std = module_normalization(model, mean, std)
@@ -444,20 +447,21 @@ def _raw_patch_input(ov_model: Any, mean: tuple[float, ...], std: tuple[float, .
     return ppp.build()
 
 
-def _embedded_io(ov_model: Any, source: str) -> IOSpec | None:
+def _embedded_io(ov_model: Any, source: str) -> tuple[IOSpec | None, dict[str, Any]]:
     """The input/output description an IR converted from one of our ONNX files carries (OpenVINO keeps the ONNX
     metadata in its rt_info; the Triton repository's IR takes raw uint8 patches and returns probabilities); None
-    for an IR converted from the module (export.openvino's: float32 NCHW in, logits out, its sidecar beside it)."""
+    for an IR converted from the module (export.openvino's: float32 NCHW in, logits out, its sidecar beside it).
+    Returns (the description, the whole metadata)."""
     from export.spec import ONNX_METADATA_KEY, IOSpec
 
     key = ['framework', ONNX_METADATA_KEY]
     if not ov_model.has_rt_info(key):
-        return None
+        return None, {}
     try:
         data = json.loads(ov_model.get_rt_info(key).astype(str))
     except ValueError as e:
         raise InferenceError(f'{source}: unreadable {ONNX_METADATA_KEY} metadata ({e})') from None
-    return IOSpec.from_dict(data, source)
+    return IOSpec.from_dict(data, source), data
 
 
 def _check_normalized_input(ov_model: Any, source: str) -> None:
@@ -509,4 +513,6 @@ def _read_ir_meta(xml: Path) -> dict[str, Any]:
                                  f'or not the one the sidecar describes: export it again')
     pre = data.get('preprocessing', {}) if isinstance(data.get('preprocessing'), dict) else {}
     return {'mean': pre.get('mean', PCAM_MEAN), 'std': pre.get('std', PCAM_STD),
-            'label_names': data.get('label_names', ['normal', 'metastatic']), 'precision': data.get('precision')}
+            'label_names': data.get('label_names', ['normal', 'metastatic']), 'precision': data.get('precision'),
+            'model': data.get('model'), 'checkpoint_sha256': digests.get('checkpoint'),
+            'training_data_provenance': data.get('training_data_provenance')}

@@ -66,7 +66,9 @@ class TrtRunner:
             device=f'cuda:{gpus[0].index}', mean=self.io.mean, std=self.io.std, label_names=self.io.label_names,
             extra={'tensorrt_version': trt.__version__, 'plan_tensorrt_version': self.sidecar.tensorrt_version,
                    'gpu': gpus[0].name, 'profile': self.sidecar.profile.as_dict(), 'baked_in': self.io.baked_in,
-                   'activation': self.sidecar.activation, 'version_compatible': self.sidecar.version_compatible})
+                   'activation': self.sidecar.activation, 'version_compatible': self.sidecar.version_compatible,
+                   'model': self.sidecar.model,
+                   'training_data_provenance': self.sidecar.data.get('training_data_provenance', 'unknown')})
         self.min_batch, self.max_batch = self.sidecar.profile.min, self.sidecar.profile.max
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)

@@ -225,11 +225,12 @@ def _classify(slide: WholeSlide, predict: Predictor, out: Path, options: SlideOp
 
 
 def _checkpoint_provenance(checkpoint: str | None) -> str:
-    """'synthetic' | 'pcam' | 'unknown': the training data a checkpoint file records (none for .onnx / .plan)."""
+    """'synthetic' | 'pcam' | 'unknown': the training data a checkpoint file records (an exported file's is read from
+    its runner, see `_make_runner`)."""
     from ..data.provenance import provenance_of
+    from ..inference.factory import artefact_kind
 
-    if not checkpoint or not Path(checkpoint).is_file() or Path(checkpoint).suffix.lower() in (
-            '.onnx', '.plan', '.engine'):
+    if not checkpoint or not Path(checkpoint).is_file() or artefact_kind(checkpoint) != 'checkpoint':
         return 'unknown'
     from ..checkpoint import read_checkpoint
 
@@ -278,5 +279,9 @@ def _make_runner(stack: ExitStack, model_name: str | None, checkpoint: str | Non
                          f'{PCAM_NUM_CLASSES} ({", ".join(LABEL_NAMES)})')
     sidecar = getattr(runner, 'sidecar', None)
     info['model'] = model_name or runner.spec.extra.get('model') or getattr(sidecar, 'model', None)
+    if kind in ('onnx', 'openvino', 'tensorrt'):  # an exported file records its checkpoint's training data
+        from ..data.provenance import provenance_of
+
+        info['data_provenance'] = provenance_of(runner.spec.extra.get('training_data_provenance'))
     info['backend'] = runner.spec.backend
     return functools.partial(probabilities, runner), info
