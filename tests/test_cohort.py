@@ -187,3 +187,39 @@ def test_an_unreachable_ray_address_is_one_line_before_any_work(slides, tmp_path
     with pytest.raises(UsageError, match='no Ray cluster answers'):  # the library entry point checks too
         cohort.run_cohort([cohort.SlideJob('a', str(slides['a']))], cfg, ray_address=f'127.0.0.1:{port}',
                           progress=False)
+
+
+@pytest.mark.parametrize('reply, passes', [
+    (b'HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n', False),  # a web server on the port
+    (None, False),  # accepts, never answers (Ray hung on such a port for minutes)
+    (b'\x00\x00\x06\x04\x00\x00\x00\x00\x00\x00\x03\x00\x00\x00\x64', True),  # HTTP/2 SETTINGS, as gRPC sends
+])
+def test_a_ray_address_must_speak_grpc(reply: bytes | None, passes: bool) -> None:
+    import threading
+
+    server = socket.socket()
+    server.bind(('127.0.0.1', 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    kept: list[socket.socket] = []
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        kept.append(conn)
+        conn.recv(64)
+        if reply is not None:
+            conn.sendall(reply)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        if passes:
+            cohort._check_ray_reachable(f'127.0.0.1:{port}', timeout=2)
+        else:
+            with pytest.raises(UsageError, match=f'something listens at 127.0.0.1:{port} but does not speak gRPC'):
+                cohort._check_ray_reachable(f'127.0.0.1:{port}', timeout=2)
+    finally:
+        thread.join(5)
+        for conn in kept:
+            conn.close()
+        server.close()

@@ -43,7 +43,10 @@ log = logging.getLogger(__name__)
 COLUMNS = ('slide_id', 'path', 'status', 'error', 'tissue_tiles', 'tissue_area_mm2', 'max_probability', 'max_x',
            'max_y', 'area_over_threshold_mm2', 'seconds', 'backend', 'data_provenance')
 TABLE_FORMAT = 'timm-inception-pcam-cohort/1'
-RAY_CONNECT_TIMEOUT = 10.0  # seconds to wait for a --ray-address HOST:PORT to accept a connection
+RAY_CONNECT_TIMEOUT = 10.0  # seconds to wait for a --ray-address HOST:PORT to accept a connection, and to answer
+HTTP2_PREFACE = b'PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n'
+HTTP2_EMPTY_SETTINGS = b'\x00\x00\x00\x04\x00\x00\x00\x00\x00'  # length 0, type SETTINGS, no flags, stream 0
+HTTP2_SETTINGS = 0x04
 
 
 class CohortError(PCamError):
@@ -250,17 +253,31 @@ def check_ray_address(address: str | None) -> None:
 
 
 def _check_ray_reachable(address: str, timeout: float = RAY_CONNECT_TIMEOUT) -> None:
-    """UsageError when nothing accepts a connection at a HOST:PORT address (Ray itself would retry for minutes)."""
+    """UsageError unless a gRPC server (a Ray head node's GCS, or its Ray Client server) answers at a HOST:PORT
+    address: Ray itself retries a dead address for minutes, and hangs on a server of another protocol.
+
+    The probe is HTTP/2's: the client's connection preface and an empty SETTINGS frame, to which every HTTP/2 server
+    (gRPC's included) answers with a SETTINGS frame of its own."""
     endpoint = _ray_endpoint(address)
     if endpoint is None:
         return
     host, port = endpoint
+    fix = 'expected a running head node (`ray start --head` there), or leave --ray-address out to start Ray here'
     try:
-        socket.create_connection((host.strip('[]'), port), timeout=timeout).close()
+        with socket.create_connection((host.strip('[]'), port), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            sock.sendall(HTTP2_PREFACE + HTTP2_EMPTY_SETTINGS)
+            head = b''
+            while len(head) < 9 and (chunk := sock.recv(9 - len(head))):
+                head += chunk
+    except TimeoutError:
+        head = b''
     except OSError as e:
         raise UsageError(f'--ray-address {address}: no Ray cluster answers at {host}:{port} '
-                         f'({e.strerror or e or "timed out"}); expected a running head node (`ray start --head` '
-                         f'there), or leave --ray-address out to start Ray on this machine') from None
+                         f'({e.strerror or e or "timed out"}); {fix}') from None
+    if len(head) < 9 or head[3] != HTTP2_SETTINGS:
+        raise UsageError(f'--ray-address {address}: something listens at {host}:{port} but does not speak gRPC, as a '
+                         f'Ray head node does (wrong port?); {fix}')
 
 
 def _ray_rows(order: Sequence[SlideJob], cfg: CohortConfig, workers: int, address: str | None) -> Iterable[dict]:
@@ -275,7 +292,12 @@ def _ray_rows(order: Sequence[SlideJob], cfg: CohortConfig, workers: int, addres
         if address:
             _check_ray_reachable(address)
         kwargs: dict[str, Any] = {'address': address} if address else {'num_cpus': workers * cfg.threads}
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kwargs)
+        try:
+            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kwargs)
+        except ConnectionError as e:  # answered the probe, then was no Ray cluster after all
+            reason = ' '.join(str(e).split())[:200]
+            raise UsageError(f'--ray-address {address}: Ray could not connect ({reason}); expected a running head '
+                             f'node, or leave --ray-address out to start Ray here') from None
     try:
         # A worker that dies mid-slide is restarted and the slide retried: it resumes from its progress file.
         actor = ray.remote(num_cpus=cfg.threads, max_restarts=2, max_task_retries=2)(_Worker)
