@@ -621,6 +621,25 @@ def test_resume_alone_continues_the_run_as_it_was_started(finished_run, pcam_dir
         config_from_args(['--output', str(run)])
 
 
+def test_offline_url_weights_are_not_fetched(tmp_path, monkeypatch) -> None:
+    """HF_HUB_OFFLINE=1 skips the download attempt for weights behind a URL too (googlenet_pcam's torchvision file:
+    it printed 'Downloading ...' and failed on the network); once in the torch hub cache they are used."""
+    import timm
+
+    from timm_inception_pcam.train import model as train_model
+
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path))
+    monkeypatch.setattr(timm, 'create_model', lambda *a, **k: pytest.fail('a download was attempted'))
+    model, why = train_model._pretrained('googlenet_pcam', {'num_classes': 2})
+    assert model is None and why == ('googlenet_pcam.tv_in1k: not in the torch hub cache '
+                                     '(https://download.pytorch.org/models/googlenet-1378be20.pth) and HF_HUB_OFFLINE '
+                                     'is set')
+    (tmp_path / 'checkpoints').mkdir()
+    (tmp_path / 'checkpoints' / 'googlenet-1378be20.pth').write_bytes(b'cached')
+    assert train_model._in_torch_hub_cache('https://download.pytorch.org/models/googlenet-1378be20.pth')
+
+
 def test_initial_checkpoint_goes_through_load_model(finished_run, pcam_dir, tmp_path) -> None:
     """--initial-checkpoint: the weights (and architecture) of a checkpoint, loaded by checkpoint.load_model."""
     from timm_inception_pcam.train.model import create_train_model

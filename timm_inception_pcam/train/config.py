@@ -176,8 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group('model')
     g.add_argument('--model', default=d('model'), help='registered timm model name, optionally .tag')
     g.add_argument('--pretrained', action=argparse.BooleanOptionalAction, default=d('pretrained'),
-                   help='fine-tune from the model\'s pretrained tag (tf_in1k); random init with a notice if the '
-                        'weights cannot be had (set HF_HUB_OFFLINE=1 to skip the download attempt)')
+                   help='fine-tune from the model\'s default pretrained tag (ImageNet: tf_in1k, tv_in1k for '
+                        'GoogLeNet / Inception-v3 / VGG16); random init with a notice if the weights cannot be had '
+                        '(set HF_HUB_OFFLINE=1 to skip the download attempt)')
     g.add_argument('--initial-checkpoint', default=None, metavar='PATH',
                    help='start from these weights (and, unless --model-kwargs says otherwise, their architecture)')
     g.add_argument('--num-classes', type=int, default=d('num_classes'))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import timm
@@ -34,6 +35,13 @@ def _offline() -> bool:
     return os.environ.get('HF_HUB_OFFLINE', '0').strip().lower() in ('1', 'true', 'yes', 'on')
 
 
+def _in_torch_hub_cache(url: str) -> bool:
+    """Whether torch.hub (which timm uses for a pretrained_cfg's url) holds the file of `url` already."""
+    from urllib.parse import urlparse
+
+    return (Path(torch.hub.get_dir()) / 'checkpoints' / Path(urlparse(url).path).name).is_file()
+
+
 def _pretrained(name: str, kwargs: dict[str, Any]) -> tuple[nn.Module | None, str]:
     """(model with pretrained weights, where from) or (None, why not).
 
@@ -46,6 +54,8 @@ def _pretrained(name: str, kwargs: dict[str, Any]) -> tuple[nn.Module | None, st
         return None, f'no pretrained weights are registered for {name}'
     tag = f"{name.split('.')[0]}.{cfg.tag}" if cfg.tag else name
     where = cfg.file or cfg.url or f'hf-hub:{cfg.hf_hub_id}'
+    if _offline() and not (cfg.file or cfg.hf_hub_id) and not _in_torch_hub_cache(cfg.url):
+        return None, f'{tag}: not in the torch hub cache ({where}) and HF_HUB_OFFLINE is set'  # no download attempt
     try:
         with torch.random.fork_rng(devices=[]):  # a failed attempt leaves the RNG as --no-pretrained would find it
             return _create(name, kwargs, pretrained=True), f'pretrained {tag} ({where})'
