@@ -26,8 +26,7 @@ MODELS = ('inception_v4_pcam', 'inception_resnet_v2_pcam')
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = ArgumentParser(description=__doc__.split('\n')[0],
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--output', default='benchmarks/results/train_curve')
     p.add_argument('--data-dir', default=None, help='PCam files to use instead of a synthetic set')
     p.add_argument('--model', nargs='+', default=list(MODELS))

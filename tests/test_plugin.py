@@ -73,7 +73,7 @@ def test_runner_runs_script_as_main_with_args(tmp_path: Path) -> None:
     assert result.stdout.strip() == f"['--model', 'inception_v4_pcam'] True {tmp_path}"
     missing = _run([sys.executable, '-m', 'timm_inception_pcam.run', str(tmp_path / 'nope.py')],
                    {'PYTHONPATH': str(REPO)})
-    assert missing.returncode != 0 and 'script not found' in missing.stderr
+    assert missing.returncode == 2 and 'error: script not found' in missing.stderr
 
 
 def _timm_sdist_tests(cache: Path) -> Path:

@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .wsi.cli import add_slide_options
 
     p = ArgumentParser(prog='python -m timm_inception_pcam.cohort', description=__doc__.split('\n')[0],
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                       epilog=__doc__.split('\n', 1)[1])
     p.add_argument('slides', nargs='*', metavar='SLIDE_OR_GLOB_OR_CSV')
     p.add_argument('--out', '--output', dest='out', required=True, help='cohort folder (one sub-folder per slide)')
     p.add_argument('--model', default=None)

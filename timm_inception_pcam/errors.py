@@ -38,9 +38,36 @@ class UsageError(PCamError, ValueError):
     """A value given on the command line or to an API is out of range or inconsistent."""
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help with every option's default (unless None, False or empty: nothing to show, or the help names it), and
+    descriptions and epilogs (the commands' examples) as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if not _shows_default(action) or 'default' in (action.help or '').lower():
+            return action.help
+        return f'{action.help or ""} (default: %(default)s)'.lstrip()
+
+
+def _shows_default(action: argparse.Action) -> bool:
+    default = action.default
+    flag = action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction)  # store_true / _false ...
+    return bool(action.option_strings) and not (flag or default is None or default is False
+                                                 or default is argparse.SUPPRESS or default in ([], {}, ''))
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser with one-line usage errors (`prog: error: message (see prog --help)`, exit 2) rather than
-    the whole usage text first; every command builds its parser with it."""
+    the whole usage text first, and `HelpFormatter`'s help; every command builds its parser with it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault('formatter_class', HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def format_help(self) -> str:
+        for action in self._actions:  # an option without help still shows its default
+            if action.help is None and _shows_default(action):
+                action.help = '(default: %(default)s)'
+        return super().format_help()
 
     def error(self, message: str) -> NoReturn:
         option = re.match(r'argument (--[\w-]+)(?:/[-\w]+)*: expected one argument$', message)
@@ -97,6 +124,9 @@ def check_range(name: str, value: float | int | None, low: float | None = None, 
         raise UsageError(f'{name} must be {expected}, got {value}')
 
 
+OWN_LOGGERS = ('timm_inception_pcam', 'export', 'benchmarks', '__main__')
+
+
 def cli(main: Callable[[Sequence[str] | None], Any], prog: str,
         argv: Sequence[str] | None = None) -> int:
     """Run `main(argv)`: a PCamError or a refused path becomes `prog: error: message` on stderr and exit 2; Ctrl-C
@@ -104,8 +134,10 @@ def cli(main: Callable[[Sequence[str] | None], Any], prog: str,
 
     An int returned by `main` is the exit status (e.g. export.trt's 3: no GPU here); anything else means 0.
     """
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format='%(message)s', stream=sys.stderr)
+    if not logging.getLogger().handlers:  # our messages at INFO; other libraries' (onnxscript's passes...) warnings
+        logging.basicConfig(level=logging.WARNING, format='%(message)s', stream=sys.stderr)
+        for name in OWN_LOGGERS:
+            logging.getLogger(name).setLevel(logging.INFO)
     try:
         result = main(argv)
     except PCamError as e:

@@ -230,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--workers', type=int, default=d.workers)
     p.add_argument('--repo-id', default=d.repo_id,
                    help='Hub repo the prepared folder is meant for (nothing is uploaded)')
-    p.add_argument('--no-export', dest='export', action='store_false', help='skip the ONNX / FP16 / TensorRT step')
+    p.add_argument('--no-export', dest='export', action='store_false',
+                   help='skip step 4: ONNX, FP16 ONNX, TensorRT, OpenVINO IR and Triton repository')
     p.add_argument('--progress', action=argparse.BooleanOptionalAction, default=d.progress, help='progress bars')
     return p
 

@@ -17,7 +17,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(0 if argv else 2)
     script = Path(argv[0])
     if not script.is_file():
-        raise SystemExit(f'timm_inception_pcam.run: script not found: {script} (expected a path to e.g. train.py)')
+        print(f'timm_inception_pcam.run: error: script not found: {script} (expected a path to e.g. train.py)',
+              file=sys.stderr)
+        raise SystemExit(2)
     sys.argv = [str(script), *argv[1:]]
     sys.path.insert(0, str(script.resolve().parent))
     runpy.run_path(str(script), run_name='__main__')

@@ -24,7 +24,7 @@ def _root(p: argparse.ArgumentParser, help_text: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog='python -m timm_inception_pcam.data', description=__doc__.split('\n')[0],
-                            formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                            epilog=__doc__.split('\n', 1)[1])
     sub = parser.add_subparsers(dest='command', required=True)
 
     p = sub.add_parser('synth', help='write a synthetic PCam set in the official file layout')

@@ -32,6 +32,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -164,7 +165,9 @@ def convert_to_openvino(model: Any, precision: str = 'fp32', calibration: np.nda
     ov = _openvino()
     c, h, w = PCAM_INPUT_SIZE
     model = model.eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), warnings.catch_warnings():
+        # OpenVINO's converter traces the module: torch's deprecation notice of jit.trace is OpenVINO's to act on
+        warnings.filterwarnings('ignore', category=FutureWarning, message=r'`?torch\.jit\.trace')
         ov_model = ov.convert_model(model, example_input=torch.zeros(1, c, h, w))
     ov_model.reshape([-1, c, h, w])
     if precision == 'int8':

@@ -161,8 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __doc__ as doc
 
     d = _default
-    p = ArgumentParser(prog='python -m timm_inception_pcam.train', description=(doc or '').split('\n')[0],
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(prog='python -m timm_inception_pcam.train', description=(doc or '').split('\n')[0])
     g = p.add_argument_group('data')
     g.add_argument('--data-dir', default=None,
                    help='folder with the official camelyonpatch_level_2_split_* files (with --resume: the run\'s own)')

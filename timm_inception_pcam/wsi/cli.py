@@ -37,8 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ..checkpoint import ModelKwargsAction
     from ..inference import BACKENDS
 
-    p = ArgumentParser(prog=PROG, description=__doc__.split('\n')[0],
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(prog=PROG, description=__doc__.split('\n')[0])
     p.add_argument('slide', metavar='SLIDE', help='whole-slide image (tiled/pyramidal TIFF, SVS, NDPI, MRXS, ...)')
     p.add_argument('--model', default=None, help='registered model name (default: the checkpoint\'s arch)')
     p.add_argument('--checkpoint', default=None,
