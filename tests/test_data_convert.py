@@ -80,11 +80,13 @@ def test_resume_and_refusals(h5_root: Path, tmp_path: Path) -> None:
     (out / MARKER).write_text(json.dumps(dict(marker, complete=False)))
     record = convert_pcam(h5_root, out, 'folder', splits=['test'], workers=1, progress=False)
     assert record['complete'] and record['written_now'] == 5 and all(p.is_file() for p in removed)
-    assert convert_pcam(h5_root, out, 'folder', splits=['test'], progress=False)['written_now'] == 5  # done: kept
+    again = convert_pcam(h5_root, out, 'folder', splits=['test'], progress=False)
+    assert again['complete'] and again['written_now'] == 0  # done before: nothing written now (it said 5)
 
     other = tmp_path / 'other'
     synthesize_pcam(other, 40, seed=12, n_valid=20, n_test=12)
-    with pytest.raises(FileExistsError, match='already holds a different conversion'):
+    with pytest.raises(FileExistsError, match=r"already holds a different conversion \('folder' of splits test; "
+                                              r"this one: 'folder' of test; the source files differ in test\)"):
         convert_pcam(other, out, 'folder', splits=['test'], progress=False)
     with pytest.raises(FileExistsError, match='already holds a different conversion'):
         convert_pcam(h5_root, out, 'wds', splits=['test'], progress=False)

@@ -160,10 +160,12 @@ def _check_marker(out: Path, fmt: str, fingerprint: dict[str, Any]) -> dict[str,
     except (OSError, ValueError) as e:
         raise PCamFormatError(f'{marker}: unreadable conversion record ({e})') from e
     if found.get('format') != fmt or found.get('source') != fingerprint:
-        source = found.get('source', {})
-        raise OutputExistsError(f'{out}: already holds a different conversion ({found.get("format")!r} of a source '
-                                f'with splits {sorted(source)} and fingerprint {source}); '
-                                f'expected {fmt!r} of {fingerprint}. Choose another --output or delete it')
+        source = found.get('source') if isinstance(found.get('source'), dict) else {}
+        differs = sorted(s for s in {*source, *fingerprint} if source.get(s) != fingerprint.get(s))
+        raise OutputExistsError(f'{out}: already holds a different conversion ({found.get("format")!r} of splits '
+                                f'{", ".join(sorted(source)) or "none"}; this one: {fmt!r} of '
+                                f'{", ".join(fingerprint)}; the source files differ in {", ".join(differs) or "none"}'
+                                f'). Choose another --output or delete it')
     return found
 
 
@@ -178,11 +180,11 @@ def convert_pcam(root: str | os.PathLike, out: str | os.PathLike, fmt: str = 'fo
     fingerprint = {s: source_fingerprint(root, s) for s in splits}
     found = _check_marker(out, fmt, fingerprint)
     if found is not None and found.get('complete'):
-        return found
+        return {**found, 'written_now': 0}  # done by an earlier run: nothing written now
     with claim_output_dir(out):  # one conversion at a time: two would race on the files and the record
         found = _check_marker(out, fmt, fingerprint)  # another run may have finished it while this one waited
         if found is not None and found.get('complete'):
-            return found
+            return {**found, 'written_now': 0}
         return _convert(root, out, fmt, splits, fingerprint, workers, chunk, shard_size, progress)
 
 

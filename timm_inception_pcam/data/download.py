@@ -78,8 +78,9 @@ def download_file(url: str, dest: str | os.PathLike, md5: str | None, progress: 
             raise TransferError(f'{url}: HTTP {e.code} {e.reason} while downloading {dest.name}') from e
         response = None
     except urllib.error.URLError as e:
-        raise TransferError(f'{url}: cannot connect ({e.reason}) while downloading {dest.name}; partial data kept '
-                            f'in {part.name}, run the command again to resume') from e
+        kept = f'partial data kept in {part.name}, run' if have else 'run'
+        raise TransferError(f'{url}: cannot connect ({e.reason}) while downloading {dest.name}; {kept} the command '
+                            f'again to resume') from e
     if response is not None:
         with response:
             resumed = have and response.status == 206
