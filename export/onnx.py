@@ -314,7 +314,7 @@ def add_artefact_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--split', default='valid', help='split of --data-dir used for parity checks')
     parser.add_argument('--parity-samples', type=int, default=256, help='patches compared with PyTorch')
     parser.add_argument('--tolerance', type=float, default=DEFAULT_TOLERANCE,
-                        help='max abs logit difference PyTorch vs onnxruntime, plus 1e-4 x the largest |logit|')
+                        help='max abs logit difference from PyTorch, plus 1e-4 x the largest |logit|')
     parser.add_argument('--batch-size', type=int, default=64)
 
 

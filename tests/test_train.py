@@ -21,7 +21,7 @@ import torch
 
 from timm_inception_pcam.checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
 from timm_inception_pcam.constants import LABEL_NAMES
-from timm_inception_pcam.errors import OutputError
+from timm_inception_pcam.errors import OutputError, PCamError
 from timm_inception_pcam.train import (
     BEST_NAME,
     LAST_NAME,
@@ -619,6 +619,14 @@ def test_resume_alone_continues_the_run_as_it_was_started(finished_run, pcam_dir
     assert [row['epoch'] for row in result.history] == [0, 1, 2]
     with pytest.raises(SystemExit):  # without --resume, --data-dir is required as before
         config_from_args(['--output', str(run)])
+    garbage = tmp_path / 'garbage.pth'
+    garbage.write_text('x')
+    for path, message in ((garbage, 'cannot load as a weights-only PyTorch checkpoint'),  # the file's own problem,
+                          (tmp_path, 'a folder, expected a checkpoint file'),  # not 'required: --data-dir'
+                          (tmp_path / 'none.pth', 'no such file')):
+        with pytest.raises(PCamError, match=message):
+            config_from_args(['--resume', str(path)])
+    assert TrainConfig(data_dir='data').record()['data_dir'] == os.path.abspath('data')  # found from any cwd
 
 
 def test_offline_url_weights_are_not_fetched(tmp_path, monkeypatch) -> None:

@@ -249,3 +249,12 @@ def test_an_ir_taking_raw_patches_without_our_metadata_is_one_line(repository, t
     with pytest.raises(InferenceError, match=r'foreign\.xml: the IR takes u8 \[\?,96,96,3\]; expected one float32 '
                                              r'input \(N, 3, 96, 96\)'):
         create_runner(xml, precision='fp32')
+
+
+def test_a_float_ir_does_not_run_as_int8(repository) -> None:
+    """backend openvino_int8 on a float IR ran it in float32 and reported int8."""
+    from timm_inception_pcam.inference import create_runner
+
+    root, _ = repository
+    with pytest.raises(UsageError, match='a fp32 IR runs as fp32 or bf16, not int8'):
+        create_runner(root / 'tiny_openvino' / '1' / 'model.xml', backend='openvino_int8')

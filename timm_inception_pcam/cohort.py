@@ -370,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--use-ema', action='store_true')
     p.add_argument('--backend', default='auto', help='inference backend (as for the slide command)')
     p.add_argument('--executor', choices=('ray', 'local'), default='ray',
-                   help='ray: workers in a Ray cluster (local by default); local: this process, slide after slide')
+                   help='ray: workers in a Ray cluster (started on this machine unless --ray-address); local: this '
+                        'process, slide after slide')
     p.add_argument('--ray-address', default=None, help='auto or HOST:PORT of a running Ray cluster')
     p.add_argument('--workers', type=int, default=2, help='worker processes (one predictor each)')
     p.add_argument('--threads', type=int, default=1, help='CPU threads per worker')

@@ -43,7 +43,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     descriptions and epilogs (the commands' examples) as written."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if not _shows_default(action) or 'default' in (action.help or '').lower():
+        if not _shows_default(action) or '(default' in (action.help or '').lower():
             return action.help
         return f'{action.help or ""} (default: %(default)s)'.lstrip()
 

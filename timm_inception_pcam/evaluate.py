@@ -67,7 +67,7 @@ REPORT_FORMAT = 'timm-inception-pcam-report/1'
 TTA_GAIN_KEYS = ('roc_auc', 'accuracy', 'f1', 'balanced_accuracy', 'nll', 'ece')
 OUTPUT_NAMES = ('report.json', 'predictions.csv', 'roc.png', 'pr.png', 'confusion.png')
 PLOTS = {'roc': 'roc.png', 'pr': 'pr.png', 'confusion': 'confusion.png'}
-PROB_FORMAT = '%.9g'  # float32 round-trips
+PROB_FORMAT = '%.17g'  # float64 round-trips
 
 
 @dataclasses.dataclass
@@ -137,7 +137,7 @@ def _open_evaluated_split(data_dir: str | Path, split: str) -> PCamDataset:
 def _write_predictions(path: Path, labels: np.ndarray, probs: np.ndarray, threshold: float,
                        plain: np.ndarray | None) -> None:
     cols = [np.arange(labels.size), labels, probs, (probs >= threshold).astype(np.int64)]
-    # %.9g: the float32 probabilities exactly (rounded to 6 decimals, the file could not reproduce report.json's
+    # PROB_FORMAT: the probabilities exactly (rounded to 6 decimals, the file could not reproduce report.json's
     # figures, and a printed prob could sit on the other side of the threshold from its pred)
     header, fmt = 'index,label,prob,pred', ['%d', '%d', PROB_FORMAT, '%d']
     if plain is not None:
@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what to score: our checkpoint, timm train.py's .pth.tar, a .safetensors file, "
                         "hf-hub:org/name, an .onnx file (FP32 or FP16) or a TensorRT .plan")
     p.add_argument('--model', default=None, help='model name (default: the architecture stored in the checkpoint)')
-    p.add_argument('--model-kwargs', nargs='*', default={}, action=ModelKwargsAction, help='e.g. depths="(1, 1, 1)"')
+    p.add_argument('--model-kwargs', nargs='*', default={}, action=ModelKwargsAction, help='e.g. depths=1,1,1')
     p.add_argument('--use-ema', action='store_true', help='evaluate the EMA weights of the checkpoint')
     p.add_argument('--data-dir', required=True, help='folder with the PCam HDF5 files')
     p.add_argument('--split', default='test', help='train, valid or test (default: test)')

@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser('synth', help='write a synthetic PCam set in the official file layout')
     _root(p, 'output folder')
-    p.add_argument('--n', type=int, default=4096, help='training patches (default 4096)')
+    p.add_argument('--n', type=int, default=4096, help='training patches')
     p.add_argument('--n-valid', type=int, default=None, help='validation patches (default n // 8)')
     p.add_argument('--n-test', type=int, default=None, help='test patches (default n // 8)')
     p.add_argument('--seed', type=int, default=0)
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--output', '--out', dest='output', required=True, metavar='OUT', help='output folder')
     p.add_argument('--format', choices=('folder', 'wds'), default='folder')
     p.add_argument('--splits', nargs='+', default=list(SPLITS))
-    p.add_argument('-j', '--workers', type=int, default=2, help='worker processes (default 2)')
+    p.add_argument('-j', '--workers', type=int, default=2, help='worker processes')
     p.add_argument('--shard-size', type=int, default=4096, help='patches per webdataset shard')
 
     p = sub.add_parser('info', help='check the files of every split and print counts and provenance')

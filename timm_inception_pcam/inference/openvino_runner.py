@@ -333,6 +333,9 @@ class OpenVINORunner:
             ir_precision = meta.get('precision', 'fp32')
             if ir_precision == 'int8' and precision != 'int8':
                 raise UsageError(f'{xml}: an int8 IR runs as int8, not {precision}')
+            if precision == 'int8' and ir_precision != 'int8':
+                raise UsageError(f'{xml}: a {ir_precision} IR runs as fp32 or bf16, not int8 (an int8 IR comes from '
+                                 f'python -m export.openvino --precision int8)')
             try:
                 ov_model, source = self._core.read_model(str(xml)), str(xml)
             except RuntimeError as e:

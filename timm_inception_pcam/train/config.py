@@ -128,6 +128,8 @@ class TrainConfig:
                 out[k] = {str(a): list(b) if isinstance(b, tuple) else b for a, b in v.items()}
             elif isinstance(v, (list, tuple)):
                 out[k] = list(v)
+            elif k == 'data_dir':  # absolute: a resume from another working directory finds it
+                out[k] = os.path.abspath(v)
             else:
                 out[k] = str(v)
         return out
@@ -243,9 +245,17 @@ def config_from_args(argv: Sequence[str] | None = None) -> TrainConfig:
     args = parser.parse_args(argv)
     if args.resume is not None:
         given = _given_options(argv)
-        for name, value in _recorded_args(Path(args.resume)).items():
+        recorded = read_resume(Path(args.resume)).get('train_args')
+        recorded = dict(recorded) if isinstance(recorded, dict) else {}
+        for name, value in recorded.items():
             if name not in given and name not in _NOT_RESUMED and hasattr(args, name):
                 setattr(args, name, value)
+        if 'data_dir' not in given and args.data_dir is not None and not Path(args.data_dir).is_dir():
+            raise TrainError(f'--resume {args.resume}: the run\'s data folder {args.data_dir} is not there any more; '
+                             f'pass --data-dir')
+        if args.data_dir is None:
+            raise TrainError(f'--resume {args.resume}: records no options (not a {LAST_NAME} of this trainer?); '
+                             f'pass --data-dir and the run\'s other options')
     if args.data_dir is None:
         parser.error('the following arguments are required: --data-dir (or --resume with a run that records it)')
     return TrainConfig(**vars(args))
@@ -259,12 +269,10 @@ def _given_options(argv: Sequence[str] | None) -> set[str]:
     return set(vars(quiet.parse_args(argv)))
 
 
-def _recorded_args(path: Path) -> dict[str, Any]:
-    """The options a `last.pth` records ({} for a file that is not one: the run's own check names the problem)."""
+def read_resume(path: Path) -> dict[str, Any]:
+    """The checkpoint --resume names, read: TrainError for a folder or a missing file, CheckpointError if unreadable."""
+    if path.is_dir():
+        raise TrainError(f'--resume {path}: a folder, expected a checkpoint file (e.g. {path / LAST_NAME})')
     if not path.is_file():
-        return {}
-    try:
-        saved = read_checkpoint(path).get('train_args')
-    except PCamError:
-        return {}
-    return dict(saved) if isinstance(saved, dict) else {}
+        raise TrainError(f'--resume {path}: no such file')
+    return read_checkpoint(path)

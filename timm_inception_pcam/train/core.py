@@ -19,11 +19,10 @@ from timm.utils import ModelEmaV3, NativeScaler
 from timm.utils.distributed import init_distributed_device_so
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ..checkpoint import read_checkpoint
 from ..precision import autocast_dtype, choose_precision
 from ..storage import claim_output_dir
 from .checkpointing import RunState, capture_rng_state, check_resume, seed_everything
-from .config import BEST_NAME, LAST_NAME, LOG_CSV, TrainConfig, TrainError, TrainResult
+from .config import BEST_NAME, LAST_NAME, LOG_CSV, TrainConfig, TrainError, TrainResult, read_resume
 from .loop import best_of, build_loaders, train_one_epoch, unwrap, validate
 from .model import create_train_model
 
@@ -111,12 +110,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     _check_schedule(cfg)
     device_name = _device_name(cfg.device)
     if cfg.resume is not None:
-        if cfg.resume.is_dir():
-            raise TrainError(f'--resume {cfg.resume}: a folder, expected a checkpoint file (e.g. '
-                             f'{cfg.resume / LAST_NAME})')
-        if not cfg.resume.is_file():
-            raise TrainError(f'--resume {cfg.resume}: no such file')
-        resume_ckpt = read_checkpoint(cfg.resume)
+        resume_ckpt = read_resume(cfg.resume)
         check_resume(resume_ckpt, cfg, cfg.resume)
     # Rank 0 (known from torchrun's environment before the process group exists) owns the folder; if it refuses,
     # torchrun stops the other processes.
