@@ -277,8 +277,7 @@ def _make_runner(stack: ExitStack, model_name: str | None, checkpoint: str | Non
     if len(runner.spec.label_names) != PCAM_NUM_CLASSES:
         raise SlideError(f'{checkpoint}: model has {len(runner.spec.label_names)} classes, expected '
                          f'{PCAM_NUM_CLASSES} ({", ".join(LABEL_NAMES)})')
-    sidecar = getattr(runner, 'sidecar', None)
-    info['model'] = model_name or runner.spec.extra.get('model') or getattr(sidecar, 'model', None)
+    info['model'] = model_name or runner.spec.extra.get('model')  # every file's runner records its model
     if kind in ('onnx', 'openvino', 'tensorrt'):  # an exported file records its checkpoint's training data
         from ..data.provenance import provenance_of
 
