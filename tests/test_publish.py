@@ -285,7 +285,9 @@ def _assert_refused(argv: list[str], output: Path, match: str) -> None:
 def test_refuses_without_report(runs: dict, tmp_path: Path) -> None:
     run = runs['inception_v4_pcam']
     argv = ['--checkpoint', str(run['checkpoint']), '--repo-id', f'{ORG}/x', '--output', str(tmp_path / 'out')]
-    _assert_refused(argv + ['--dry-run'], tmp_path / 'out', 'no evaluation report')
+    with pytest.raises(SystemExit) as exc:  # argparse's refusal, before "[1/5] reading report None"
+        main(argv + ['--dry-run'])
+    assert exc.value.code == 2 and not (tmp_path / 'out').exists()
     _assert_refused(argv + ['--report', str(tmp_path / 'missing.json'), '--dry-run'], tmp_path / 'out',
                     'missing.json: evaluation report not found')
     _assert_refused(argv + ['--report', str(run['report'].parent), '--dry-run'], tmp_path / 'out',
@@ -351,11 +353,13 @@ def test_refuses_missing_plot_and_foreign_target(runs: dict, tmp_path: Path) -> 
 def test_cli_reports_refusal_in_one_line(runs: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                          capsys: pytest.CaptureFixture) -> None:
     argv = ['--checkpoint', str(runs['inception_v4_pcam']['checkpoint']), '--repo-id', f'{ORG}/x', '--output',
-            str(tmp_path), '--dry-run']
+            str(tmp_path), '--dry-run', '--report', str(tmp_path / 'missing.json')]
     monkeypatch.setattr(sys, 'argv', ['publish', *argv])
     assert errors.cli(main, 'publish') == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith('publish: error: no evaluation report')
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('publish: error: ') and 'evaluation report not found' in err[0]
+    assert 'reading report' in captured.out
 
 
 # ------------------------------------------------------------------------------------- atomicity and ONNX
@@ -693,15 +697,13 @@ def test_onnx_external_data_linked_out_of_its_folder_is_refused(runs: dict, tmp_
 # ------------------------------------------------------------------------------ user errors: exit 2, one line
 
 
-@pytest.mark.parametrize('case', ['no-report', 'bad-repo-id', 'missing-checkpoint', 'absolute-plot', 'bad-json',
+@pytest.mark.parametrize('case', ['bad-repo-id', 'missing-checkpoint', 'absolute-plot', 'bad-json',
                                   'output-is-a-file'])
 def test_user_errors_exit_2_with_one_line(case: str, runs: dict, tmp_path: Path,
                                           capsys: pytest.CaptureFixture) -> None:
     run = runs['inception_v4_pcam']
     argv = _argv(run, tmp_path / 'out', f'{ORG}/x', '--dry-run')
-    if case == 'no-report':
-        argv = argv[:2] + argv[4:]
-    elif case == 'bad-repo-id':
+    if case == 'bad-repo-id':
         argv[5] = 'no-slash'
     elif case == 'missing-checkpoint':
         argv[1] = str(tmp_path / 'missing.pth')
@@ -722,4 +724,7 @@ def test_module_command_runs_through_the_shim(tmp_path: Path) -> None:
                            str(tmp_path / 'none.pth'), '--repo-id', 'a/b', '--output', str(tmp_path), '--dry-run'],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and 'Traceback' not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith('publish: error: no evaluation report')
+    err = proc.stderr.strip().splitlines()
+    assert err == ['python -m timm_inception_pcam.publish: error: the following arguments are required: --report '
+                   '(see python -m timm_inception_pcam.publish --help)']
+    assert proc.stdout == ''  # refused before any step

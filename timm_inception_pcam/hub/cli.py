@@ -34,8 +34,9 @@ OFFICIAL_REPOS: dict[str, str] = {name: f'{PCAM_HUB_ORG}/{name}' for name in PAP
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog='python -m timm_inception_pcam.publish', description=__doc__.split('\n\n')[0])
     p.add_argument('--checkpoint', required=True, type=Path, help='trained checkpoint file to publish')
-    p.add_argument('--report', type=Path, default=None,
-                   help='report.json from `python -m timm_inception_pcam.evaluate` for this checkpoint (required)')
+    p.add_argument('--report', required=True, type=Path,
+                   help='report.json from `python -m timm_inception_pcam.evaluate` for this checkpoint: weights are '
+                        'not published without measured metrics')
     p.add_argument('--repo-id', required=True, help='Hub repository, ORG/NAME')
     p.add_argument('--model', default=None, help='model name (default: the checkpoint\'s "arch")')
     p.add_argument('--use-ema', action='store_true', help='publish the checkpoint\'s EMA weights')

@@ -48,7 +48,7 @@ class FolderConfig:
     """What to publish and how to describe it."""
 
     checkpoint: Path
-    report: Path | None
+    report: Path
     repo_id: str  # ORG/NAME; the folder is output/NAME
     output: Path
     model: str | None = None  # default: the checkpoint's "arch"
@@ -235,7 +235,7 @@ def build_hub_folder(cfg: FolderConfig, log: Callable[[str], None] = print) -> d
 
     log(f'[1/5] reading report {cfg.report}')
     report = read_report(cfg.report)  # refuses a missing report
-    report_path = Path(str(cfg.report))
+    report_path = Path(cfg.report)
     meta = _read_checkpoint(cfg.checkpoint)  # a file that is no checkpoint is named so, not "another checkpoint"
     checkpoint_sha = file_sha256(cfg.checkpoint)
     check_report_checkpoint(report, report_path, checkpoint_sha, cfg.checkpoint)

@@ -86,14 +86,10 @@ def path_inside(folder: str | os.PathLike, name: Any, *, what: str, source: str 
     return path
 
 
-def read_report(path: str | os.PathLike | None) -> dict[str, Any]:
+def read_report(path: str | os.PathLike) -> dict[str, Any]:
     """Load and validate an evaluation report (`python -m timm_inception_pcam.evaluate`)."""
     from ..evaluate import REPORT_FORMAT
 
-    if path is None:
-        raise PublishError('no evaluation report: pass --report report.json, written by '
-                           '`python -m timm_inception_pcam.evaluate` for this checkpoint; weights are not published '
-                           'without measured metrics')
     path = Path(path)
     if path.is_dir():
         raise PublishError(f'{path}: a folder, expected its report.json (written by '
