@@ -6,6 +6,7 @@ ROC AUC >= 0.95) lives in test_train_learns.py; this file stays fast.
 import argparse
 import functools
 import json
+import logging
 import os
 import shutil
 import signal
@@ -604,7 +605,7 @@ def test_two_trainings_into_one_folder(pcam_dir, tmp_path, capsys) -> None:
     assert not list(out.glob('.*partial*')) and not (out / '.lock').exists()
 
 
-def test_resume_alone_continues_the_run_as_it_was_started(finished_run, pcam_dir, tmp_path) -> None:
+def test_resume_alone_continues_the_run_as_it_was_started(finished_run, pcam_dir, tmp_path, caplog) -> None:
     """`--resume RUN/last.pth` with nothing else (the README's line): the data folder, architecture and schedule are
     the run's own (it was refused for a missing --data-dir, then for other --model-kwargs); a given option wins."""
     run = tmp_path / 'run'
@@ -617,6 +618,13 @@ def test_resume_alone_continues_the_run_as_it_was_started(finished_run, pcam_dir
                                                         want.precision, 3, run)
     result = main(['--resume', str(run / LAST_NAME), '--epochs', '3', '--no-progress'])
     assert [row['epoch'] for row in result.history] == [0, 1, 2]
+    before = (run / LAST_NAME).read_bytes()
+    with caplog.at_level(logging.INFO, logger='timm_inception_pcam.train'):  # a finished run: said, not "epochs 3..2"
+        again = main(['--resume', str(run / LAST_NAME), '--no-progress'])
+    assert [row['epoch'] for row in again.history] == [0, 1, 2] and (run / LAST_NAME).read_bytes() == before
+    assert any(r.getMessage().startswith(f'nothing to train: {run / LAST_NAME} has done all 3 epochs')
+               for r in caplog.records)
+    assert not any('epochs 3..2' in r.getMessage() for r in caplog.records)
     with pytest.raises(SystemExit):  # without --resume, --data-dir is required as before
         config_from_args(['--output', str(run)])
     garbage = tmp_path / 'garbage.pth'

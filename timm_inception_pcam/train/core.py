@@ -158,10 +158,14 @@ def _run(cfg: TrainConfig, out_dir: Path, resume_ckpt: dict[str, Any] | None, de
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda'
                                                     else None)
 
-    _logger.info('train: %s %s (%s), %d train / %d valid patches, %d process(es) on %s, precision %s, '
-                 '%d updates/epoch, epochs %d..%d, output %s', arch, model_kwargs, init_source,
-                 len(train_loader.dataset), len(val_labels), world, device, precision, steps, state.start_epoch,
-                 num_epochs - 1, out_dir)
+    if state.start_epoch >= num_epochs:
+        _logger.info('nothing to train: %s has done all %d epochs of its schedule (--epochs N with N > %d trains it '
+                     'further)', cfg.resume, state.start_epoch, num_epochs)
+    else:
+        _logger.info('train: %s %s (%s), %d train / %d valid patches, %d process(es) on %s, precision %s, '
+                     '%d updates/epoch, epochs %d..%d, output %s', arch, model_kwargs, init_source,
+                     len(train_loader.dataset), len(val_labels), world, device, precision, steps, state.start_epoch,
+                     num_epochs - 1, out_dir)
     show = primary and cfg.progress
     for epoch in range(state.start_epoch, num_epochs):
         t0 = time.perf_counter()
