@@ -179,6 +179,11 @@ def _parity_patches(data_dir: str | None) -> tuple[np.ndarray, str]:
     return patches, source
 
 
+def _outputs_vary(reference: np.ndarray) -> bool:
+    """Whether PyTorch's probabilities vary across the parity patches enough for PARITY_TOLERANCE to mean much."""
+    return bool(reference[:, 1].std() > 100 * PARITY_TOLERANCE)
+
+
 def _served_parity(path: Path, name: str, reference: np.ndarray, patches: np.ndarray, source: str
                    ) -> dict[str, Any]:
     """Probabilities of a served model file (float32, through our runner) against PyTorch's; ExportError beyond
@@ -194,7 +199,7 @@ def _served_parity(path: Path, name: str, reference: np.ndarray, patches: np.nda
     report = {'reference': 'PyTorch eager float32, softmax', 'inputs': source, 'n': int(len(patches)),
               'max_abs_prob_diff': diff, 'tolerance': PARITY_TOLERANCE,
               'decision_agreement': float((served.argmax(1) == reference.argmax(1)).mean()),
-              'prob_std_across_inputs': float(reference[:, 1].std())}
+              'prob_std_across_inputs': float(reference[:, 1].std()), 'outputs_vary': _outputs_vary(reference)}
     if not diff <= PARITY_TOLERANCE:
         raise ExportError(f'{name}: the served model\'s probabilities differ from PyTorch\'s by {diff:.3g} (allowed '
                           f'{PARITY_TOLERANCE:g}) over {len(patches)} patches; nothing was written')
@@ -269,6 +274,10 @@ def build_repository(model: Any, repository: Path, *, model_name: str, checkpoin
                 'preprocessing': spec.preprocessing_dict(), 'label_names': list(spec.label_names), **record}
         patches, source = parity_patches or _parity_patches(None)
         reference = softmax(torch_logits(model, patches))
+        if not _outputs_vary(reference):
+            print(f'warning: the probabilities barely vary across the parity patches ({source}; std '
+                  f'{reference[:, 1].std():.3g}); the served files\' parity check says little about this model',
+                  file=sys.stderr)
         if 'onnx' in formats:
             _write_model(tmp, onnx_name, 'onnx', spec, options,
                          {**base, 'sha256': file_sha256(onnx_file),

@@ -121,6 +121,25 @@ def test_served_files_are_checked_against_pytorch(repository, model, tmp_path: P
     assert not list(tmp_path.iterdir())
 
 
+def test_parity_on_outputs_that_do_not_vary_is_flagged(repository, model, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    """A model answering 0.5 to every patch passes any parity check: the sidecar and a warning say so."""
+    import copy
+
+    root, _ = repository
+    assert json.loads((root / 'tiny_onnx' / 'sidecar.json').read_text())['parity']['outputs_vary'] is True
+    constant = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in constant.get_classifier().parameters():
+            p.zero_()
+    capsys.readouterr()
+    build_repository(constant, tmp_path / 'repo', model_name='tiny', checkpoint=None, formats=['onnx'],
+                     parity_patches=(blob_patches(32, seed=5)[0], 'blob patches'))
+    parity = json.loads((tmp_path / 'repo' / 'tiny_onnx' / 'sidecar.json').read_text())['parity']
+    assert parity['outputs_vary'] is False and parity['max_abs_prob_diff'] <= 1e-4
+    assert 'warning: the probabilities barely vary across the parity patches (blob patches' in capsys.readouterr().err
+
+
 def test_a_plan_built_from_the_serving_onnx_says_it_returns_probabilities(repository) -> None:
     from export.sidecar import Profile, make_sidecar
     from timm_inception_pcam.inference.onnx_runner import read_onnx_metadata
