@@ -34,6 +34,7 @@ def test_pipeline_writes_every_artefact(demo: tuple[Path, dict]) -> None:
     assert summary['artefacts']['tensorrt'].startswith(('engine built', 'not built here'))
     assert summary['artefacts']['upload_command'].startswith('python -m timm_inception_pcam.publish --checkpoint ')
     assert summary['artefacts']['upload_command'].endswith(' --allow-synthetic')
+    assert ' --repo-id your-hf-user/inception_v4_pcam-synthetic-demo ' in summary['artefacts']['upload_command']
     ir = Path(summary['artefacts']['openvino_ir'])
     assert ir.is_file() and ir.with_suffix('.bin').is_file()
     assert json.loads((export / 'openvino' / 'inception_v4_pcam.xml.parity.json').read_text())['passed'] is True

@@ -55,7 +55,7 @@ class PipelineConfig:
     tta: int = 1
     seed: int = 0
     workers: int = 2
-    repo_id: str = 'timm-inception-pcam/inception_v4_pcam-synthetic-demo'
+    repo_id: str = 'your-hf-user/inception_v4_pcam-synthetic-demo'  # not the project's org: a user's demo upload
     export: bool = True
     overwrite: bool = False
     progress: bool = True
@@ -229,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--seed', type=int, default=d.seed)
     p.add_argument('--workers', type=int, default=d.workers)
     p.add_argument('--repo-id', default=d.repo_id,
-                   help='Hub repo the prepared folder is meant for (nothing is uploaded)')
+                   help='Hub repo the prepared folder is meant for (nothing is uploaded; the printed publish command '
+                        'uploads there: put your Hub user or org in place of your-hf-user)')
     p.add_argument('--no-export', dest='export', action='store_false',
                    help='skip step 4: ONNX, FP16 ONNX, TensorRT, OpenVINO IR and Triton repository')
     p.add_argument('--progress', action=argparse.BooleanOptionalAction, default=d.progress, help='progress bars')
