@@ -368,3 +368,25 @@ def test_an_int8_export_leaves_the_cascade_to_auto(model, monkeypatch: pytest.Mo
     assert factory.auto_backend(model) == 'openvino_cascade'
     int8 = create_runner(model, batch_size=16).stages[0]
     assert int8.spec.extra['cache_hit'] is True and int8.spec.extra['calibration']['source'] == info['source']
+
+
+def test_int8_quantisation_does_not_warn_of_cuda_on_a_cpu_machine(tmp_path: Path) -> None:
+    """NNCF loads torch's extension builder, which logged "No CUDA runtime is found" on a CPU machine with a CUDA
+    toolkit (CUDA_HOME set) in the middle of an int8 export."""
+    import os
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip('the warning is only given where no CUDA device is usable')
+    code = ('import logging, numpy as np, timm, timm_inception_pcam\n'
+            'from timm_inception_pcam.inference.openvino_runner import convert_to_openvino\n'
+            'logging.basicConfig(level=logging.WARNING)\n'
+            'm = timm.create_model("inception_v4_pcam", depths=(1, 1, 1))\n'
+            'convert_to_openvino(m, "int8", np.zeros((8, 96, 96, 3), np.uint8))\n'
+            'import sys\n'
+            'print("converted", "torch.utils.cpp_extension" in sys.modules)\n')  # NNCF loaded it: the check counts
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, 'CUDA_HOME': str(tmp_path)})
+    assert proc.returncode == 0 and proc.stdout.strip().endswith('converted True'), proc.stderr
+    assert 'No CUDA runtime' not in proc.stderr

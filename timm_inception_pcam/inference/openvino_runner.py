@@ -179,8 +179,16 @@ def convert_to_openvino(model: Any, precision: str = 'fp32', calibration: np.nda
         batches = list(_batches(calibration, mean, std, 64))
         # Full bias correction (not NNCF's fast one): on the benchmark's inception_v4_pcam it cut the int8 margin
         # error near the threshold from 0.42 to 0.063 logits (90th percentile), for about twice the quantisation time.
-        ov_model = nncf.quantize(ov_model, nncf.Dataset(batches), subset_size=len(batches),  # items are batches
-                                 fast_bias_correction=False)
+        # NNCF loads torch's extension builder, which warns "No CUDA runtime is found" on a CPU machine that has a
+        # CUDA toolkit: nothing here uses CUDA.
+        cpp_extension_log = logging.getLogger('torch.utils.cpp_extension')
+        level = cpp_extension_log.level
+        cpp_extension_log.setLevel(logging.ERROR)
+        try:
+            ov_model = nncf.quantize(ov_model, nncf.Dataset(batches), subset_size=len(batches),  # items are batches
+                                     fast_bias_correction=False)
+        finally:
+            cpp_extension_log.setLevel(level)
     return ov_model
 
 
