@@ -143,11 +143,12 @@ def diverged_error(what: str, epoch: int, lr: float) -> TrainError:
 
 
 def training_loss(out: torch.Tensor | tuple, y: torch.Tensor, loss_fn: nn.Module, aux_weight: float) -> torch.Tensor:
-    """The main loss, plus `aux_weight` x each auxiliary classifier's when the model returns `(logits, aux)`."""
+    """The main loss, plus `aux_weight` x each auxiliary classifier's when the model returns `(logits, aux)`;
+    computed in float32 (CPU autocast leaves a bf16 log-softmax in bf16)."""
     if isinstance(out, tuple):
         logits, aux = out
-        return loss_fn(logits, y) + aux_weight * sum(loss_fn(a, y) for a in aux)
-    return loss_fn(out, y)
+        return loss_fn(logits.float(), y) + aux_weight * sum(loss_fn(a.float(), y) for a in aux)
+    return loss_fn(out.float(), y)
 
 
 def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
@@ -208,7 +209,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
 @torch.no_grad()
 def predict(model: nn.Module, loader: Iterable, device: torch.device, amp_dtype: torch.dtype | None,
             channels_last: bool, desc: str = 'valid', show: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, probability of class 1) over `loader`."""
+    """(labels, probability of class 1) over `loader`. The features come under autocast, the head runs in
+    float32: bf16 logits round near-equal patches to one score (early in training every validation AUC read 0.5)."""
     model.eval()
     autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext())
     labels, probs = [], []
@@ -217,7 +219,8 @@ def predict(model: nn.Module, loader: Iterable, device: torch.device, amp_dtype:
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast:
-            logits = model(x)
+            features = model.forward_features(x)
+        logits = model.forward_head(features.float())
         probs.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu())
         labels.append(torch.as_tensor(y))
     return torch.cat(labels).numpy(), torch.cat(probs).double().numpy()
