@@ -52,11 +52,10 @@ def _make_run(root: Path, arch: str, seed: int) -> dict[str, Any]:
     torch.manual_seed(seed)
     model = timm.create_model(arch, num_classes=2, **MODEL_KWARGS[arch])
     _randomise_bn(model, seed)
+    recipe = {'train_args': {'lr': 0.01, 'epochs': 30, 'opt': 'adamw', 'data_dir': '/private/pcam'}} \
+        if arch == 'inception_v4_pcam' else {}  # the trainer's model_best.pth records its run's recipe
     ckpt = save_checkpoint(root / 'model_best.pth', model, arch=arch, model_kwargs=MODEL_KWARGS[arch], epoch=7,
-                           metrics={'val_roc_auc': 0.9}, weights='model', selection='val_roc_auc')
-    if arch == 'inception_v4_pcam':  # the trainer's last.pth beside model_best.pth records the recipe
-        save_checkpoint(root / 'last.pth', model, arch=arch, model_kwargs=MODEL_KWARGS[arch], epoch=9,
-                        train_args={'lr': 0.01, 'epochs': 30, 'opt': 'adamw', 'data_dir': '/private/pcam'})
+                           metrics={'val_roc_auc': 0.9}, weights='model', selection='val_roc_auc', **recipe)
     rng = np.random.default_rng(seed)
     colours = {'roc': (200, 0, 0), 'pr': (0, 200, 0), 'confusion': (0, 0, 200)}
     for name, colour in colours.items():

@@ -684,3 +684,37 @@ def test_validation_preprocessing_is_preprocess_patches(pcam_dir) -> None:
     assert np.array_equal(x.numpy(), want) and np.array_equal(y.numpy(), labels)
     assert not np.array_equal(torch.stack([create_pcam_transform(is_training=True)(p) for p in patches]).numpy(),
                               want), 'training augments'
+
+
+def test_bf16_validation_scores_do_not_tie(pcam_dir) -> None:
+    """Early in training the two logits are near-equal: in bf16 every validation patch got one score (AUC exactly
+    0.5, the wrong best epoch). The head runs in float32: the scores are float32's to bf16 feature rounding."""
+    from timm_inception_pcam.data import PCamDataset
+    from timm_inception_pcam.train.loop import _preprocessed_batch, predict
+
+    torch.manual_seed(0)
+    model = timm.create_model('inception_v4_pcam', depths=(1, 1, 1)).eval()  # untrained: probabilities ~1e-5 apart
+
+    ds = PCamDataset(pcam_dir, 'valid')
+    loader = [_preprocessed_batch([ds[i] for i in range(j, j + 8)]) for j in range(0, 24, 8)]
+    cpu = torch.device('cpu')
+    labels, fp32 = predict(model, loader, cpu, None, False, show=False)
+    _, bf16 = predict(model, loader, cpu, torch.bfloat16, False, show=False)
+    assert len(np.unique(fp32)) >= 20 and len(np.unique(bf16)) >= 20  # bf16 end to end: one value
+    np.testing.assert_allclose(bf16, fp32, atol=1e-6)
+
+
+def test_loss_is_float32_under_bf16_autocast() -> None:
+    """CPU autocast kept label smoothing's log-softmax in bf16 (losses logged as 0.65869140625)."""
+    from timm.loss import LabelSmoothingCrossEntropy
+
+    from timm_inception_pcam.train.loop import training_loss
+
+    logits = torch.randn(8, 2)
+    y = torch.randint(0, 2, (8,))
+    for loss_fn in (LabelSmoothingCrossEntropy(0.1), torch.nn.CrossEntropyLoss()):
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            loss = training_loss(logits.bfloat16(), y, loss_fn, 0.0)
+            aux = training_loss((logits.bfloat16(), (logits.bfloat16(),)), y, loss_fn, 0.3)
+        assert loss.dtype == aux.dtype == torch.float32
+        assert torch.allclose(aux, 1.3 * loss)

@@ -4,12 +4,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 
 from timm_inception_pcam.checkpoint import load_model, model_kwargs_of, read_checkpoint
 from timm_inception_pcam.errors import cli
 from timm_inception_pcam.models._common import is_aux_key
-from timm_inception_pcam.train import TrainConfig, main, train
+from timm_inception_pcam.train import TrainConfig, TrainError, main, train
 from timm_inception_pcam.train.loop import training_loss
 
 
@@ -59,8 +60,19 @@ def test_googlenet_trains_with_aux_heads_and_evaluates_and_exports_without(pcam_
 
     x = np.random.default_rng(0).integers(0, 255, (4, 96, 96, 3), dtype=np.uint8)
     np.testing.assert_allclose(create_runner(onnx).logits(x), create_runner(model, 'eager').logits(x), atol=1e-4)
+    best = read_checkpoint(result.best_checkpoint)  # timm's scripts load it strictly into the plain model
+    assert not any(is_aux_key(k) for k in best['state_dict']) and best['train_args']['aux_weight'] == 0.3
+    timm.create_model('googlenet_pcam', num_classes=2).load_state_dict(best['state_dict'], strict=True)
+    for weight, hint in ((0.0, 'resume it with an --aux-weight above 0'), (None, None)):
+        if weight is not None:  # switching the heads off: one line, not load_state_dict's traceback
+            with pytest.raises(TrainError, match=f'trained with --aux-weight 0.3; {hint}'):
+                train(_config(pcam_dir, tmp_path / 'run', aux_weight=weight, epochs=2,
+                              resume=result.last_checkpoint))
     resumed = train(_config(pcam_dir, tmp_path / 'run', aux_weight=0.3, epochs=2, resume=result.last_checkpoint))
     assert len(resumed.history) == 2  # the aux heads' weights went through last.pth and back
+    plain = train(_config(pcam_dir, tmp_path / 'plain'))
+    with pytest.raises(TrainError, match='trained with --aux-weight 0; resume it with --aux-weight 0'):
+        train(_config(pcam_dir, tmp_path / 'plain', aux_weight=0.3, epochs=2, resume=plain.last_checkpoint))
 
 
 def test_aux_weight_on_a_model_without_aux_heads_is_one_line(pcam_dir, tmp_path, capsys) -> None:

@@ -255,14 +255,17 @@ def save_checkpoint(
         *,
         arch: str,
         model_kwargs: Mapping[str, Any] | None = None,
+        aux_heads: bool = True,
         **extra: Any,
 ) -> Path:
     """Write a weights-only-loadable checkpoint atomically ('.safetensors' suffix: weights + metadata only).
 
-    `extra` may hold tensors, numbers, strings and (nested) lists/dicts of them: e.g. optimizer state, epoch,
-    metrics, 'state_dict_ema'.
+    `aux_heads=False` leaves auxiliary classifiers out: the file loads strictly into the model without them (timm's
+    scripts). `extra` may hold tensors, numbers, strings and (nested) lists/dicts of them: e.g. optimizer state,
+    epoch, metrics, 'state_dict_ema'.
     """
-    state_dict = {k: v.detach().cpu().contiguous() for k, v in _strip_prefixes(model.state_dict()).items()}
+    state_dict = {k: v.detach().cpu().contiguous() for k, v in _strip_prefixes(model.state_dict()).items()
+                  if aux_heads or not is_aux_key(k)}
     for k, v in state_dict.items():
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
             raise CheckpointError(f'{path}: refusing to save non-finite values in {k}')

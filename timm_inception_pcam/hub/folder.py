@@ -117,17 +117,9 @@ def _copy_onnx(info: Mapping[str, Any], folder: Path) -> None:
         shutil.copyfile(src, folder / location)
 
 
-def _train_args(meta: Mapping[str, Any], checkpoint: Path) -> dict[str, Any]:
-    """Training arguments from the checkpoint, else from the run's last.pth beside it; machine-local ones dropped."""
+def _train_args(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The training arguments the checkpoint records (the trainer's files do), machine-local ones dropped."""
     args = meta.get('train_args')
-    if not isinstance(args, dict):
-        sibling = checkpoint.parent / 'last.pth'
-        if sibling.is_file() and sibling.resolve() != checkpoint.resolve():
-            from ..checkpoint import read_checkpoint
-            try:
-                args = read_checkpoint(sibling).get('train_args')
-            except Exception:  # an unreadable sibling only costs the recipe section
-                args = None
     if not isinstance(args, dict):
         return {}
     return {k: v for k, v in args.items()
@@ -299,7 +291,7 @@ def build_hub_folder(cfg: FolderConfig, log: Callable[[str], None] = print) -> d
         }
         card = render_card(
             repo_id=cfg.repo_id, arch=arch, report=report, provenance=provenance, training=training, meta=meta,
-            train_args=_train_args(meta, cfg.checkpoint), model_args=config.get('model_args', {}),
+            train_args=_train_args(meta), model_args=config.get('model_args', {}),
             data_cfg=expected_data, plots=plots, onnx_info=onnx_info,
             num_params=sum(p.numel() for p in model.parameters()), hashes=hashes, dataset_id=cfg.dataset_id,
             license_id=cfg.license_id, base_model=cfg.base_model)

@@ -32,7 +32,7 @@ _SCHEDULE = ('epochs', 'lr', 'sched', 'sched_on_updates', 'warmup_epochs', 'warm
              'decay_rate', 'batch_size', 'steps_per_epoch', 'limit_train')
 _RUN_ARGS = (*_SCHEDULE, 'opt', 'opt_eps', 'opt_betas', 'momentum', 'weight_decay', 'clip_grad', 'clip_mode',
              'smoothing', 'drop', 'drop_path', 'model_ema_decay', 'seed', 'precision', 'limit_val', 'train_split',
-             'val_split')
+             'val_split', 'aux_weight')
 
 
 def seed_everything(seed: int) -> None:
@@ -80,6 +80,11 @@ def check_resume(ckpt: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
         raise TrainError(f'--resume {path}: the checkpoint has {saved.get("num_classes")} classes, '
                          f'--num-classes is {cfg.num_classes}')
     ours = cfg.record()
+    was = float(saved.get('aux_weight') or 0)
+    if (was > 0) != (cfg.aux_weight > 0):  # the auxiliary classifiers' weights are in last.pth or not
+        raise TrainError(f'--resume {path}: the run was trained with --aux-weight {was:g}; resume it with '
+                         f'{"an --aux-weight above 0" if was > 0 else "--aux-weight 0"} (the auxiliary classifiers '
+                         f'are {"part" if was > 0 else "not part"} of its state)')
     if saved.get('model_kwargs') != ours['model_kwargs']:
         raise TrainError(f'--resume {path}: the checkpoint was built with --model-kwargs {saved.get("model_kwargs")}, '
                          f'not {ours["model_kwargs"]}')
@@ -147,9 +152,11 @@ class RunState:
         metrics = {k: v for k, v in self.history[-1].items() if isinstance(v, (int, float)) and v is not None}
         if best is not None:
             net, tag = best
-            save_checkpoint(out_dir / BEST_NAME, net, arch=self.arch, model_kwargs=self.model_kwargs, epoch=epoch,
-                            metrics=metrics, weights=tag, best_metric=self.best_metric, selection='val_roc_auc',
-                            train_state=TRAIN_STATE['best'], data_provenance=self.data_provenance)
+            # no auxiliary classifiers (training-only): timm's scripts load the file strictly into the plain model
+            save_checkpoint(out_dir / BEST_NAME, net, arch=self.arch, model_kwargs=self.model_kwargs,
+                            aux_heads=False, epoch=epoch, metrics=metrics, weights=tag, best_metric=self.best_metric,
+                            selection='val_roc_auc', train_state=TRAIN_STATE['best'],
+                            data_provenance=self.data_provenance, train_args=cfg.record())
         extra: dict[str, Any] = {
             'train_state': TRAIN_STATE['last'], 'epoch': epoch, 'num_updates': self.num_updates, 'metrics': metrics,
             'data_provenance': self.data_provenance,
