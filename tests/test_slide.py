@@ -334,6 +334,16 @@ def test_bf16_checked_keeps_float32_decisions_at_the_listing_threshold(probe_che
     assert sorted(checked.thresholds) == [0.3, 0.5]  # 1.0 decides nothing: no check needed
 
 
+@pytest.mark.parametrize('backend', ['eager', 'openvino_fp32', 'openvino_bf16_checked'])
+def test_every_backend_of_a_checkpoint_records_its_model(backend, probe_checkpoint):
+    """summary.json said "model": null for a checkpoint on OpenVINO (auto on CPUs with bf16), eager's name."""
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        _, info = _make_runner(stack, None, str(probe_checkpoint), backend, 8)
+    assert info['model'] == 'inception_v4_pcam' and info['backend'] == backend
+
+
 def test_exported_files_keep_the_checkpoints_training_data(probe_checkpoint, tmp_path):
     """A slide scored with the ONNX export or the OpenVINO IR of a checkpoint trained on synthetic data says so (it
     said 'unknown': the export kept the checkpoint's sha256, not its provenance); the sidecars record it too."""

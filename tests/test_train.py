@@ -212,7 +212,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(pcam_dir, finished_run, 
     args = [a for a in quick_args(pcam_dir, tmp_path / 'killed', *EPOCHS) if a != '--no-pretrained']
     proc = subprocess.Popen([sys.executable, '-m', 'timm_inception_pcam.train', *args], env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(tmp_path / 'killed' / LAST_NAME, proc)
+    # log.csv is the epoch's last write (a SIGKILL in the middle of a write leaves its temporary file behind)
+    _wait_for(tmp_path / 'killed' / LOG_CSV, proc)
     proc.send_signal(signal.SIGKILL)
     _, err = proc.communicate()
     assert proc.returncode == -signal.SIGKILL

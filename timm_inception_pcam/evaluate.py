@@ -43,9 +43,9 @@ from .data import PCamDataset
 from .data.files import normalize_split, split_paths
 from .data.provenance import folder_provenance
 from .errors import ArgumentParser, CheckpointError, DataError, InferenceError, UsageError, check_range, cli
+from .inference.base import model_name_of
 from .inference.check import DecisionCheck, Settler
 from .inference.factory import BACKENDS, artefact_kind, create_runner, resolve
-from .inference.torch_runner import model_name_of
 from .inference.tta import MAX_TTA, view_probabilities
 from .metrics import (
     THRESHOLD_METHODS,

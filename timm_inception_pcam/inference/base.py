@@ -13,7 +13,7 @@ from ..constants import LABEL_NAMES, PCAM_INPUT_SIZE, PCAM_MEAN, PCAM_STD
 from ..errors import InferenceError, UsageError
 
 __all__ = ['Runner', 'RunnerSpec', 'softmax', 'probabilities', 'label_names_for', 'collect_logits',
-           'check_normalization']
+           'check_normalization', 'model_name_of']
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,11 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def probabilities(runner: Runner, patches: np.ndarray) -> np.ndarray:
     """uint8 (N, 96, 96, 3) NHWC patches -> float32 class probabilities (N, num_classes): softmax of the logits."""
     return softmax(runner.logits(patches).astype(np.float64)).astype(np.float32)
+
+
+def model_name_of(model: Any) -> str | None:
+    """The registered architecture of a timm model (its pretrained_cfg), None for other modules."""
+    return (getattr(model, 'pretrained_cfg', None) or {}).get('architecture')
 
 
 def label_names_for(num_classes: int) -> tuple[str, ...]:

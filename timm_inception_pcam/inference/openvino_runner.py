@@ -43,7 +43,7 @@ from ..constants import PCAM_INPUT_SIZE, PCAM_MEAN, PCAM_STD
 from ..errors import InferenceError, UsageError
 from ..preprocess import batch_slices, check_patches, model_normalization, preprocess_patches
 from ..storage import atomic_write_json, file_sha256
-from .base import RunnerSpec, check_normalization
+from .base import RunnerSpec, check_normalization, model_name_of
 
 if TYPE_CHECKING:
     from export.spec import IOSpec
@@ -365,7 +365,7 @@ class OpenVINORunner:
                                                 Path(cache_dir) if cache_dir else None, weights_digest,
                                                 calibration_sha256, self._core)
             source = 'module'
-            extra.update(cache_info)
+            extra.update(cache_info, model=model_name_of(model))
         config: dict[str, Any] = {'INFERENCE_PRECISION_HINT': _HINTS[precision], 'PERFORMANCE_HINT': hint.upper()}
         if threads:
             config['INFERENCE_NUM_THREADS'] = int(threads)

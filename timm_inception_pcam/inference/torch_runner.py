@@ -24,10 +24,9 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from ..errors import UsageError
 from ..precision import autocast_dtype, parse_precision
 from ..preprocess import batch_slices, check_patches, model_normalization, preprocess_patches
-from .base import RunnerSpec, check_normalization, collect_logits, label_names_for
+from .base import RunnerSpec, check_normalization, collect_logits, label_names_for, model_name_of
 
-__all__ = ['TORCH_BACKENDS', 'TorchRunner', 'check_model_device', 'fold_batchnorm', 'resolve_device',
-           'model_name_of']
+__all__ = ['TORCH_BACKENDS', 'TorchRunner', 'check_model_device', 'fold_batchnorm', 'resolve_device']
 
 TORCH_BACKENDS = ('eager', 'channels_last', 'bf16', 'compile', 'compile_bf16')
 BF16_WEIGHTS = ('bf16', 'compile_bf16')
@@ -71,11 +70,6 @@ def check_model_device(model: nn.Module, device: torch.device) -> None:
     if found - {'cpu', device.type}:
         raise UsageError(f'the model has parameters on {sorted(found)}, but device {device} was asked for '
                          f'(move it with model.to({str(device)!r}))')
-
-
-def model_name_of(model: nn.Module) -> str | None:
-    """The registered architecture of a timm model (its pretrained_cfg), None for other modules."""
-    return (getattr(model, 'pretrained_cfg', None) or {}).get('architecture')
 
 
 @contextlib.contextmanager
