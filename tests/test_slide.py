@@ -455,3 +455,38 @@ def test_module_commands_exit_2_without_traceback(module, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f'slide: error: {tmp_path / "missing.svs"}: slide file not found']
+
+
+def test_sigterm_saves_progress_and_releases_the_folder(synthetic, probe_checkpoint, tmp_path, capsys):
+    """SIGTERM (timeout, SLURM's scancel or preemption) is handled as Ctrl-C: the finished rows are saved for
+    --resume and the lock is released (it ended with nothing saved and a stale .lock, exit 143 without a word)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    slow = ('import sys, time\n'
+            'import timm_inception_pcam.inference as inference\n'
+            'real = inference.probabilities\n'
+            'inference.probabilities = lambda runner, patches: (time.sleep(0.3), real(runner, patches))[1]\n'
+            'from timm_inception_pcam.errors import cli\n'
+            'from timm_inception_pcam.wsi.cli import main\n'
+            'sys.exit(cli(main, "slide"))\n')
+    out = tmp_path / 'run'
+    args = [str(synthetic['path']), '--checkpoint', str(probe_checkpoint), '--backend', 'eager', '-b', '4',
+            '--out', str(out), '--no-progress']
+    proc = subprocess.Popen([sys.executable, '-c', slow, *args, '--save-every', '0'], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, 'HF_HUB_OFFLINE': '1'})
+    deadline = time.monotonic() + 240
+    while not (out / outputs.PROGRESS_NAME).exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, 'no progress saved'
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1].startswith('slide: terminated (SIGTERM); nothing half-written')
+    assert sorted(p.name for p in out.iterdir()) == [outputs.PROGRESS_NAME]  # no lock, no summary
+    main([*args, '--resume'])
+    assert 'slide: resuming synthetic.tif at row ' in capsys.readouterr().out  # not from the start
+    assert (out / 'summary.json').is_file() and not (out / '.lock').exists()

@@ -11,17 +11,20 @@ import errno
 import logging
 import math
 import re
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 __all__ = [
     'PCamError', 'UsageError', 'DataError', 'MissingFileError', 'TransferError', 'CheckpointError', 'ExportError',
-    'InferenceError', 'OutputError', 'OutputExistsError', 'ArgumentParser', 'cli', 'check_range',
+    'InferenceError', 'OutputError', 'OutputExistsError', 'Terminated', 'ArgumentParser', 'cli', 'check_range',
 ]
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 128 + signal.SIGTERM
 _REFUSED = {  # errno -> what was expected of the path
     errno.EACCES: 'expected a path this user may use', errno.EPERM: 'expected a path this user may use',
     errno.EROFS: 'expected a writable file system', errno.ENOSPC: 'free some space or choose another location',
@@ -127,10 +130,19 @@ def check_range(name: str, value: float | int | None, low: float | None = None, 
 OWN_LOGGERS = ('timm_inception_pcam', 'export', 'benchmarks', '__main__')
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`timeout`, SLURM's scancel or preemption, Kubernetes, Ray) raised in the main thread: every
+    `except KeyboardInterrupt` / `finally` path (progress saved, staging removed, lock released) runs as for Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def cli(main: Callable[[Sequence[str] | None], Any], prog: str,
         argv: Sequence[str] | None = None) -> int:
     """Run `main(argv)`: a PCamError or a refused path becomes `prog: error: message` on stderr and exit 2; Ctrl-C
-    exits 130.
+    exits 130, SIGTERM 143, each after the same clean-up.
 
     An int returned by `main` is the exit status (e.g. export.trt's 3: no GPU here); anything else means 0.
     """
@@ -138,6 +150,16 @@ def cli(main: Callable[[Sequence[str] | None], Any], prog: str,
         logging.basicConfig(level=logging.WARNING, format='%(message)s', stream=sys.stderr)
         for name in OWN_LOGGERS:
             logging.getLogger(name).setLevel(logging.INFO)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
+    try:
+        return _run(main, prog, argv)
+    finally:
+        if in_main_thread and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(main: Callable[[Sequence[str] | None], Any], prog: str, argv: Sequence[str] | None) -> int:
     try:
         result = main(argv)
     except PCamError as e:
@@ -149,8 +171,9 @@ def cli(main: Callable[[Sequence[str] | None], Any], prog: str,
             raise
         print(f'{prog}: error: {e.filename}: {e.strerror}; {_REFUSED[e.errno]}', file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f'{prog}: interrupted; nothing half-written was left visible (rerun to resume or replace)',
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, Terminated)
+        print(f'{prog}: {"terminated (SIGTERM)" if terminated else "interrupted"}; nothing half-written was left '
+              f'visible (what was saved is kept: commands with --resume continue from it)', file=sys.stderr)
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
