@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from timm_inception_pcam.errors import ArgumentParser, ExportError, OutputExistsError, UsageError, check_range, cli
-from timm_inception_pcam.storage import file_sha256
+from timm_inception_pcam.storage import file_sha256, staging_dir
 
 from .onnx import add_model_args, check_name, load_export_model, load_patches, source_record, torch_logits
 from .spec import ONNX_METADATA_KEY, IOSpec, softmax
@@ -249,6 +248,9 @@ def build_repository(model: Any, repository: Path, *, model_name: str, checkpoin
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown or not formats:
         raise UsageError(f'--formats {",".join(formats)}: expected a comma-separated subset of {",".join(FORMATS)}')
+    if plans and 'tensorrt' not in formats:
+        raise UsageError(f'--plan {plans[0]}: a TensorRT plan is served only with tensorrt in --formats (e.g. '
+                         f'--formats {",".join([*formats, "tensorrt"])})')
     if set(formats) == {'tensorrt'} and not plans:
         raise UsageError('--formats tensorrt without --plan: nothing to write; build the plan on the GPU machine from '
                          'the serving ONNX (--formats onnx,tensorrt writes it), then pass it with --plan')
@@ -260,8 +262,7 @@ def build_repository(model: Any, repository: Path, *, model_name: str, checkpoin
             raise OutputExistsError(f'{repository}: holds a finished repository; pass --overwrite to replace it')
     # The plans and their sidecars are checked before the (minutes-long) export, not found wanting after it.
     by_cc = _plan_files(plans, len(IOSpec().label_names)) if 'tensorrt' in formats and plans else {}
-    repository.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{repository.name}.', suffix='.partial', dir=repository.parent))
+    tmp = staging_dir(repository.parent, repository.name)
     written: dict[str, Any] = {'models': {}, 'skipped': {}}
     try:
         onnx_name = f'{model_name}_onnx'

@@ -1,6 +1,7 @@
 """Triton model repository: layout, configs parsed by Triton's own protobuf schema and checked against the model
 files, TensorRT plans mapped per compute capability, and a client round trip against a KServe v2 stand-in."""
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,12 @@ def test_layout_and_configs_validate(repository) -> None:
             == ('input', 'TYPE_UINT8', [96, 96, 3])
         assert (config.output[0].name, list(config.output[0].dims)) == (OUTPUT_NAME, [2])
     assert not [p for p in root.parent.iterdir() if p.name.endswith('.partial')]
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for folder in (root, root / 'tiny_onnx', root / 'tiny_onnx' / '1'):  # the top folder was left 0700 (mkdtemp's)
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask, folder
 
 
 def test_config_validation_catches_mistakes() -> None:
@@ -201,6 +208,11 @@ def test_tensorrt_without_a_plan_says_how_to_get_one(model, tmp_path: Path) -> N
     out = tmp_path / 'repo'
     with pytest.raises(UsageError, match='--formats tensorrt without --plan: nothing to write'):
         build_repository(model, out, model_name='tiny', checkpoint=None, formats=['tensorrt'])
+    assert not out.exists() and not list(tmp_path.iterdir())
+    with pytest.raises(UsageError, match=r'a TensorRT plan is served only with tensorrt in --formats \(e\.g\. '
+                                         r'--formats onnx,tensorrt\)'):  # it was ignored, exit 0
+        build_repository(model, out, model_name='tiny', checkpoint=None, formats=['onnx'],
+                         plans=[tmp_path / 'x.plan'])
     assert not out.exists() and not list(tmp_path.iterdir())
     result = build_repository(model, out, model_name='tiny', checkpoint=None, formats=['openvino', 'tensorrt'])
     assert result['models'] == {'tiny_openvino': 'openvino'} and not (out / 'tiny_onnx').exists()

@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import OutputError
 
-__all__ = ['atomic_path', 'atomic_write_bytes', 'atomic_write_json', 'staged_outputs', 'file_sha256',
+__all__ = ['atomic_path', 'atomic_write_bytes', 'atomic_write_json', 'staging_dir', 'staged_outputs', 'file_sha256',
            'check_output_folder', 'claim_output_dir', 'remove_path']
 
 
@@ -47,6 +47,15 @@ def atomic_path(path: str | os.PathLike, suffix: str = '') -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def staging_dir(parent: str | os.PathLike, name: str) -> Path:
+    """A new hidden folder `.NAME.XXXXXXXX.partial` in `parent` (created) for a folder renamed onto `parent/NAME`
+    when complete, with the usual umask-based mode (mkdtemp's 0700 made such a folder unreadable to other users)."""
+    Path(parent).mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f'.{name}.', suffix='.partial', dir=parent))
+    folder.chmod(0o777 & ~_UMASK)
+    return folder
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..constants import LABEL_NAMES, PCAM_INPUT_SIZE, PCAM_MEAN, PCAM_STD
 from ..errors import OutputError
-from ..storage import atomic_write_json, file_sha256
+from ..storage import atomic_write_json, file_sha256, staging_dir
 from .card import DEFAULT_DATASET_ID, render_card, training_description
 from .report import (
     CARD_METRICS,
@@ -256,7 +256,7 @@ def build_hub_folder(cfg: FolderConfig, log: Callable[[str], None] = print) -> d
                           f'folder') from e
 
     log(f'[3/5] writing {target}')
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{cfg.name}.', suffix='.partial', dir=cfg.output))
+    tmp = staging_dir(cfg.output, cfg.name)
     try:
         os.chmod(tmp, 0o755)
         pretrained_cfg = {

@@ -31,7 +31,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -42,7 +41,7 @@ import numpy as np
 from ..constants import PCAM_INPUT_SIZE, PCAM_MEAN, PCAM_STD
 from ..errors import InferenceError, UsageError
 from ..preprocess import batch_slices, check_patches, model_normalization, preprocess_patches
-from ..storage import atomic_write_json, file_sha256
+from ..storage import atomic_write_json, file_sha256, staging_dir
 from .base import RunnerSpec, check_normalization, model_name_of
 
 if TYPE_CHECKING:
@@ -278,8 +277,7 @@ def cached_model(model: Any, precision: str, calibration: np.ndarray | None = No
     if precision == 'int8':
         calib = {'n': int(len(calibration)), 'sha256': key_parts['calibration_sha256'],
                  **dict(calibration_info or {})}
-    cache_root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{key}.', suffix='.partial', dir=cache_root))
+    tmp = staging_dir(cache_root, key)
     try:
         _openvino().save_model(ov_model, str(tmp / 'model.xml'), compress_to_fp16=False)
         (tmp / 'meta.json').write_text(json.dumps({**key_parts, 'calibration': calib}, indent=2) + '\n')
