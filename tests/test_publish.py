@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from timm.data import resolve_data_config
 
 from timm_inception_pcam import errors, hub
-from timm_inception_pcam.checkpoint import read_checkpoint, save_checkpoint
+from timm_inception_pcam.checkpoint import load_model, read_checkpoint, save_checkpoint
 from timm_inception_pcam.constants import LABEL_NAMES, PCAM_MEAN, PCAM_STD
 from timm_inception_pcam.data.provenance import provenance_of
 from timm_inception_pcam.hub import OFFICIAL_REPOS, PublishError, main
@@ -385,26 +385,54 @@ def test_refuses_unreadable_onnx(runs: dict, tmp_path: Path) -> None:
     bad_onnx.write_bytes(b'not a protobuf at all' * 10)
     argv = _argv(runs['inception_v4_pcam'], tmp_path / 'out', f'{ORG}/x', '--dry-run', '--onnx', str(bad_onnx))
     _assert_refused(argv, tmp_path / 'out', 'broken.onnx: not a readable ONNX model')
+    empty = tmp_path / 'notes.onnx'
+    empty.write_bytes(b'')  # protobuf parses it as an empty model: it said "graph has 0 inputs and 0 outputs"
+    argv[-1] = str(empty)
+    _assert_refused(argv, tmp_path / 'out', r'notes.onnx: not an ONNX model \(no graph\)')
+
+
+def _export(checkpoint: Path, path: Path, **metadata: Any) -> Path:
+    """The checkpoint's model exported to ONNX, its weights in an external data file `<name>.data`."""
+    import onnx
+
+    from export.onnx import export_onnx
+
+    export_onnx(load_model(None, checkpoint), path, metadata=metadata or None)
+    onnx.save_model(onnx.load(str(path)), str(path), save_as_external_data=True, location=f'{path.name}.data')
+    return path
+
+
+def test_onnx_of_another_checkpoint_is_refused(runs: dict, tmp_path: Path) -> None:
+    """The published model.onnx must be the published weights: it was only checked for inputs and outputs (an ONNX
+    of another checkpoint of the same architecture differed by 0.12 in the logits, published side by side)."""
+    v4 = runs['inception_v4_pcam']
+    other = tmp_path / 'other.pth'
+    model = load_model(None, v4['checkpoint'])
+    with torch.no_grad():
+        model.get_classifier().weight[1].add_(0.05)  # a later epoch, say
+    save_checkpoint(other, model, arch='inception_v4_pcam', model_kwargs=MODEL_KWARGS['inception_v4_pcam'])
+    onnx_file = _export(other, tmp_path / 'other.onnx')
+    argv = _argv(v4, tmp_path / 'out', f'{ORG}/x', '--dry-run', '--onnx', str(onnx_file))
+    _assert_refused(argv, tmp_path / 'out', r"other.onnx: its probabilities differ from the published weights' by")
+    recorded = _export(other, tmp_path / 'recorded.onnx', checkpoint_sha256=file_sha256(other))
+    argv[-1] = str(recorded)
+    _assert_refused(argv, tmp_path / 'out', r'recorded.onnx: exported from another checkpoint \(sha256 ')
 
 
 def test_onnx_with_external_data_is_published(runs: dict, tmp_path: Path) -> None:
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import numpy_helper
 
-    weight = numpy_helper.from_array(np.arange(6, dtype=np.float32).reshape(3, 2), 'w')
-    graph = helper.make_graph(
-        [helper.make_node('MatMul', ['input', 'w'], ['logits'])], 'g',
-        [helper.make_tensor_value_info('input', TensorProto.FLOAT, ['batch', 3])],
-        [helper.make_tensor_value_info('logits', TensorProto.FLOAT, ['batch', 2])], [weight])
     src = tmp_path / 'export'
     src.mkdir()
-    onnx.save_model(helper.make_model(graph), str(src / 'tiny.onnx'), save_as_external_data=True,
-                    location='tiny.onnx.data', size_threshold=0)
-    result = main(_argv(runs['inception_v4_pcam'], tmp_path / 'out', f'{ORG}/x', '--dry-run', '--onnx',
-                        str(src / 'tiny.onnx')))
+    run = runs['inception_v4_pcam']
+    onnx_file = _export(run['checkpoint'], src / 'tiny.onnx', checkpoint_sha256=file_sha256(run['checkpoint']))
+    result = main(_argv(run, tmp_path / 'out', f'{ORG}/x', '--dry-run', '--onnx', str(onnx_file)))
     assert {'model.onnx', 'tiny.onnx.data'} <= set(result['files'])
     loaded = onnx.load(str(Path(result['folder']) / 'model.onnx'))
-    assert np.array_equal(numpy_helper.to_array(loaded.graph.initializer[0]), numpy_helper.to_array(weight))
+    source = onnx.load(str(onnx_file))
+    assert all(np.array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+               for a, b in zip(loaded.graph.initializer, source.graph.initializer))
     assert '`tiny.onnx.data`' in (Path(result['folder']) / 'README.md').read_text()
 
 

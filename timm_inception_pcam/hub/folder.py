@@ -191,6 +191,38 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
         raise PublishError(str(e)) from e
 
 
+ONNX_PARITY_SAMPLES, ONNX_PARITY_TOLERANCE = 32, 5e-3  # seeded random patches; max |probability difference|
+# (an FP16 export stays well within it; the same architecture from another checkpoint of a run does not)
+
+
+def _check_onnx_is_the_model(onnx_path: Path, model: Any, checkpoint: Path, checkpoint_sha: str) -> None:
+    """PublishError unless the ONNX file is the model being published: the checkpoint it records (export.onnx's
+    metadata) and its probabilities on seeded random patches against PyTorch's."""
+    import numpy as np
+
+    from ..inference import create_runner, probabilities
+
+    runner = create_runner(onnx_path, 'onnxruntime', precision='fp32')
+    try:
+        recorded = runner.spec.extra.get('checkpoint_sha256')
+        if recorded and recorded != checkpoint_sha:
+            raise PublishError(f'{onnx_path}: exported from another checkpoint (sha256 {recorded[:12]}..., '
+                               f'{checkpoint} is {checkpoint_sha[:12]}...); export this checkpoint to publish it')
+        patches = np.random.default_rng(0).integers(0, 256, (ONNX_PARITY_SAMPLES, 96, 96, 3), dtype=np.uint8)
+        served = probabilities(runner, patches)
+    finally:
+        runner.close()
+    reference = create_runner(model, 'eager')
+    try:
+        diff = float(np.abs(served.astype(np.float64) - probabilities(reference, patches)).max())
+    finally:
+        reference.close()
+    if not diff <= ONNX_PARITY_TOLERANCE:
+        raise PublishError(f'{onnx_path}: its probabilities differ from the published weights\' by {diff:.3g} (allowed '
+                           f'{ONNX_PARITY_TOLERANCE:g}) on {ONNX_PARITY_SAMPLES} random patches: exported from '
+                           f'another checkpoint, or with other --use-ema, than {checkpoint}')
+
+
 def _load_checked(cfg: FolderConfig, report: Mapping[str, Any], meta: dict[str, Any]) -> tuple[Any, str]:
     """(model, architecture) of the checkpoint (`meta`: its contents) after the architecture, weights and class
     checks."""
@@ -237,6 +269,8 @@ def build_hub_folder(cfg: FolderConfig, log: Callable[[str], None] = print) -> d
 
     log(f'[2/5] loading {cfg.checkpoint}')
     model, arch = _load_checked(cfg, report, meta)
+    if cfg.onnx is not None:
+        _check_onnx_is_the_model(cfg.onnx, model, cfg.checkpoint, checkpoint_sha)
     provenance, training = report_provenance(report), provenance_of(meta.get('data_provenance'))
 
     # normalisation: what the evaluation used > explicit > the checkpoint's config > PCam statistics

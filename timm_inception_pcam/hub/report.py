@@ -209,6 +209,8 @@ def inspect_onnx(onnx_path: Path) -> dict[str, Any]:
         if not path.is_file():
             raise PublishError(f'{onnx_path}: external data file {path} not found')
 
+    if not proto.graph.node:  # protobuf parses many other files as an empty model
+        raise PublishError(f'{onnx_path}: not an ONNX model (no graph); expected the .onnx written by export.onnx')
     if not proto.graph.input or not proto.graph.output:
         raise PublishError(f'{onnx_path}: graph has {len(proto.graph.input)} inputs and {len(proto.graph.output)} '
                            f'outputs, expected an image input and a logits output')
