@@ -188,7 +188,8 @@ def test_rmsproptf_paper_recipe_and_epoch_schedule(pcam_dir, tmp_path) -> None:
     assert groups[0]['alpha'] == 0.9 and groups[0]['eps'] == 1.0
     assert groups[0]['momentum'] == 0.9
     assert sorted(g['weight_decay'] for g in groups) == [0.0, 4e-5]  # none on biases and norms
-    assert summary.history[0]['lr'] == pytest.approx(0.045 * 0.94)  # stepped once, after epoch 0
+    assert summary.history[0]['lr'] == pytest.approx(0.045)  # the rate epoch 0 ran at (it logged the next one)
+    assert groups[0]['lr'] == pytest.approx(0.045 * 0.94)  # stepped once, after epoch 0
 
 
 # ----------------------------------------------------------------------------------------------- resume after a kill
@@ -435,10 +436,29 @@ def _exit_2_one_line(capsys, argv: list[str], *needles: str) -> str:
     (('--lr', 'inf'), ('--lr must be a finite number, got inf',)),
     (('--sched', 'nosuch'), ("--sched nosuch: Unknown scheduler 'nosuch'",)),
     (('--device', 'bogus'), ("--device 'bogus': expected cpu, cuda or cuda:N",)),
+    # tracebacks before: an unknown tag, a step schedule of period 0, one beta for adam, an empty argument name
+    (('--model', 'inception_v4_pcam.nosuch'), ("inception_v4_pcam has no pretrained tag 'nosuch' (its tags: ",)),
+    (('--sched', 'step', '--decay-epochs', '0'), ('--decay-epochs must be > 0',)),
+    (('--opt', 'adam', '--opt-betas', '0.9'), ('--opt adam --opt-betas 0.9: ',)),
+    # accepted silently before: a negative lr, a rising schedule, a string 'false' (true), a second class count
+    (('--decay-rate', '-1'), ('--decay-rate must be > 0 and <= 1',)),
+    (('--min-lr', '0.1', '--lr', '0.001'), ('--min-lr 0.1 is above --lr 0.001',)),
+    (('--model-kwargs', 'num_classes=3'), ('the class count is --num-classes',)),
 ])
 def test_bad_values_exit_2_with_one_line(pcam_dir, tmp_path, capsys, extra, needles) -> None:
     _exit_2_one_line(capsys, quick_args(pcam_dir, tmp_path / 'x', *extra), *needles)
     assert not (tmp_path / 'x').exists(), 'a refused run leaves no folder behind'
+
+
+@pytest.mark.parametrize('words, message', [
+    (['=1'], "--model-kwargs '=1': expected KEY=VALUE"),  # a TypeError traceback before
+    (['stem_stride=1', 'aux_logits=false'], "--model-kwargs 'aux_logits=false': values are Python literals: write "
+                                            "aux_logits=False"),  # the string 'false' built the heads
+])
+def test_model_kwargs_words_are_refused_by_the_parser(words, message, pcam_dir, tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        config_from_args(['--data-dir', str(pcam_dir), '--output', str(tmp_path / 'x'), '--model-kwargs', *words])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_output_naming_a_file_and_missing_data_exit_2(pcam_dir, tmp_path, capsys) -> None:
@@ -626,6 +646,10 @@ def test_resume_alone_continues_the_run_as_it_was_started(finished_run, pcam_dir
     assert any(r.getMessage().startswith(f'nothing to train: {run / LAST_NAME} has done all 3 epochs')
                for r in caplog.records)
     assert not any('epochs 3..2' in r.getMessage() for r in caplog.records)
+    elsewhere = main(['--resume', str(run / LAST_NAME), '--output', str(tmp_path / 'elsewhere'), '--epochs', '4',
+                      '--no-progress'])  # the best checkpoint it names is there (it was only in the first folder)
+    assert elsewhere.best_checkpoint is not None and elsewhere.best_checkpoint.is_file()
+    assert elsewhere.best_checkpoint.parent == tmp_path / 'elsewhere' and (run / LAST_NAME).read_bytes() == before
     with pytest.raises(SystemExit):  # without --resume, --data-dir is required as before
         config_from_args(['--output', str(run)])
     garbage = tmp_path / 'garbage.pth'

@@ -135,13 +135,18 @@ def _num_classes_of(state_dict: Mapping[str, torch.Tensor], classifier: str) -> 
 
 
 class ModelKwargsAction(ParseKwargs):
-    """timm's `--model-kwargs KEY=VALUE ...` (values read as Python literals); a word without '=' is a usage error."""
+    """timm's `--model-kwargs KEY=VALUE ...` (values read as Python literals, else kept as strings). A word without
+    a KEY= and a lower-case true / false / none (kept as a string, so 'false' counted as true) are usage errors."""
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:
-        bad = [v for v in values if v and '=' not in v]
-        if bad:
-            parser.error(f'{option_string} {bad[0]!r}: expected KEY=VALUE, e.g. depths=1,1,1')
+        for word in values:
+            key, eq, value = word.partition('=')
+            if word and not (eq and key.isidentifier()):
+                parser.error(f'{option_string} {word!r}: expected KEY=VALUE, e.g. depths=1,1,1')
+            if value.lower() in ('true', 'false', 'none', 'null') and value not in ('True', 'False', 'None'):
+                literal = {'true': 'True', 'false': 'False'}.get(value.lower(), 'None')
+                parser.error(f'{option_string} {word!r}: values are Python literals: write {key}={literal}')
         super().__call__(parser, namespace, values, option_string)
 
 
@@ -156,7 +161,12 @@ class ModelArgumentError(UsageError):
 
 def create_model(model_name: str, **kwargs: Any) -> nn.Module:
     """`timm.create_model`; an argument the model does not take raises ModelArgumentError (a usage error), pretrained
-    weights that cannot be had (not cached, offline, unreachable) WeightsUnavailableError."""
+    weights that cannot be had (not cached, offline, unreachable) WeightsUnavailableError, an unknown pretrained
+    tag a UsageError."""
+    arch, _, tag = model_name.partition('.')
+    if tag and ':' not in model_name and timm.is_model(arch) and model_name not in timm.list_pretrained(f'{arch}.*'):
+        tags = ', '.join(name.split('.', 1)[1] for name in timm.list_pretrained(f'{arch}.*')) or 'none'
+        raise UsageError(f'{model_name}: {arch} has no pretrained tag {tag!r} (its tags: {tags})')
     try:
         return timm.create_model(model_name, **kwargs)
     except OSError as e:  # huggingface_hub's and urllib's errors: not in the cache, offline, no such repo or file

@@ -101,11 +101,20 @@ class TrainConfig:
         check_range(_option('workers'), self.workers, 0, MAX_WORKERS)
         check_range('--seed', self.seed, 0, MAX_SEED)
         check_range('--lr', self.lr, 0, low_open=True)
+        check_range('--min-lr', self.min_lr, 0)
+        check_range('--decay-epochs', self.decay_epochs, 0, low_open=True)
+        check_range('--decay-rate', self.decay_rate, 0, 1, low_open=True)  # <= 0: a zero or negative lr
+        if self.min_lr > self.lr:
+            raise TrainError(f'--min-lr {self.min_lr:g} is above --lr {self.lr:g}: the schedule would raise the '
+                             f'learning rate (lower --min-lr)')
         check_range('--smoothing', self.smoothing, 0, 1)
         check_range('--aux-weight', self.aux_weight, 0, 10)
         check_range('--model-ema-decay', self.model_ema_decay, 0, 1)
         for name in ('drop', 'drop_path'):
             check_range(_option(name), getattr(self, name), 0, 1)
+        if 'num_classes' in self.model_kwargs:
+            raise TrainError(f'--model-kwargs num_classes={self.model_kwargs["num_classes"]}: the class count is '
+                             f'--num-classes (default {PCAM_NUM_CLASSES})')
         if self.resume is not None and self.overwrite:
             raise TrainError('--resume and --overwrite contradict each other: continue the run or replace it')
 

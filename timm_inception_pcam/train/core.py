@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,7 @@ from timm.utils.distributed import init_distributed_device_so
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..precision import autocast_dtype, choose_precision
-from ..storage import claim_output_dir
+from ..storage import atomic_path, claim_output_dir
 from .checkpointing import RunState, capture_rng_state, check_resume, seed_everything
 from .config import BEST_NAME, LAST_NAME, LOG_CSV, TrainConfig, TrainError, TrainResult, read_resume
 from .loop import best_of, build_loaders, train_one_epoch, unwrap, validate
@@ -36,14 +37,30 @@ def build_optimization(cfg: TrainConfig, model: nn.Module, updates_per_epoch: in
 
     Returns (optimizer, scheduler, num_epochs, ema or None, loss_fn).
     """
-    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                    momentum=cfg.momentum,
-                                    **({'eps': cfg.opt_eps} if cfg.opt_eps is not None else {}),
-                                    **({'betas': tuple(cfg.opt_betas)} if cfg.opt_betas else {}))
+    optimizer = _create_optimizer(cfg, model)
     scheduler, num_epochs = _create_scheduler(cfg, optimizer, updates_per_epoch)
     ema = ModelEmaV3(model, decay=cfg.model_ema_decay, use_warmup=True) if cfg.model_ema else None
     loss_fn = LabelSmoothingCrossEntropy(cfg.smoothing) if cfg.smoothing > 0 else nn.CrossEntropyLoss()
     return optimizer, scheduler, num_epochs, ema, loss_fn
+
+
+def _create_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    return create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+                               **({'eps': cfg.opt_eps} if cfg.opt_eps is not None else {}),
+                               **({'betas': tuple(cfg.opt_betas)} if cfg.opt_betas else {}))
+
+
+def _check_optimizer(cfg: TrainConfig) -> None:
+    """TrainError for an --opt timm does not have, or settings (--opt-betas ...) it refuses, found by building it
+    for a one-layer model."""
+    if cfg.opt.lower() not in list_optimizers():
+        raise TrainError(f'--opt {cfg.opt!r}: unknown timm optimizer (e.g. adamw, sgd, rmsproptf)')
+    try:
+        _create_optimizer(cfg, nn.Linear(1, 1))
+    except (ValueError, IndexError, TypeError, AssertionError) as e:
+        betas = f' --opt-betas {" ".join(f"{b:g}" for b in cfg.opt_betas)}' if cfg.opt_betas else ''
+        raise TrainError(f'--opt {cfg.opt}{betas}: {e or type(e).__name__} (e.g. two --opt-betas for adam and '
+                         f'adamw)') from None
 
 
 def _create_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, updates_per_epoch: int) -> tuple[Any, int]:
@@ -60,7 +77,7 @@ def _check_schedule(cfg: TrainConfig) -> None:
     try:
         _create_scheduler(cfg, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr),
                           cfg.steps_per_epoch or 1)
-    except (ValueError, AssertionError) as e:
+    except (ValueError, AssertionError, ZeroDivisionError) as e:
         raise TrainError(f'--sched {cfg.sched}: {e} (a timm scheduler, e.g. cosine, step, plateau, poly, wsd, '
                          f'none)') from None
 
@@ -104,8 +121,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     options, data, checkpoints, an output folder in use or holding a finished run, a diverging loss, out of memory.
     """
     out_dir = cfg.run_dir
-    if cfg.opt.lower() not in list_optimizers():
-        raise TrainError(f'--opt {cfg.opt!r}: unknown timm optimizer (e.g. adamw, sgd, rmsproptf)')
+    _check_optimizer(cfg)
     resume_ckpt: dict[str, Any] | None = None
     _check_schedule(cfg)
     device_name = _device_name(cfg.device)
@@ -120,6 +136,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                              resume_hint=f'--resume {out_dir / LAST_NAME} to continue it') \
         if primary else contextlib.nullcontext(out_dir)
     with claim, _messages(primary, cfg.progress):
+        if primary and cfg.resume is not None:
+            _carry_best(cfg.resume.parent, out_dir)
         dist_info = init_distributed_device_so(device=device_name)
         try:
             return _run(cfg, out_dir, resume_ckpt, torch.device(dist_info['device']), dist_info['global_rank'],
@@ -127,6 +145,15 @@ def train(cfg: TrainConfig) -> TrainResult:
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+
+def _carry_best(run_dir: Path, out_dir: Path) -> None:
+    """A run resumed into another folder takes its model_best.pth along: the folder (and the result) named a best
+    checkpoint that was only in the first one."""
+    best = run_dir / BEST_NAME
+    if run_dir.resolve() != out_dir.resolve() and best.is_file() and not (out_dir / BEST_NAME).exists():
+        with atomic_path(out_dir / BEST_NAME) as tmp:
+            shutil.copyfile(best, tmp)
 
 
 def _run(cfg: TrainConfig, out_dir: Path, resume_ckpt: dict[str, Any] | None, device: torch.device, rank: int,
@@ -162,6 +189,9 @@ def _run(cfg: TrainConfig, out_dir: Path, resume_ckpt: dict[str, Any] | None, de
         _logger.info('nothing to train: %s has done all %d epochs of its schedule (--epochs N with N > %d trains it '
                      'further)', cfg.resume, state.start_epoch, num_epochs)
     else:
+        if cfg.warmup_epochs >= cfg.epochs:
+            _logger.info('notice: --warmup-epochs %g covers all %d epochs: the whole run is warm-up (lr from %g '
+                         'towards %g)', cfg.warmup_epochs, cfg.epochs, cfg.warmup_lr, cfg.lr)
         _logger.info('train: %s %s (%s), %d train / %d valid patches, %d process(es) on %s, precision %s, '
                      '%d updates/epoch, epochs %d..%d, output %s', arch, model_kwargs, init_source,
                      len(train_loader.dataset), len(val_labels), world, device, precision, steps, state.start_epoch,
@@ -170,13 +200,13 @@ def _run(cfg: TrainConfig, out_dir: Path, resume_ckpt: dict[str, Any] | None, de
     for epoch in range(state.start_epoch, num_epochs):
         t0 = time.perf_counter()
         train_loader.sampler.set_epoch(epoch)
+        lr = optimizer.param_groups[0]['lr']  # the epoch's (with --sched-on-updates: its first update's)
         train_loss, state.num_updates = train_one_epoch(
             model, train_loader, optimizer, loss_fn, cfg, device, epoch, state.num_updates, steps,
             scheduler=scheduler if cfg.sched_on_updates else None, ema=ema, scaler=scaler, amp_dtype=amp_dtype,
             show=show)
         if scheduler is not None and not cfg.sched_on_updates:
             scheduler.step(epoch + 1)
-        lr = optimizer.param_groups[0]['lr']
         candidates = {'model': unwrap(model), **({'ema': ema.module} if ema is not None else {})}
         scores_row, scores = validate(candidates, val_loader, cfg, device, amp_dtype, epoch, lr, show)
         row: dict[str, Any] = {'epoch': epoch, 'updates': state.num_updates, 'lr': lr, 'train_loss': train_loss,
