@@ -35,17 +35,26 @@ def slides(tmp_path_factory) -> dict[str, Path]:
     return {'a': Path(a), 'b': Path(b), 'c': bad}
 
 
-@pytest.fixture(scope='module')
-def checkpoint(tmp_path_factory) -> Path:
+def _tiny_checkpoint(path: Path, seed: int) -> Path:
     import timm
 
     from timm_inception_pcam.checkpoint import save_checkpoint
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = timm.create_model('inception_v4_pcam', num_classes=2, depths=(1, 1, 1))
     torch.nn.init.normal_(model.get_classifier().weight, std=0.5)
-    return save_checkpoint(tmp_path_factory.mktemp('ckpt') / 'tiny.pth', model, arch='inception_v4_pcam',
-                           model_kwargs={'depths': (1, 1, 1)}, data_provenance='synthetic')
+    return save_checkpoint(path, model, arch='inception_v4_pcam', model_kwargs={'depths': (1, 1, 1)},
+                           data_provenance='synthetic')
+
+
+@pytest.fixture(scope='module')
+def checkpoint(tmp_path_factory) -> Path:
+    return _tiny_checkpoint(tmp_path_factory.mktemp('ckpt') / 'tiny.pth', seed=0)
+
+
+@pytest.fixture(scope='module')
+def other_checkpoint(tmp_path_factory) -> Path:
+    return _tiny_checkpoint(tmp_path_factory.mktemp('ckpt') / 'other.pth', seed=1)
 
 
 def _table(path: Path) -> dict[str, dict[str, str]]:
@@ -61,7 +70,7 @@ def _same_outputs(a: Path, b: Path) -> None:
         assert sa[key] == sb[key], key
 
 
-def test_ray_cohort_matches_single_slide_and_reruns_skip(slides, checkpoint, tmp_path: Path) -> None:
+def test_ray_cohort_matches_single_slide_and_reruns_skip(slides, checkpoint, tmp_path: Path, capsys) -> None:
     pytest.importorskip('ray', reason='ray is a declared dependency (cohort extra)')
     out = tmp_path / 'cohort'
     argv = [str(slides['a'].parent / '*.tif'), '--checkpoint', str(checkpoint), '--out', str(out),
@@ -81,6 +90,14 @@ def test_ray_cohort_matches_single_slide_and_reruns_skip(slides, checkpoint, tmp
     rows = _table(out / 'cohort.csv')
     assert [rows[k]['status'] for k in 'abc'] == ['skipped', 'skipped', 'failed']
     assert (out / 'a' / 'summary.json').stat().st_mtime_ns == stamp
+    # A checkpoint that cannot load: one line from the Ray workers, not their traceback, and nothing written.
+    capsys.readouterr()
+    bad = [str(slides['a']), '--checkpoint', str(tmp_path / 'missing.pth'), '--out', str(tmp_path / 'bad'),
+           '--workers', '1', *COMMON]
+    assert cli(cohort.main, 'cohort', bad) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f'cohort: error: {tmp_path / "missing.pth"}: checkpoint file not found'], err
+    assert not (tmp_path / 'bad').exists()
 
 
 class _Interrupted(Exception):
@@ -118,23 +135,91 @@ def test_interrupted_slide_resumes_to_identical_results(slides, checkpoint, tmp_
     _same_outputs(tmp_path / 'run' / 'b', tmp_path / 'ref' / 'b')
 
 
-def test_shards_partition_the_cohort_and_merge(slides, checkpoint, tmp_path: Path) -> None:
+def test_shards_partition_the_cohort_and_merge(slides, checkpoint, tmp_path: Path, capsys) -> None:
+    from timm_inception_pcam.storage import file_sha256
+
     ids = [f'slide-{i:03d}' for i in range(200)]
     shards = [[i for i in ids if cohort.shard_of(i, 4) == k] for k in range(4)]
     assert sorted(sum(shards, [])) == ids and all(20 < len(s) < 80 for s in shards)
     assert cohort.shard_of('slide-007', 4) == cohort.shard_of('slide-007', 4)
     out = tmp_path / 'sharded'
-    for k in range(2):
+
+    def shard(k: int, *extra: str) -> None:
         rc = cli(cohort.main, 'cohort', [str(slides['a']), str(slides['b']), '--checkpoint', str(checkpoint),
-                                         '--out', str(out), '--executor', 'local', '--shard', f'{k}/2', *COMMON])
+                                         '--out', str(out), '--executor', 'local', '--shard', f'{k}/2', *COMMON,
+                                         *extra])
         assert rc == 0
+
+    def merge(*extra: str) -> tuple[int, list[str]]:
+        capsys.readouterr()
+        rc = cli(cohort.main, 'cohort', ['--merge', '--out', str(out), *extra])
+        return rc, capsys.readouterr().err.strip().splitlines()
+
+    shard(0)
+    # A join step with a shard missing fails (a SLURM dependency sees it), writing no table; on request it merges.
+    rc, err = merge()
+    assert rc == 2 and len(err) == 1 and 'shard 1 of 2 missing' in err[0] and '--allow-missing' in err[0], err
+    assert not (out / 'cohort.csv').exists() and not (out / 'cohort.json').exists()
+    rc, _ = merge('--allow-missing')
+    assert rc == 0 and json.loads((out / 'cohort.json').read_text())['shards_missing'] == [1]
+    shard(1)
     assert sorted(p.name for p in out.glob('cohort.shard-*.csv')) == ['cohort.shard-0-of-2.csv',
                                                                        'cohort.shard-1-of-2.csv']
-    assert cli(cohort.main, 'cohort', ['--merge', '--out', str(out)]) == 0
+    assert merge() == (0, [])
     merged = _table(out / 'cohort.csv')
     assert sorted(merged) == ['a', 'b'] and {r['status'] for r in merged.values()} == {'done'}
     shard_rows = {**_table(out / 'cohort.shard-0-of-2.csv'), **_table(out / 'cohort.shard-1-of-2.csv')}
     assert shard_rows == merged
+    table = json.loads((out / 'cohort.json').read_text())  # the settings every shard ran with
+    assert table['shards_missing'] == [] and table['settings'] == {
+        'model': None, 'checkpoint': str(checkpoint), 'checkpoint_sha256': file_sha256(checkpoint),
+        'backend': 'channels_last', 'use_ema': False, 'model_kwargs': {}, 'target_mpp': 0.972, 'mpp': None,
+        'mpp_tolerance': 0.1, 'stride': 96, 'tissue_threshold': 0.07, 'min_tissue': 0.25, 'threshold': 0.5}
+    assert json.loads((out / 'cohort.shard-1-of-2.json').read_text())['workers'] <= 1  # local: one slide at a time
+    # Shards run with different settings are not joined: the one line names the setting and the shards.
+    stamp = (out / 'cohort.csv').stat().st_mtime_ns
+    shard(1, '--threshold', '0.3')
+    rc, err = merge()
+    assert rc == 2 and len(err) == 1 and 'threshold 0.5 (shard 0) vs 0.3 (shard 1)' in err[0], err
+    assert (out / 'cohort.csv').stat().st_mtime_ns == stamp
+
+
+def test_a_rerun_reuses_only_slides_finished_with_its_settings(slides, checkpoint, other_checkpoint,
+                                                                tmp_path: Path, capsys) -> None:
+    out = tmp_path / 'cohort'
+    cell_mm2 = (96 * 0.972e-3) ** 2
+
+    def run(*extra: str, ckpt: Path = checkpoint) -> dict[str, str]:
+        capsys.readouterr()
+        argv = [str(slides['a']), '--checkpoint', str(ckpt), '--out', str(out), '--executor', 'local', *COMMON]
+        assert cli(cohort.main, 'cohort', [*argv, *extra]) == 0
+        return _table(out / 'cohort.csv')['a']
+
+    assert run()['status'] == 'done'
+    prob = np.load(out / 'a' / 'probability.npy')
+    assert (prob >= 0.9).sum() < (prob >= 0.5).sum()  # the threshold change below changes the area
+    # Another threshold: the outputs are written again from the finished map (no tile classified again).
+    row = run('--threshold', '0.9')
+    summary = json.loads((out / 'a' / 'summary.json').read_text())
+    assert (row['status'], row.get('settings_changed')) == ('done', 'threshold')
+    assert float(row['area_over_threshold_mm2']) == pytest.approx((prob >= 0.9).sum() * cell_mm2)
+    assert summary['threshold'] == 0.9 and summary['classified_this_run'] == 0
+    assert '1 done (1 run again: their earlier outputs had other settings)' in capsys.readouterr().out
+    assert json.loads((out / 'cohort.json').read_text())['settings']['threshold'] == 0.9
+    # The same settings again: reused as they are; `seconds` is this run's time on the slide, not the summary's.
+    summary['seconds'] = 1234.5
+    (out / 'a' / 'summary.json').write_text(json.dumps(summary))
+    stamp = (out / 'a' / 'summary.json').stat().st_mtime_ns
+    row = run('--threshold', '0.9')
+    assert row['status'] == 'skipped' and row['settings_changed'] == '' and float(row['seconds']) < 60
+    assert (out / 'a' / 'summary.json').stat().st_mtime_ns == stamp
+    # Another checkpoint: the slide is classified again, and the row holds the new model's values.
+    row = run('--threshold', '0.9', ckpt=other_checkpoint)
+    summary = json.loads((out / 'a' / 'summary.json').read_text())
+    assert (row['status'], row.get('settings_changed')) == ('done', 'predictor')
+    assert summary['classified_this_run'] == summary['tissue_tiles'] > 0
+    assert float(row['max_probability']) == pytest.approx(summary['max_probability'])
+    assert summary['max_probability'] != pytest.approx(float(np.nanmax(prob)))
 
 
 def test_collect_slides_from_csv_and_bad_input(slides, tmp_path: Path) -> None:
@@ -159,12 +244,21 @@ def test_collect_slides_from_csv_and_bad_input(slides, tmp_path: Path) -> None:
     (['--workers', '100000'], '--workers must be >= 1 and <= 256'),
     (['--ray-address', 'garbage'], "--ray-address 'garbage': expected auto, local, HOST:PORT"),
     (['--ray-address', 'http://head:6379'], "--ray-address 'http://head:6379': expected"),
+    (['--workers', '2'], '--workers 2 needs --executor ray'),  # local ignored it, and cohort.json said 2
+    (['--ray-address', 'auto'], '--ray-address auto needs --executor ray'),
+    (['--backend', 'nonsense'], "argument --backend: invalid choice: 'nonsense'"),
+    (['--checkpoint', 'missing.pth'], 'missing.pth: checkpoint file not found'),  # no empty --out left behind
+    (['--allow-missing'], '--allow-missing goes with --merge'),
 ])
 def test_user_errors_exit_2_with_one_line(extra, expected, slides, tmp_path: Path, capsys) -> None:
     for good in (None, 'auto', 'local', '10.0.0.1:6379', 'ray://head:10001'):
         cohort.check_ray_address(good)
     argv = [str(slides['a']), '--out', str(tmp_path / 'o'), '--executor', 'local', *extra]
-    assert cli(cohort.main, 'cohort', argv) == 2
+    try:
+        rc = cli(cohort.main, 'cohort', argv)
+    except SystemExit as e:  # argparse's own refusals (one line too)
+        rc = e.code
+    assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and expected in err[0] and 'Traceback' not in err[0], err
     assert not (tmp_path / 'o').exists()

@@ -9,14 +9,18 @@
 Slides are given as paths, globs, or CSV files with a `path` column (and optionally `slide_id`; relative paths are
 read from the CSV's folder). Each slide runs through the single-slide loop (`wsi.run_slide`, the same code as
 `python -m timm_inception_pcam.slide`) into `DIR/<slide id>/`. One predictor per worker process, loaded once; slides
-are scheduled largest first so that workers stay busy when slide sizes differ. A slide whose `summary.json` exists is
-skipped; one with a progress file resumes from it; a slide that fails (corrupt, unsupported) is recorded with its error
-and the others go on. `DIR/cohort.csv` and `cohort.json` (or `cohort.shard-K-of-N.*` with `--shard`) list every slide;
-the exit status is 2 when any slide failed, after all others finished.
+are scheduled largest first so that workers stay busy when slide sizes differ. A slide that finished with this run's
+settings (model, checkpoint, backend, grid, tissue and probability thresholds) is skipped; one that finished with
+others is run again with these (its row names the settings that changed); one with a progress file of these settings
+resumes from it; a slide that fails (corrupt, unsupported) is recorded with its error and the others go on.
+`DIR/cohort.csv` and `cohort.json` (or `cohort.shard-K-of-N.*` with `--shard`) list every slide, and cohort.json the
+run's settings; the exit status is 2 when any slide failed, after all others finished. `--merge` refuses missing
+shards (unless `--allow-missing`) and shards run with different settings.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import glob
 import hashlib
@@ -26,7 +30,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,15 +38,17 @@ from typing import Any
 
 from .constants import MAX_WORKERS
 from .errors import ArgumentParser, PCamError, UsageError, check_range, cli
-from .storage import atomic_write_bytes, atomic_write_json
+from .storage import atomic_write_bytes, atomic_write_json, check_output_folder, file_sha256
 
 __all__ = ['SlideJob', 'CohortConfig', 'CohortError', 'collect_slides', 'shard_of', 'run_cohort', 'merge_shards',
            'COLUMNS', 'main']
 
 log = logging.getLogger(__name__)
 COLUMNS = ('slide_id', 'path', 'status', 'error', 'tissue_tiles', 'tissue_area_mm2', 'max_probability', 'max_x',
-           'max_y', 'area_over_threshold_mm2', 'seconds', 'backend', 'data_provenance')
+           'max_y', 'area_over_threshold_mm2', 'seconds', 'backend', 'data_provenance', 'settings_changed')
 TABLE_FORMAT = 'timm-inception-pcam-cohort/1'
+DEFAULT_WORKERS = 2  # Ray workers
+NOT_SETTINGS = ('batch_size', 'save_every', 'thumbnail_size')  # slide options the table's values do not depend on
 RAY_CONNECT_TIMEOUT = 10.0  # seconds to wait for a --ray-address HOST:PORT to accept a connection, and to answer
 HTTP2_PREFACE = b'PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n'
 HTTP2_EMPTY_SETTINGS = b'\x00\x00\x00\x04\x00\x00\x00\x00\x00'  # length 0, type SETTINGS, no flags, stream 0
@@ -145,41 +151,44 @@ def parse_shard(text: str) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------------------ one slide
 
 
-def _row(job: SlideJob, status: str, summary: dict[str, Any] | None = None, error: str = '',
-         seconds: float | None = None, backend: str | None = None) -> dict[str, Any]:
+def _row(job: SlideJob, status: str, seconds: float, summary: dict[str, Any] | None = None, error: str = '',
+         backend: str | None = None, changed: Sequence[str] = ()) -> dict[str, Any]:
     s = summary or {}
     loc = s.get('max_location') or {}
     return {'slide_id': job.slide_id, 'path': job.path, 'status': status, 'error': error,
             'tissue_tiles': s.get('tissue_tiles'), 'tissue_area_mm2': s.get('tissue_area_mm2'),
             'max_probability': s.get('max_probability'), 'max_x': loc.get('x'), 'max_y': loc.get('y'),
-            'area_over_threshold_mm2': s.get('area_over_threshold_mm2'),
-            'seconds': round(seconds, 3) if seconds is not None else s.get('seconds'),
-            'backend': s.get('backend', backend), 'data_provenance': s.get('data_provenance')}
+            'area_over_threshold_mm2': s.get('area_over_threshold_mm2'), 'seconds': round(seconds, 3),
+            'backend': s.get('backend', backend), 'data_provenance': s.get('data_provenance'),
+            'settings_changed': ' '.join(changed)}
 
 
 def run_one(job: SlideJob, predict: Any, info: dict[str, Any], cfg: CohortConfig) -> dict[str, Any]:
-    """Run (or skip, or resume) one slide; never raises for a slide's own failure: it becomes the row's error."""
-    from .wsi import FILES, run_slide
+    """Run one slide, resume it, or reuse its outputs when they finished with these settings (`wsi.saved_run`);
+    never raises for a slide's own failure: it becomes the row's error. The row's `seconds` is the wall time this
+    run spent on the slide (checking it, for a skipped one); `settings_changed` names the settings in which the
+    finished outputs it replaced differed."""
+    from .wsi import open_slide, run_slide, saved_run
 
     out = Path(cfg.out) / job.slide_id
-    summary_path = out / FILES['summary']
-    if summary_path.is_file():
-        try:
-            return _row(job, 'skipped', json.loads(summary_path.read_text()))
-        except (OSError, ValueError):
-            pass  # an unreadable summary: run the slide again
     t0 = time.perf_counter()
     try:
-        summary = run_slide(job.path, predict, out, cfg.options, resume=(out / FILES['progress']).is_file(),
-                            run_info=info, progress=False)
+        slide = open_slide(job.path)
+        try:
+            summary, resume, changed = saved_run(slide, out, cfg.options, info)
+            if summary is not None:
+                return _row(job, 'skipped', time.perf_counter() - t0, summary)
+            summary = run_slide(slide, predict, out, cfg.options, resume=resume, run_info=info, progress=False)
+        finally:
+            slide.close()
     except PCamError as e:
-        return _row(job, 'failed', error=' '.join(str(e).split()), seconds=time.perf_counter() - t0,
+        return _row(job, 'failed', time.perf_counter() - t0, error=' '.join(str(e).split()),
                     backend=info.get('backend'))
     except Exception as e:  # noqa: BLE001  one slide's bug must not stop a cohort: recorded with its type
         log.exception('slide %s failed', job.slide_id)
-        return _row(job, 'failed', error=f'{type(e).__name__}: {e}', seconds=time.perf_counter() - t0,
+        return _row(job, 'failed', time.perf_counter() - t0, error=f'{type(e).__name__}: {e}',
                     backend=info.get('backend'))
-    return _row(job, 'done', summary, seconds=time.perf_counter() - t0)
+    return _row(job, 'done', time.perf_counter() - t0, summary, changed=changed)
 
 
 class _Worker:
@@ -193,9 +202,18 @@ class _Worker:
         torch.set_num_threads(max(1, cfg.threads))
         self.cfg = cfg
         self.stack = ExitStack()
-        self.predict, self.info = _make_runner(self.stack, cfg.model, cfg.checkpoint, cfg.backend,
-                                               cfg.options.batch_size, cfg.use_ema, cfg.model_kwargs,
-                                               thresholds=tuple({0.5, cfg.options.threshold}))
+        self.error: PCamError | None = None
+        try:
+            self.predict, self.info = _make_runner(self.stack, cfg.model, cfg.checkpoint, cfg.backend,
+                                                   cfg.options.batch_size, cfg.use_ema, cfg.model_kwargs,
+                                                   thresholds=tuple({0.5, cfg.options.threshold}))
+        except PCamError as e:  # a bad --checkpoint / --backend: `ready` hands it over (Ray would show a traceback)
+            self.stack.close()
+            self.error = e
+
+    def ready(self) -> PCamError | None:
+        """The user error that kept the predictor from loading, for the caller to raise; None when it loaded."""
+        return self.error
 
     def run(self, job: SlideJob) -> dict[str, Any]:
         return run_one(job, self.predict, self.info, self.cfg)
@@ -204,29 +222,27 @@ class _Worker:
 # ------------------------------------------------------------------------------------------------ the cohort
 
 
-def run_cohort(jobs: Sequence[SlideJob], cfg: CohortConfig, *, executor: str = 'ray', workers: int = 2,
+def run_cohort(jobs: Sequence[SlideJob], cfg: CohortConfig, *, executor: str = 'ray', workers: int = DEFAULT_WORKERS,
                ray_address: str | None = None, progress: bool = True) -> list[dict[str, Any]]:
-    """Run every job; rows in the order of `jobs`. Largest slides are started first."""
+    """Run every job; rows in the order of `jobs`. Largest slides are started first. Nothing is written before the
+    predictor loaded (a bad checkpoint or backend raises its PCamError)."""
     from tqdm import tqdm
 
     order = sorted(jobs, key=lambda j: (-j.size, j.slide_id))
     rows: dict[str, dict[str, Any]] = {}
-    bar = tqdm(total=len(order), unit='slide', desc='cohort', disable=not progress)
-    try:
+    with ExitStack() as stack:
         if executor == 'local':
             worker = _Worker(cfg)
-            try:
-                for job in order:
-                    rows[job.slide_id] = worker.run(job)
-                    _advance(bar, rows)
-            finally:
-                worker.stack.close()
+            stack.callback(worker.stack.close)
+            if error := worker.ready():
+                raise error
+            results: Iterable[dict[str, Any]] = map(worker.run, order)
         else:
-            for row in _ray_rows(order, cfg, workers, ray_address):
-                rows[row['slide_id']] = row
-                _advance(bar, rows)
-    finally:
-        bar.close()
+            results = stack.enter_context(_ray_rows(order, cfg, workers, ray_address))
+        bar = stack.enter_context(tqdm(total=len(order), unit='slide', desc='cohort', disable=not progress))
+        for row in results:
+            rows[row['slide_id']] = row
+            _advance(bar, rows)
     return [rows[j.slide_id] for j in jobs]
 
 
@@ -280,7 +296,10 @@ def _check_ray_reachable(address: str, timeout: float = RAY_CONNECT_TIMEOUT) -> 
                          f'Ray head node does (wrong port?); {fix}')
 
 
-def _ray_rows(order: Sequence[SlideJob], cfg: CohortConfig, workers: int, address: str | None) -> Iterable[dict]:
+@contextlib.contextmanager
+def _ray_rows(order: Sequence[SlideJob], cfg: CohortConfig, workers: int,
+              address: str | None) -> Iterator[Iterable[dict[str, Any]]]:
+    """The rows of `order` as Ray workers finish them, once every worker has loaded its predictor."""
     try:
         import ray
         from ray.util import ActorPool
@@ -301,8 +320,11 @@ def _ray_rows(order: Sequence[SlideJob], cfg: CohortConfig, workers: int, addres
     try:
         # A worker that dies mid-slide is restarted and the slide retried: it resumes from its progress file.
         actor = ray.remote(num_cpus=cfg.threads, max_restarts=2, max_task_retries=2)(_Worker)
-        pool = ActorPool([actor.remote(cfg) for _ in range(min(workers, len(order)))])
-        yield from pool.map_unordered(lambda a, job: a.run.remote(job), list(order))
+        actors = [actor.remote(cfg) for _ in range(min(workers, len(order)))]
+        for error in ray.get([a.ready.remote() for a in actors]):
+            if error is not None:
+                raise error
+        yield ActorPool(actors).map_unordered(lambda a, job: a.run.remote(job), list(order))
     finally:
         if started:
             ray.shutdown()
@@ -324,14 +346,41 @@ def write_table(out: Path, rows: Sequence[dict[str, Any]], name: str, meta: dict
     return csv_path, json_path
 
 
-def merge_shards(out: Path) -> list[dict[str, Any]]:
-    """Join the shard tables in `out` into `cohort.csv` / `cohort.json`; refuses overlapping or mixed shard sets."""
+def run_settings(cfg: CohortConfig) -> dict[str, Any]:
+    """What the table's values depend on, recorded in cohort.json; shards must agree on it to be merged."""
+    checkpoint = cfg.checkpoint
+    sha256 = file_sha256(checkpoint) if checkpoint and Path(checkpoint).is_file() else None
+    options = {k: v for k, v in asdict(cfg.options).items() if k not in NOT_SETTINGS}
+    return {'model': cfg.model, 'checkpoint': checkpoint, 'checkpoint_sha256': sha256, 'backend': cfg.backend,
+            'use_ema': cfg.use_ema, 'model_kwargs': cfg.model_kwargs, **options}
+
+
+def _settings_conflict(settings: dict[int, dict[str, Any]]) -> str:
+    """'' when every shard's settings agree, else which differ in which shards (a checkpoint's path only counts
+    without its sha256: the same file may sit at another path on another node)."""
+    parts = []
+    for key in sorted({k for s in settings.values() for k in s}):
+        if key == 'checkpoint' and all(s.get('checkpoint_sha256') for s in settings.values()):
+            continue
+        shards_of: dict[str, list[int]] = {}
+        for k, s in sorted(settings.items()):
+            shards_of.setdefault(json.dumps(s.get(key), sort_keys=True), []).append(k)
+        if len(shards_of) > 1:
+            parts.append(f'{key} ' + ' vs '.join(f'{v} (shard {", ".join(map(str, ks))})'
+                                                 for v, ks in shards_of.items()))
+    return '; '.join(parts)
+
+
+def merge_shards(out: Path, *, allow_missing: bool = False) -> list[dict[str, Any]]:
+    """Join the shard tables in `out` into `cohort.csv` / `cohort.json`, with their run settings; refuses
+    overlapping or mixed shard sets, shards run with different settings, and missing shards unless
+    `allow_missing` (then cohort.json names them)."""
     tables = sorted(out.glob('cohort.shard-*-of-*.json'))
     if not tables:
         raise UsageError(f'{out}: no cohort.shard-K-of-N.json tables to merge')
     rows: dict[str, dict[str, Any]] = {}
     counts = set()
-    shards = set()
+    settings: dict[int, dict[str, Any]] = {}
     for path in tables:
         try:
             data = json.loads(path.read_text())
@@ -339,7 +388,9 @@ def merge_shards(out: Path) -> list[dict[str, Any]]:
             raise UsageError(f'{path}: unreadable shard table ({e})') from None
         if not isinstance(data, dict) or data.get('format') != TABLE_FORMAT:
             raise UsageError(f'{path}: not a cohort table (format {TABLE_FORMAT!r} expected)')
-        shards.add(tuple(data['shard']))
+        if not isinstance(data.get('settings'), dict):
+            raise UsageError(f'{path}: records no run settings (written by an older version); run its shard again')
+        settings[data['shard'][0]] = data['settings']
         counts.add(data['shard'][1])
         for row in data['slides']:
             if row['slide_id'] in rows:
@@ -348,16 +399,25 @@ def merge_shards(out: Path) -> list[dict[str, Any]]:
     if len(counts) != 1:
         raise UsageError(f'{out}: shard tables of different shard counts {sorted(counts)}; remove the stale ones')
     (n,) = counts
-    missing = sorted(set(range(n)) - {k for k, _ in shards})
+    if conflict := _settings_conflict(settings):
+        raise UsageError(f'{out}: the shards were run with different settings ({conflict}); run the odd ones again '
+                         f'with the others\' settings')
+    missing = sorted(set(range(n)) - set(settings))
+    if missing and not allow_missing:
+        raise UsageError(f'{out}: shard{"s" if len(missing) > 1 else ""} {", ".join(map(str, missing))} of {n} '
+                         f'missing (no cohort.shard-K-of-{n}.json): run {"them" if len(missing) > 1 else "it"}, '
+                         f'or pass --allow-missing to merge the {len(settings)} there are')
     merged = [rows[k] for k in sorted(rows)]
-    write_table(out, merged, 'cohort', {'shards_merged': len(shards), 'shards_missing': missing})
+    write_table(out, merged, 'cohort', {'shards_merged': len(settings), 'shards_missing': missing,
+                                        'settings': settings[min(settings)]})
     if missing:
-        log.warning('merged %d of %d shards; missing shards %s', len(shards), n, missing)
+        log.warning('merged %d of %d shards; missing shards %s (cohort.json names them)', len(settings), n, missing)
     return merged
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .checkpoint import ModelKwargsAction
+    from .inference import BACKENDS
     from .wsi.cli import add_slide_options
 
     p = ArgumentParser(prog='python -m timm_inception_pcam.cohort', description=__doc__.split('\n')[0],
@@ -368,15 +428,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--checkpoint', default=None, help='checkpoint, .onnx or TensorRT .plan (as for the slide command)')
     p.add_argument('--model-kwargs', nargs='*', default={}, action=ModelKwargsAction)
     p.add_argument('--use-ema', action='store_true')
-    p.add_argument('--backend', default='auto', help='inference backend (as for the slide command)')
+    p.add_argument('--backend', default='auto', choices=('auto', *BACKENDS),
+                   help='inference backend (as for the slide command)')
     p.add_argument('--executor', choices=('ray', 'local'), default='ray',
                    help='ray: workers in a Ray cluster (started on this machine unless --ray-address); local: this '
                         'process, slide after slide')
-    p.add_argument('--ray-address', default=None, help='auto or HOST:PORT of a running Ray cluster')
-    p.add_argument('--workers', type=int, default=2, help='worker processes (one predictor each)')
+    p.add_argument('--ray-address', default=None,
+                   help='auto or HOST:PORT of a running Ray cluster (--executor ray)')
+    p.add_argument('--workers', type=int, default=None,
+                   help=f'Ray worker processes, one predictor each (default: {DEFAULT_WORKERS}; --executor local '
+                        'runs one)')
     p.add_argument('--threads', type=int, default=1, help='CPU threads per worker')
     p.add_argument('--shard', default=None, metavar='K/N', help='run only the slides of shard K of N (0 <= K < N)')
     p.add_argument('--merge', action='store_true', help='join the shard tables in --out into cohort.csv/.json')
+    p.add_argument('--allow-missing', action='store_true',
+                   help='with --merge: join the shard tables there are when some are missing (cohort.json names them)')
     p.add_argument('--no-progress', action='store_true')
     add_slide_options(p)
     return p
@@ -386,15 +452,23 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     from .wsi.cli import slide_options_from_args
 
     args = build_parser().parse_args(argv)
-    out = Path(args.out)
+    out = check_output_folder(args.out, '--out')
     if args.merge:
         if args.slides:
             raise UsageError('--merge joins the shard tables in --out; give no slides with it')
-        rows = merge_shards(out)
+        rows = merge_shards(out, allow_missing=args.allow_missing)
     else:
+        if args.allow_missing:
+            raise UsageError('--allow-missing goes with --merge (joining shard tables)')
         check_range('--workers', args.workers, 1, MAX_WORKERS)
         check_range('--threads', args.threads, 1, os.cpu_count() or 1)
         check_ray_address(args.ray_address)
+        if args.executor == 'local' and args.ray_address:
+            raise UsageError(f'--ray-address {args.ray_address} needs --executor ray (--executor local runs without '
+                             'Ray)')
+        if args.executor == 'local' and args.workers not in (None, 1):
+            raise UsageError(f'--workers {args.workers} needs --executor ray (--executor local runs one slide after '
+                             'another in this process; for more, run --shard K/N tasks side by side)')
         if args.executor == 'ray' and args.ray_address:
             _check_ray_reachable(args.ray_address)
         options = slide_options_from_args(args)
@@ -402,19 +476,23 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         shard = parse_shard(args.shard) if args.shard else None
         if shard is not None:
             jobs = [j for j in jobs if shard_of(j.slide_id, shard[1]) == shard[0]]
-        out.mkdir(parents=True, exist_ok=True)
         cfg = CohortConfig(out=str(out), model=args.model, checkpoint=args.checkpoint, backend=args.backend,
                            use_ema=args.use_ema, model_kwargs=dict(args.model_kwargs), options=options,
                            threads=args.threads)
+        workers = min(1 if args.executor == 'local' else args.workers or DEFAULT_WORKERS, len(jobs))
+        settings = run_settings(cfg)
         t0 = time.perf_counter()
-        rows = run_cohort(jobs, cfg, executor=args.executor, workers=args.workers, ray_address=args.ray_address,
+        # Nothing is created in --out before the predictor loaded: a bad --checkpoint leaves nothing behind.
+        rows = run_cohort(jobs, cfg, executor=args.executor, workers=workers, ray_address=args.ray_address,
                           progress=not args.no_progress) if jobs else []
-        meta = {'executor': args.executor, 'workers': args.workers, 'shard': list(shard) if shard else None,
-                'seconds': round(time.perf_counter() - t0, 3),
-                'config': {k: v for k, v in asdict(cfg).items() if k != 'options'},
-                'options': asdict(options)}
+        meta = {'executor': args.executor, 'workers': workers, 'threads': args.threads,
+                'shard': list(shard) if shard else None, 'seconds': round(time.perf_counter() - t0, 3),
+                'settings': settings, 'options': asdict(options)}
         csv_path, _ = write_table(out, rows, table_name(shard), meta)
-        print(f'cohort: {sum(r["status"] == "done" for r in rows)} done, '
+        done = [r for r in rows if r['status'] == 'done']
+        changed = sum(bool(r['settings_changed']) for r in done)
+        print(f'cohort: {len(done)} done'
+              f'{f" ({changed} run again: their earlier outputs had other settings)" if changed else ""}, '
               f'{sum(r["status"] == "skipped" for r in rows)} skipped, '
               f'{sum(r["status"] == "failed" for r in rows)} failed of {len(rows)} slides -> {csv_path}')
     failed = [r['slide_id'] for r in rows if r['status'] == 'failed']

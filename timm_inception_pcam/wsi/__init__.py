@@ -7,8 +7,8 @@ from .grid import TileGrid, choose_level, plan_grid, read_row, tissue_fractions
 from .options import PCAM_MPP, TILE, SlideOptions
 from .outputs import FILES, write_outputs
 from .reader import SlideError, WholeSlide, open_slide
-from .run import SUMMARY_FORMAT, Predictor, run_slide
+from .run import SUMMARY_FORMAT, Predictor, run_slide, saved_run
 
 __all__ = ['PCAM_MPP', 'TILE', 'FILES', 'SUMMARY_FORMAT', 'Predictor', 'SlideError', 'SlideOptions', 'TileGrid',
            'WholeSlide', 'open_slide', 'choose_level', 'plan_grid', 'read_row', 'tissue_fractions', 'run_slide',
-           'write_outputs']
+           'saved_run', 'write_outputs']

@@ -23,7 +23,7 @@ from .options import SlideOptions
 from .outputs import FILES, PROGRESS_NAME, caveat, fmt, write_outputs
 from .reader import SlideError, WholeSlide, open_slide
 
-__all__ = ['SUMMARY_FORMAT', 'Predictor', 'run_slide']
+__all__ = ['SUMMARY_FORMAT', 'Predictor', 'run_slide', 'saved_run']
 
 SUMMARY_FORMAT = 'timm-inception-pcam-slide/1'
 Predictor = Callable[[np.ndarray], np.ndarray]  # uint8 NHWC patches -> (N, num_classes) float probabilities
@@ -53,6 +53,12 @@ def _save_progress(path: Path, prob: np.ndarray, tissue: np.ndarray, rows_done: 
                      fingerprint=np.array(json.dumps(fingerprint, sort_keys=True)))
 
 
+def _differences(found: dict[str, Any], fingerprint: dict[str, Any]) -> list[str]:
+    """The keys in which a saved fingerprint (read back from JSON) differs from `fingerprint`."""
+    expected = json.loads(json.dumps(fingerprint, sort_keys=True))
+    return [k for k in sorted(set(found) | set(expected)) if found.get(k) != expected.get(k)]
+
+
 def _load_progress(path: Path, fingerprint: dict) -> tuple[np.ndarray, np.ndarray, int]:
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -61,8 +67,7 @@ def _load_progress(path: Path, fingerprint: dict) -> tuple[np.ndarray, np.ndarra
     except (OSError, ValueError, KeyError) as e:
         raise SlideError(f'{path}: unreadable progress file ({e}); delete it or run without --resume') from e
     expected = json.loads(json.dumps(fingerprint, sort_keys=True))
-    if found != expected:
-        diffs = [k for k in sorted(set(found) | set(expected)) if found.get(k) != expected.get(k)]
+    if diffs := _differences(found, fingerprint):
         detail = '; '.join(f'{k}: saved {found.get(k)!r}, now {expected.get(k)!r}' for k in diffs)
         raise SlideError(f'{path}: the saved progress was made with other settings ({detail}); run without '
                          f'--resume to start over')
@@ -71,6 +76,33 @@ def _load_progress(path: Path, fingerprint: dict) -> tuple[np.ndarray, np.ndarra
         raise SlideError(f'{path}: progress arrays {prob.shape} / row {rows_done} do not fit the {shape} grid; '
                          f'delete it or run without --resume')
     return prob, tissue, rows_done
+
+
+def saved_run(slide: WholeSlide, out_dir: str | os.PathLike, options: SlideOptions,
+              run_info: dict[str, Any]) -> tuple[dict[str, Any] | None, bool, list[str]]:
+    """What an earlier run left in `out_dir` for `slide`, judged by the settings a `--resume` is checked against
+    (`_fingerprint`) and the outputs' `threshold`: (its summary when it finished with these settings, to reuse as it
+    is, else None; whether its progress file has them, to resume from: when complete, only the outputs are written
+    again; the settings a finished run there differs in, e.g. ['predictor', 'threshold'], else [])."""
+    out = Path(out_dir)
+    grid, _ = plan_grid(slide, options)
+    fingerprint = _fingerprint(slide, grid, options, run_info)
+    try:
+        with np.load(out / PROGRESS_NAME, allow_pickle=False) as z:
+            resume = not _differences(json.loads(str(z['fingerprint'])), fingerprint)
+    except (OSError, ValueError, KeyError):  # none, or unreadable: start over
+        resume = False
+    try:
+        summary = json.loads((out / FILES['summary']).read_text())
+    except (OSError, ValueError):
+        return None, resume, []
+    if not isinstance(summary, dict):
+        return None, resume, []
+    saved = summary.get('fingerprint')
+    differs = _differences(saved, fingerprint) if isinstance(saved, dict) else ['unrecorded']
+    if summary.get('threshold') != options.threshold:
+        differs.append('threshold')
+    return (None if differs else summary), resume, differs
 
 
 # ----------------------------------------------------------------------------------------------- inference
@@ -203,6 +235,7 @@ def _classify(slide: WholeSlide, predict: Predictor, out: Path, options: SlideOp
         'grid': [grid.rows, grid.cols],
         **{k: getattr(options, k) for k in ('target_mpp', 'tissue_threshold', 'min_tissue', 'threshold')},
         **run_info,
+        'fingerprint': fingerprint,  # what `saved_run` checks before a cohort reuses this run
         'resumed_from_row': start_row if start_row else None,
         'classified_this_run': classified,
         'seconds': round(seconds, 3),
