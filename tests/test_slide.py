@@ -364,6 +364,14 @@ def test_exported_files_keep_the_checkpoints_training_data(probe_checkpoint, tmp
         with ExitStack() as stack:
             _, info = _make_runner(stack, None, str(artefact), backend, 8)
         assert (info['data_provenance'], info['model']) == ('synthetic', 'inception_v4_pcam'), artefact
+    # options the exported file cannot take were ignored and recorded as used; another --model was recorded as run
+    for kwargs, match in (({'model_name': 'inception_resnet_v2_pcam'},
+                           r'--model inception_resnet_v2_pcam: .* holds inception_v4_pcam'),
+                          ({'use_ema': True}, r'--use-ema: options of a PyTorch checkpoint; .* exported onnx'),
+                          ({'model_kwargs': {'depths': [2, 2, 2]}}, r'--model-kwargs: options of a PyTorch')):
+        with ExitStack() as stack, pytest.raises(wsi.SlideError, match=match):
+            _make_runner(stack, kwargs.get('model_name'), str(onnx_file), 'onnxruntime', 8,
+                         use_ema=kwargs.get('use_ema', False), model_kwargs=kwargs.get('model_kwargs'))
 
 
 def test_model_provenance_is_unknown_unless_the_checkpoint_records_it(tmp_path):

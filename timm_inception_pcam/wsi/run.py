@@ -296,6 +296,11 @@ def _make_runner(stack: ExitStack, model_name: str | None, checkpoint: str | Non
     if backend == 'tensorrt' and kind != 'tensorrt':
         raise SlideError(f'--backend tensorrt needs --checkpoint ENGINE.plan (built by export.trt, with its '
                          f'.json sidecar), got {checkpoint!r}')
+    if kind in ('onnx', 'openvino', 'tensorrt'):
+        given = [option for option, value in (('--use-ema', use_ema), ('--model-kwargs', model_kwargs)) if value]
+        if given:  # they were ignored, and recorded as if used
+            raise SlideError(f'{" and ".join(given)}: options of a PyTorch checkpoint; {checkpoint} is an exported '
+                             f'{kind} model, fixed when it was exported')
     target: Any = checkpoint
     if not checkpoint:  # a registered model without weights: for timing the pipeline, never for a diagnosis
         from ..checkpoint import load_model
@@ -310,7 +315,10 @@ def _make_runner(stack: ExitStack, model_name: str | None, checkpoint: str | Non
     if len(runner.spec.label_names) != PCAM_NUM_CLASSES:
         raise SlideError(f'{checkpoint}: model has {len(runner.spec.label_names)} classes, expected '
                          f'{PCAM_NUM_CLASSES} ({", ".join(LABEL_NAMES)})')
-    info['model'] = model_name or runner.spec.extra.get('model')  # every file's runner records its model
+    recorded = runner.spec.extra.get('model')  # every file's runner records its model
+    if model_name and recorded and model_name.split('.')[0] != str(recorded).split('.')[0]:
+        raise SlideError(f'--model {model_name}: {checkpoint} holds {recorded}; drop --model or name that one')
+    info['model'] = model_name or recorded
     if kind in ('onnx', 'openvino', 'tensorrt'):  # an exported file records its checkpoint's training data
         from ..data.provenance import provenance_of
 
