@@ -160,7 +160,8 @@ def test_model_card_front_matter_and_sections(arch: str, runs: dict, published: 
         assert result.metric_value == pytest.approx(report['metrics'][key], abs=1e-6)
         assert result.dataset_split == 'test' and result.task_type == 'image-classification'
     for needle in (f'hf-hub:{ORG}/{arch}-tiny', 'onnxruntime', 'trtexec', 'Not a medical device', '](roc.png)',
-                   '](pr.png)', f'{report["metrics"]["roc_auc"]:.4f}', 'Checkpoint epoch: 7', '"depths": [1, 1, 1]'):
+                   '](pr.png)', f'{report["metrics"]["roc_auc"]:.4f}', 'Checkpoint epoch (counted from 0): 7',
+                   '"depths": [1, 1, 1]', '![confusion matrix](confusion.png)', '![ROC curve](roc.png)'):
         assert needle in text, needle
     assert str(runs[arch]['dir']) not in text  # no local paths in a public card
     if arch == 'inception_v4_pcam':
@@ -259,6 +260,12 @@ def test_hf_hub_round_trip_from_environment_only(runs: dict, published: dict, tm
     assert tuple(cfg['mean']) == PCAM_MEAN and tuple(cfg['std']) == PCAM_STD
     assert tuple(cfg['input_size']) == (3, 96, 96) and cfg['crop_pct'] == 1.0
     _same_weights(load_file(out), runs[arch]['model'].state_dict())
+
+
+def test_every_model_has_its_official_repo() -> None:
+    """The official-repo refusal of synthetic weights covered inception_v4_pcam and inception_resnet_v2_pcam only."""
+    assert set(OFFICIAL_REPOS) == set(timm.list_models('*_pcam')) and len(OFFICIAL_REPOS) == 7
+    assert OFFICIAL_REPOS['googlenet_pcam'] == 'timm-inception-pcam/googlenet_pcam'
 
 
 @pytest.mark.parametrize('arch', list(MODEL_KWARGS))
@@ -570,7 +577,7 @@ def test_a_report_not_on_pcam_never_gives_a_pcam_model_index(variant: str, runs:
         assert '**Data of unrecorded provenance.**' in body
     if 'synthetic' in variant:  # at every number: title, summary box, heading, table caption, plot captions
         assert 'synthetic' in title and '**Synthetic data.**' in body and '**Synthetic data:** measured' in body
-        assert '![roc curve (synthetic data)](roc.png)' in body
+        assert '![ROC curve (synthetic data)](roc.png)' in body
 
 
 def test_a_checkpoint_trained_on_synthetic_data_is_labelled_even_with_a_pcam_report(runs: dict) -> None:

@@ -275,6 +275,13 @@ def test_refuses_to_overwrite_a_run_and_bad_resumes(pcam_dir, finished_run, tmp_
         main(quick_args(pcam_dir, out, '--resume', str(out / LAST_NAME), '--num-classes', '3'))
     with pytest.raises(TrainError, match='not a training state'):
         main(quick_args(pcam_dir, out, '--resume', str(out / BEST_NAME)))
+    # --resume alone: the same answer (it said "pass --data-dir and the run's other options", then refused them)
+    with pytest.raises(TrainError, match=r"not a training state .*the run's last.pth\); use --initial-checkpoint"):
+        config_from_args(['--resume', str(out / BEST_NAME)])
+    afile = tmp_path / 'data.h5'
+    afile.write_text('x')
+    with pytest.raises(TrainError, match='data.h5: a file, not a folder'):
+        main(quick_args(afile, tmp_path / 'e'))
     corrupt = tmp_path / 'corrupt.pth'
     corrupt.write_bytes((out / LAST_NAME).read_bytes()[:5000])
     with pytest.raises(CheckpointError, match=r'corrupt.pth: .* \(OSError: \[Errno 22\] Invalid argument\)$'):

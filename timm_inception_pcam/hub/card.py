@@ -20,7 +20,10 @@ TEMPLATE = Path(__file__).with_name('model_card.md')
 # PatchCamelyon on the Hub: the complete official splits under PCam's own names (train / valid / test, 262,144 /
 # 32,768 / 32,768 patches), CC0 like the original, with the paper's citation (README section:publish says more).
 DEFAULT_DATASET_ID = '1aurent/PatchCamelyon'
-PAPERS = {'inception_v4_pcam': 'Inception-v4', 'inception_resnet_v2_pcam': 'Inception-ResNet-v2'}
+PAPERS = {'inception_v4_pcam': 'Inception-v4', 'inception_resnet_v2_pcam': 'Inception-ResNet-v2',
+          'inception_resnet_v1_pcam': 'Inception-ResNet-v1', 'inception_v3_pcam': 'Inception-v3',
+          'googlenet_pcam': 'GoogLeNet (Inception-v1)', 'vgg16_pcam': 'VGG16', 'vgg16_bn_pcam': 'VGG16 with BatchNorm'}
+_PLOT_NAMES = {'roc': 'ROC curve', 'pr': 'precision-recall curve', 'confusion': 'confusion matrix'}
 _PCAM_TAGS = ['patchcamelyon', 'pcam']
 _BASE_TAGS = ['timm', 'image-classification', 'pathology', 'histopathology', 'timm-inception-pcam']
 _DATA_NOTES = {
@@ -115,9 +118,11 @@ def render_card(*, repo_id: str, arch: str, report: Mapping[str, Any], provenanc
                   f'{onnx_info["input_dtype"]} NCHW, normalised as above')
     else:
         input_name, output_name, layout = 'input', 'logits', ''
-    meta_lines = [(label, meta[key]) for key, label in (
-        ('epoch', 'Checkpoint epoch'), ('weights', 'Weights'), ('selection', 'Selected by'),
-        ('best_metric', 'Selection value')) if meta.get(key) is not None]
+    shown = {'best_metric': lambda v: f'{v:.4f}' if finite_number(v) else v}
+    meta_lines = [(label, shown.get(key, lambda v: v)(meta[key])) for key, label in (
+        ('epoch', 'Checkpoint epoch (counted from 0)'), ('weights', 'Weights'), ('selection', 'Selected by'),
+        ('best_metric', f'Selection value (validation split{", synthetic data" if synthetic else ""})'))
+        if meta.get(key) is not None]
     card = ModelCard.from_template(
         data, template_path=str(TEMPLATE),
         name=name, repo_id=repo_id, arch=arch, paper=PAPERS.get(arch, arch), num_params=num_params,
@@ -125,7 +130,7 @@ def render_card(*, repo_id: str, arch: str, report: Mapping[str, Any], provenanc
         synthetic=synthetic, data_note=_DATA_NOTES.get('synthetic' if synthetic else provenance, ''),
         training_text=_TRAINING[training], training_data_line=_TRAINING[training].replace('trained on ', '', 1),
         results_heading=heading, results_caption=caption, rows=rows, threshold_line=threshold_line,
-        confusion_line=confusion_line, plots=list(plots.items()),
+        confusion_line=confusion_line, plots=[(_PLOT_NAMES.get(k, k), f) for k, f in plots.items()],
         plot_note=' (synthetic data)' if synthetic else '', onnx=onnx_info, onnx_name=ONNX_NAME,
         onnx_layout=layout, input_name=input_name, output_name=output_name, baked=baked,
         trt_shape='96x96x3' if baked else '3x96x96',

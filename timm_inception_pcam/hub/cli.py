@@ -18,17 +18,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import timm
+
+from .. import models  # noqa: F401  (registers the models and their .pcam tags)
 from ..errors import ArgumentParser
-from ..models._common import PCAM_HUB_ORG
-from .card import DEFAULT_DATASET_ID, PAPERS
+from .card import DEFAULT_DATASET_ID
 from .folder import FolderConfig, build_hub_folder
 from .report import PublishError, check_repo_id
 from .upload import check_upload_allowed, not_pcam_reasons, upload_command, upload_folder
 
 __all__ = ['OFFICIAL_REPOS', 'build_parser', 'main']
 
-# Where the project's own PCam-trained weights go: the models' `<model>.pcam` tags name these repos.
-OFFICIAL_REPOS: dict[str, str] = {name: f'{PCAM_HUB_ORG}/{name}' for name in PAPERS}
+# Where the project's own PCam-trained weights go: the repos the models' `<model>.pcam` tags name (all seven models).
+OFFICIAL_REPOS: dict[str, str] = {name.split('.')[0]: timm.models.get_pretrained_cfg(name).hf_hub_id
+                                  for name in timm.list_pretrained('*.pcam')}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from timm.utils import ModelEmaV3, NativeScaler
 
-from ..checkpoint import CHECKPOINT_FORMAT, save_checkpoint
+from ..checkpoint import save_checkpoint
 from ..storage import atomic_path, atomic_write_json
 from .config import BEST_NAME, LAST_NAME, LOG_CSV, LOG_JSON, TrainConfig, TrainError
 
@@ -66,13 +66,7 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 
 def check_resume(ckpt: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
-    """Refuse a `--resume` file that is not this trainer's `last.pth` or trains another model."""
-    if ckpt.get('format') != CHECKPOINT_FORMAT or ckpt.get('train_state') != TRAIN_STATE['last'] \
-            or 'optimizer' not in ckpt:
-        raise TrainError(f'--resume {path}: not a training state written by this trainer (format '
-                         f'{ckpt.get("format")!r}, train_state {ckpt.get("train_state")!r}; expected '
-                         f'{CHECKPOINT_FORMAT!r}, {TRAIN_STATE["last"]!r}); use --initial-checkpoint to start a new '
-                         'run from its weights')
+    """Refuse a `--resume` state (`read_resume`'s) that trains another model than `cfg`."""
     saved = ckpt.get('train_args', {})
     if saved.get('model', '').split('.')[0] != cfg.model.split('.')[0]:
         raise TrainError(f'--resume {path}: the checkpoint trains {saved.get("model")!r}, not --model {cfg.model!r}')

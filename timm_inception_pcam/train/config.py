@@ -263,8 +263,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> TrainConfig:
             raise TrainError(f'--resume {args.resume}: the run\'s data folder {args.data_dir} is not there any more; '
                              f'pass --data-dir')
         if args.data_dir is None:
-            raise TrainError(f'--resume {args.resume}: records no options (not a {LAST_NAME} of this trainer?); '
-                             f'pass --data-dir and the run\'s other options')
+            raise TrainError(f'--resume {args.resume}: records no data folder; pass --data-dir')
     if args.data_dir is None:
         parser.error('the following arguments are required: --data-dir (or --resume with a run that records it)')
     return TrainConfig(**vars(args))
@@ -279,9 +278,20 @@ def _given_options(argv: Sequence[str] | None) -> set[str]:
 
 
 def read_resume(path: Path) -> dict[str, Any]:
-    """The checkpoint --resume names, read: TrainError for a folder or a missing file, CheckpointError if unreadable."""
+    """The training state --resume names, read: TrainError for a folder, a missing file or another kind of checkpoint
+    (CheckpointError if unreadable)."""
     if path.is_dir():
         raise TrainError(f'--resume {path}: a folder, expected a checkpoint file (e.g. {path / LAST_NAME})')
     if not path.is_file():
         raise TrainError(f'--resume {path}: no such file')
-    return read_checkpoint(path)
+    from ..checkpoint import CHECKPOINT_FORMAT
+    from .checkpointing import TRAIN_STATE
+
+    ckpt = read_checkpoint(path)
+    if ckpt.get('format') != CHECKPOINT_FORMAT or ckpt.get('train_state') != TRAIN_STATE['last'] \
+            or 'optimizer' not in ckpt:
+        raise TrainError(f'--resume {path}: not a training state written by this trainer (format '
+                         f'{ckpt.get("format")!r}, train_state {ckpt.get("train_state")!r}; expected '
+                         f'{CHECKPOINT_FORMAT!r}, {TRAIN_STATE["last"]!r}: the run\'s {LAST_NAME}); use '
+                         f'--initial-checkpoint to start a new run from its weights')
+    return ckpt

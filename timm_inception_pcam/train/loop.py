@@ -72,7 +72,8 @@ def build_loaders(cfg: TrainConfig, device: torch.device, rank: int, world: int
     from ..data import PCamDataset, create_pcam_transform
 
     if not cfg.data_dir.is_dir():
-        raise TrainError(f'--data-dir {cfg.data_dir}: no such folder (expected the official PCam HDF5 files)')
+        what = 'a file, not a folder' if cfg.data_dir.exists() else 'no such folder'
+        raise TrainError(f'--data-dir {cfg.data_dir}: {what} (expected the folder of the official PCam HDF5 files)')
     train_set: Dataset = PCamDataset(cfg.data_dir, cfg.train_split, transform=create_pcam_transform(is_training=True),
                                      in_memory=cfg.in_memory)
     val_set: Dataset = PCamDataset(cfg.data_dir, cfg.val_split, in_memory=cfg.in_memory)  # raw: batch preprocessing
