@@ -463,6 +463,8 @@ def test_module_commands_exit_2_without_traceback(module, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f'slide: error: {tmp_path / "missing.svs"}: slide file not found']
+    with pytest.raises(wsi.SlideError, match='a folder, expected a slide file'):  # it said "slide file not found"
+        wsi.open_slide(tmp_path)
 
 
 def test_sigterm_saves_progress_and_releases_the_folder(synthetic, probe_checkpoint, tmp_path, capsys):

@@ -244,6 +244,19 @@ def test_client_round_trip_against_kserve_standin(repository, model, tmp_path: P
         assert 'x.npy: file not found' in capsys.readouterr().err
 
 
+def test_patch_files_that_are_not_patches_are_named_once(tmp_path: Path) -> None:
+    from timm_inception_pcam.errors import DataError
+    from timm_inception_pcam.serve_client import read_patch_files
+
+    np.save(tmp_path / 'f32.npy', np.zeros((2, 96, 96, 3), np.float32))
+    with pytest.raises(DataError) as e:  # it named the file twice: 'f32.npy: not usable as PCam patches (/...f32.npy:'
+        read_patch_files([tmp_path / 'f32.npy'])
+    assert str(e.value) == f'{tmp_path / "f32.npy"}: expected dtype uint8 (0..255), got float32'
+    (tmp_path / 'bad.npy').write_bytes(b'not numpy')
+    with pytest.raises(DataError, match=r'bad\.npy: not usable as PCam patches \('):
+        read_patch_files([tmp_path / 'bad.npy'])
+
+
 def test_unreachable_server_is_one_line(tmp_path: Path) -> None:
     from timm_inception_pcam.serve_client import infer_patches
 

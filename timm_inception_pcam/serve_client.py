@@ -62,12 +62,16 @@ def read_patch_files(paths: Sequence[str | Path]) -> np.ndarray:
             raise DataError(f'{p}: file not found; expected a .npy of uint8 patches or a 96x96 image')
         try:
             if p.suffix == '.npy':
-                arrays.append(check_patches(np.load(p, allow_pickle=False), str(p)))
+                data = np.load(p, allow_pickle=False)
             else:
                 with Image.open(p) as im:
-                    arrays.append(check_patches(np.asarray(im.convert('RGB')), str(p)))
+                    data = np.asarray(im.convert('RGB'))
         except (ValueError, OSError, UnidentifiedImageError) as e:
             raise DataError(f'{p}: not usable as PCam patches ({e})') from None
+        try:
+            arrays.append(check_patches(data, str(p)))
+        except ValueError as e:  # names the file and what was expected
+            raise DataError(str(e)) from None
     return np.concatenate(arrays)
 
 

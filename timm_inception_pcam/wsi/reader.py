@@ -30,6 +30,8 @@ class WholeSlide:
                              f'({e})') from e
         self._openslide = openslide
         self.path = Path(path)
+        if self.path.is_dir():
+            raise SlideError(f'{self.path}: a folder, expected a slide file (.svs, .tif, .ndpi, ...)')
         if not self.path.is_file():
             raise SlideError(f'{self.path}: slide file not found')
         try:
