@@ -134,3 +134,13 @@ def test_pretrained_weights_out_of_reach_are_one_line(tmp_path: Path, capsys, mo
                                                'depths=1,1,1', '--output', str(tmp_path / 'out')]) == 2
     _one_line(capsys, 'inception_v4_pcam: pretrained weights could not be loaded')
     assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('name, kind', [('m.onnx', 'ONNX'), ('m.xml', 'OpenVINO'), ('m.plan', 'TensorRT')])
+def test_an_exported_model_where_a_checkpoint_is_needed_is_named(name: str, kind: str, tmp_path) -> None:
+    """export.triton --checkpoint m.onnx said 'cannot load as a weights-only PyTorch checkpoint'."""
+    from timm_inception_pcam.checkpoint import CheckpointError, read_checkpoint
+
+    (tmp_path / name).write_bytes(b'exported')
+    with pytest.raises(CheckpointError, match=f'{name}: an exported {kind} model; this needs the PyTorch checkpoint'):
+        read_checkpoint(tmp_path / name)

@@ -37,6 +37,9 @@ def _to_plain(value: Any) -> Any:
     return value
 
 
+_EXPORTED = {'.onnx': 'ONNX', '.xml': 'OpenVINO', '.plan': 'TensorRT', '.engine': 'TensorRT'}
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load a checkpoint file into a dict with at least 'state_dict'.
 
@@ -49,6 +52,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             if (path / 'config.json').is_file() else ''
         raise CheckpointError(f'{path}: a folder, expected a checkpoint file{hub}' if path.is_dir()
                               else f'{path}: checkpoint file not found')
+    exported = _EXPORTED.get(path.suffix.lower())
+    if exported:  # where a command takes exported models, it routes them before this
+        raise CheckpointError(f'{path}: an exported {exported} model; this needs the PyTorch checkpoint it was '
+                              f'exported from (.pth or .safetensors)')
     if path.suffix == '.safetensors':
         from safetensors import SafetensorError, safe_open
         try:
