@@ -79,6 +79,8 @@ def test_ray_cohort_matches_single_slide_and_reruns_skip(slides, checkpoint, tmp
     rows = _table(out / 'cohort.csv')
     assert [rows[k]['status'] for k in 'abc'] == ['done', 'done', 'failed']
     assert 'c.tif' in rows['c']['error'] and rows['a']['data_provenance'] == 'synthetic'
+    assert rows['c']['data_provenance'] == 'synthetic'  # a failed row: the model's, as the others (it was empty)
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith('(model trained on synthetic data)')
     assert int(rows['b']['tissue_tiles']) > int(rows['a']['tissue_tiles']) > 0
     assert json.loads((out / 'cohort.json').read_text())['counts'] == {'done': 2, 'skipped': 0, 'failed': 1}
     for key in 'ab':  # exactly what the single-slide command writes

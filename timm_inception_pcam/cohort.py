@@ -152,14 +152,16 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def _row(job: SlideJob, status: str, seconds: float, summary: dict[str, Any] | None = None, error: str = '',
-         backend: str | None = None, changed: Sequence[str] = ()) -> dict[str, Any]:
+         info: dict[str, Any] | None = None, changed: Sequence[str] = ()) -> dict[str, Any]:
+    """A cohort table row: from the slide's summary, else (a failed slide) the run's `info`."""
     s = summary or {}
     loc = s.get('max_location') or {}
     return {'slide_id': job.slide_id, 'path': job.path, 'status': status, 'error': error,
             'tissue_tiles': s.get('tissue_tiles'), 'tissue_area_mm2': s.get('tissue_area_mm2'),
             'max_probability': s.get('max_probability'), 'max_x': loc.get('x'), 'max_y': loc.get('y'),
             'area_over_threshold_mm2': s.get('area_over_threshold_mm2'), 'seconds': round(seconds, 3),
-            'backend': s.get('backend', backend), 'data_provenance': s.get('data_provenance'),
+            'backend': s.get('backend', (info or {}).get('backend')),
+            'data_provenance': s.get('data_provenance', (info or {}).get('data_provenance')),
             'settings_changed': ' '.join(changed)}
 
 
@@ -182,12 +184,10 @@ def run_one(job: SlideJob, predict: Any, info: dict[str, Any], cfg: CohortConfig
         finally:
             slide.close()
     except PCamError as e:
-        return _row(job, 'failed', time.perf_counter() - t0, error=' '.join(str(e).split()),
-                    backend=info.get('backend'))
+        return _row(job, 'failed', time.perf_counter() - t0, error=' '.join(str(e).split()), info=info)
     except Exception as e:  # noqa: BLE001  one slide's bug must not stop a cohort: recorded with its type
         log.exception('slide %s failed', job.slide_id)
-        return _row(job, 'failed', time.perf_counter() - t0, error=f'{type(e).__name__}: {e}',
-                    backend=info.get('backend'))
+        return _row(job, 'failed', time.perf_counter() - t0, error=f'{type(e).__name__}: {e}', info=info)
     return _row(job, 'done', time.perf_counter() - t0, summary, changed=changed)
 
 
@@ -491,10 +491,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         csv_path, _ = write_table(out, rows, table_name(shard), meta)
         done = [r for r in rows if r['status'] == 'done']
         changed = sum(bool(r['settings_changed']) for r in done)
+        synthetic = any(r['data_provenance'] == 'synthetic' for r in rows)
         print(f'cohort: {len(done)} done'
               f'{f" ({changed} run again: their earlier outputs had other settings)" if changed else ""}, '
               f'{sum(r["status"] == "skipped" for r in rows)} skipped, '
-              f'{sum(r["status"] == "failed" for r in rows)} failed of {len(rows)} slides -> {csv_path}')
+              f'{sum(r["status"] == "failed" for r in rows)} failed of {len(rows)} slides -> {csv_path}'
+              f'{" (model trained on synthetic data)" if synthetic else ""}')
     failed = [r['slide_id'] for r in rows if r['status'] == 'failed']
     if failed:
         raise CohortError(f'{len(failed)} of {len(rows)} slides failed ({", ".join(failed[:5])}'
