@@ -77,7 +77,9 @@ def benchmark_slide(quick: bool = True, output: str | Path | None = None,
                 runner = create_runner(model, backend=backend, batch_size=options.batch_size)
                 runner.logits(warmup)  # first-call set-up, and the check's first measurements
                 summary = run_slide(slide['path'], functools.partial(probabilities, runner),
-                                    tmp / f'{name}-{backend}', options, progress=False)
+                                    tmp / f'{name}-{backend}', options, progress=False,
+                                    run_info={'model': name, 'backend': runner.spec.backend, 'random_weights': quick,
+                                              'data_provenance': 'unknown' if quick else 'synthetic'})
                 runner.close()
                 results['runs'].append({'model': name, 'model_source': source, 'depths': sizes.depths,
                                         'asked': backend, 'backend': runner.spec.backend,
