@@ -438,7 +438,7 @@ def test_an_output_path_that_is_a_file_exits_2_with_one_line(synthetic, tmp_path
     assert (tmp_path / 'taken').read_text() == 'a file, not a folder'
 
 
-def test_two_runs_into_one_folder_are_refused(synthetic, tmp_path):
+def test_two_runs_into_one_folder_are_refused(synthetic, tmp_path, capsys):
     out = tmp_path / 'run'
     out.mkdir()
     (out / '.lock').write_text(f'{os.getppid()} {socket.gethostname()}\n')  # a live process holds it
@@ -448,6 +448,9 @@ def test_two_runs_into_one_folder_are_refused(synthetic, tmp_path):
     (out / '.lock').write_text('999999999 ' + socket.gethostname())  # its process is gone: taken over
     wsi.run_slide(synthetic['path'], Recording(), out, options(), progress=False)
     assert (out / 'summary.json').is_file() and not (out / '.lock').exists()
+    capsys.readouterr()
+    wsi.run_slide(synthetic['path'], Recording(), out, options(), progress=False)  # said "pass --resume to continue"
+    assert f'slide: {out} holds a finished run: replacing it' in capsys.readouterr().out
 
 
 @pytest.mark.parametrize('module', ['timm_inception_pcam.slide', 'timm_inception_pcam.wsi'])

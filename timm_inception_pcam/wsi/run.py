@@ -164,6 +164,8 @@ def _classify(slide: WholeSlide, predict: Predictor, out: Path, options: SlideOp
         prob, tissue, rows_done = _load_progress(progress_path, fingerprint)
         prob[rows_done:], tissue[rows_done:] = np.nan, np.nan  # rows after the last complete one are redone
         tqdm.write(f'slide: resuming {slide.path.name} at row {rows_done} of {grid.rows}')
+    elif (out / FILES['summary']).exists():
+        tqdm.write(f'slide: {out} holds a finished run: replacing it (--resume keeps its map)')
     elif progress_path.exists():
         tqdm.write(f'slide: {progress_path} exists: starting over (pass --resume to continue it)')
     start_row = rows_done
