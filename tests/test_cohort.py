@@ -319,3 +319,12 @@ def test_a_ray_address_must_speak_grpc(reply: bytes | None, passes: bool) -> Non
         for conn in kept:
             conn.close()
         server.close()
+
+
+def test_shards_of_one_checkpoint_agree_whatever_their_model_argument() -> None:
+    """One shard run with --model, another without, on the same checkpoint file: the merge refused them."""
+    same = {0: {'model': None, 'checkpoint': '/a/m.pth', 'checkpoint_sha256': 'x', 'threshold': 0.5},
+            1: {'model': 'inception_v4_pcam', 'checkpoint': '/b/m.pth', 'checkpoint_sha256': 'x', 'threshold': 0.5}}
+    assert cohort._settings_conflict(same) == ''
+    other = {**same, 1: {**same[1], 'checkpoint_sha256': 'y'}}
+    assert cohort._settings_conflict(other).startswith('checkpoint_sha256 "x" (shard 0) vs "y" (shard 1)')

@@ -424,6 +424,12 @@ def test_onnx_of_another_checkpoint_is_refused(runs: dict, tmp_path: Path) -> No
     recorded = _export(other, tmp_path / 'recorded.onnx', checkpoint_sha256=file_sha256(other))
     argv[-1] = str(recorded)
     _assert_refused(argv, tmp_path / 'out', r'recorded.onnx: exported from another checkpoint \(sha256 ')
+    from export.fp16 import convert_fp16  # the FP16 ONNX of the published checkpoint passes (it was refused)
+
+    fp32 = _export(v4['checkpoint'], tmp_path / 'v4.onnx')
+    convert_fp16(fp32, tmp_path / 'v4.fp16.onnx', np.random.default_rng(0).integers(0, 256, (8, 96, 96, 3), np.uint8))
+    argv[-1] = str(tmp_path / 'v4.fp16.onnx')
+    assert 'model.onnx' in main(argv)['files']
 
 
 def test_onnx_with_external_data_is_published(runs: dict, tmp_path: Path) -> None:
@@ -544,10 +550,10 @@ def _variant(report: dict, extra: dict) -> dict:
     return out
 
 
-def _card(report: dict, training: str = 'unknown') -> tuple[str, Any]:
+def _card(report: dict, training: str = 'unknown', arch: str = 'inception_v4_pcam') -> tuple[str, Any]:
     provenance = report_provenance(report)
     text = render_card(
-        repo_id=f'{ORG}/x', arch='inception_v4_pcam', report=report, provenance=provenance, training=training,
+        repo_id=f'{ORG}/x', arch=arch, report=report, provenance=provenance, training=training,
         meta={}, train_args={}, model_args={}, data_cfg={'input_size': (3, 96, 96), 'mean': PCAM_MEAN,
                                                          'std': PCAM_STD},
         plots={'roc': 'roc.png'}, onnx_info=None, num_params=1000,
@@ -652,6 +658,10 @@ def test_official_repo_never_takes_a_non_pcam_result(runs: dict, tmp_path: Path)
     with pytest.raises(PublishError, match='official repo .* only takes weights evaluated on PCam .*report: synth'):
         main([*base, '--repo-id', OFFICIAL_REPOS['inception_v4_pcam'], '--output', str(tmp_path / 'o'),
               '--allow-synthetic', '--dry-run'], api=FakeHfApi(tmp_path / 'd'))
+    for repo in (OFFICIAL_REPOS['vgg16_pcam'], 'Timm-Inception-PCam/inception_v4_pcam'):  # another model's repo; case
+        with pytest.raises(PublishError, match=f'{repo}: the timm-inception-pcam organisation|{repo} is the official'):
+            main([*base, '--repo-id', repo, '--output', str(tmp_path / 'o'), '--allow-synthetic', '--dry-run'],
+                 api=FakeHfApi(tmp_path / 'd'))
 
 
 def test_pcam_tag_loads_once_the_official_repo_holds_the_weights(runs: dict, published: dict,
@@ -762,3 +772,13 @@ def test_module_command_runs_through_the_shim(tmp_path: Path) -> None:
     assert err == ['python -m timm_inception_pcam.publish: error: the following arguments are required: --report '
                    '(see python -m timm_inception_pcam.publish --help)']
     assert proc.stdout == ''  # refused before any step
+
+
+@pytest.mark.parametrize('arch, key', [('googlenet_pcam', 'szegedy2015going'), ('vgg16_pcam', 'simonyan2015very'),
+                                       ('inception_v3_pcam', 'szegedy2016rethinking'),
+                                       ('inception_resnet_v1_pcam', 'szegedy2017inception')])
+def test_card_cites_the_architecture_paper(arch: str, key: str, runs: dict) -> None:
+    """Every card cited the Inception-v4 paper, whatever its model."""
+    text, _ = _card(runs['inception_v4_pcam']['report_data'], arch=arch)
+    assert f'{{{key},' in text and 'veeling2018rotation' in text
+    assert ('szegedy2017inception' in text) == (key == 'szegedy2017inception')

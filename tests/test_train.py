@@ -445,8 +445,11 @@ def _exit_2_one_line(capsys, argv: list[str], *needles: str) -> str:
     (('--device', 'bogus'), ("--device 'bogus': expected cpu, cuda or cuda:N",)),
     # tracebacks before: an unknown tag, a step schedule of period 0, one beta for adam, an empty argument name
     (('--model', 'inception_v4_pcam.nosuch'), ("inception_v4_pcam has no pretrained tag 'nosuch' (its tags: ",)),
+    (('--model', 'inception_v4_pcam.nosuch', '--pretrained'), ("inception_v4_pcam has no pretrained tag 'nosuch'",)),
     (('--sched', 'step', '--decay-epochs', '0'), ('--decay-epochs must be > 0',)),
-    (('--opt', 'adam', '--opt-betas', '0.9'), ('--opt adam --opt-betas 0.9: ',)),
+    (('--opt', 'adam', '--opt-betas', '0.9'), ('--opt adam --opt-betas 0.9: adam takes 2 betas (default 0.9 0.999)',)),
+    (('--opt', 'lamb', '--opt-betas', '0.9'), ('lamb takes 2 betas',)),  # a traceback at its first step
+    (('--opt', 'adamw', '--opt-betas', '0.9', '0.99', '0.5'), ('adamw takes 2 betas', 'got 3')),  # taken silently
     # accepted silently before: a negative lr, a rising schedule, a string 'false' (true), a second class count
     (('--decay-rate', '-1'), ('--decay-rate must be > 0 and <= 1',)),
     (('--min-lr', '0.1', '--lr', '0.001'), ('--min-lr 0.1 is above --lr 0.001',)),
@@ -657,6 +660,8 @@ def test_resume_alone_continues_the_run_as_it_was_started(finished_run, pcam_dir
                       '--no-progress'])  # the best checkpoint it names is there (it was only in the first folder)
     assert elsewhere.best_checkpoint is not None and elsewhere.best_checkpoint.is_file()
     assert elsewhere.best_checkpoint.parent == tmp_path / 'elsewhere' and (run / LAST_NAME).read_bytes() == before
+    done = main(['--resume', str(run / LAST_NAME), '--output', str(tmp_path / 'done'), '--no-progress'])
+    assert all(p.is_file() for p in (done.last_checkpoint, done.best_checkpoint, tmp_path / 'done' / LOG_CSV))
     with pytest.raises(SystemExit):  # without --resume, --data-dir is required as before
         config_from_args(['--output', str(run)])
     garbage = tmp_path / 'garbage.pth'

@@ -21,7 +21,7 @@ from .models._common import WeightsUnavailableError, is_aux_key
 from .storage import atomic_path
 
 __all__ = ['CHECKPOINT_FORMAT', 'CheckpointError', 'read_checkpoint', 'load_model', 'save_checkpoint',
-           'model_kwargs_of', 'ModelKwargsAction', 'create_model',
+           'model_kwargs_of', 'ModelKwargsAction', 'check_pretrained_tag', 'create_model',
            'ModelArgumentError']
 
 # The one format of every checkpoint this project writes (the trainer's last.pth / model_best.pth add 'train_state').
@@ -166,14 +166,19 @@ class ModelArgumentError(UsageError):
         self.argument = argument
 
 
-def create_model(model_name: str, **kwargs: Any) -> nn.Module:
-    """`timm.create_model`; an argument the model does not take raises ModelArgumentError (a usage error), pretrained
-    weights that cannot be had (not cached, offline, unreachable) WeightsUnavailableError, an unknown pretrained
-    tag a UsageError."""
+def check_pretrained_tag(model_name: str) -> None:
+    """UsageError for `arch.tag` with a tag the registered `arch` does not have (timm raised a RuntimeError)."""
     arch, _, tag = model_name.partition('.')
     if tag and ':' not in model_name and timm.is_model(arch) and model_name not in timm.list_pretrained(f'{arch}.*'):
         tags = ', '.join(name.split('.', 1)[1] for name in timm.list_pretrained(f'{arch}.*')) or 'none'
         raise UsageError(f'{model_name}: {arch} has no pretrained tag {tag!r} (its tags: {tags})')
+
+
+def create_model(model_name: str, **kwargs: Any) -> nn.Module:
+    """`timm.create_model`; an argument the model does not take raises ModelArgumentError (a usage error), pretrained
+    weights that cannot be had (not cached, offline, unreachable) WeightsUnavailableError, an unknown pretrained
+    tag a UsageError."""
+    check_pretrained_tag(model_name)
     try:
         return timm.create_model(model_name, **kwargs)
     except OSError as e:  # huggingface_hub's and urllib's errors: not in the cache, offline, no such repo or file

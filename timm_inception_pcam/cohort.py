@@ -356,12 +356,12 @@ def run_settings(cfg: CohortConfig) -> dict[str, Any]:
 
 
 def _settings_conflict(settings: dict[int, dict[str, Any]]) -> str:
-    """'' when every shard's settings agree, else which differ in which shards (a checkpoint's path only counts
-    without its sha256: the same file may sit at another path on another node)."""
+    """'' when every shard's settings agree, else which differ in which shards (a checkpoint's path and --model only
+    count without its sha256: the same file may sit at another path on another node)."""
     parts = []
     for key in sorted({k for s in settings.values() for k in s}):
-        if key == 'checkpoint' and all(s.get('checkpoint_sha256') for s in settings.values()):
-            continue
+        if key in ('checkpoint', 'model') and all(s.get('checkpoint_sha256') for s in settings.values()):
+            continue  # the file decides: --model given on one node and not another names the same model
         shards_of: dict[str, list[int]] = {}
         for k, s in sorted(settings.items()):
             shards_of.setdefault(json.dumps(s.get(key), sort_keys=True), []).append(k)

@@ -136,6 +136,13 @@ class Terminated(KeyboardInterrupt):
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:
+    previous = sys.unraisablehook
+
+    def quiet(unraisable: Any) -> None:  # `timeout` and SLURM signal the whole group: the DataLoader workers too
+        if not re.search(r'DataLoader worker \(pid[^)]*\) is killed by signal: Terminated', str(unraisable.exc_value)):
+            previous(unraisable)
+
+    sys.unraisablehook = quiet  # the process is ending: their deaths need no traceback
     raise Terminated()
 
 

@@ -23,6 +23,32 @@ DEFAULT_DATASET_ID = '1aurent/PatchCamelyon'
 PAPERS = {'inception_v4_pcam': 'Inception-v4', 'inception_resnet_v2_pcam': 'Inception-ResNet-v2',
           'inception_resnet_v1_pcam': 'Inception-ResNet-v1', 'inception_v3_pcam': 'Inception-v3',
           'googlenet_pcam': 'GoogLeNet (Inception-v1)', 'vgg16_pcam': 'VGG16', 'vgg16_bn_pcam': 'VGG16 with BatchNorm'}
+_INCEPTION_V4 = """@inproceedings{szegedy2017inception,
+  title={Inception-v4, Inception-ResNet and the Impact of Residual Connections on Learning},
+  author={Szegedy, Christian and Ioffe, Sergey and Vanhoucke, Vincent and Alemi, Alexander A.},
+  booktitle={AAAI Conference on Artificial Intelligence}, year={2017}
+}"""
+_VGG = """@inproceedings{simonyan2015very,
+  title={Very Deep Convolutional Networks for Large-Scale Image Recognition},
+  author={Simonyan, Karen and Zisserman, Andrew},
+  booktitle={International Conference on Learning Representations (ICLR)}, year={2015}
+}"""
+CITATIONS = {  # the paper of each architecture, cited in its card beside PCam's
+    'inception_v4_pcam': _INCEPTION_V4, 'inception_resnet_v2_pcam': _INCEPTION_V4,
+    'inception_resnet_v1_pcam': _INCEPTION_V4,
+    'inception_v3_pcam': """@inproceedings{szegedy2016rethinking,
+  title={Rethinking the Inception Architecture for Computer Vision},
+  author={Szegedy, Christian and Vanhoucke, Vincent and Ioffe, Sergey and Shlens, Jon and Wojna, Zbigniew},
+  booktitle={IEEE Conference on Computer Vision and Pattern Recognition (CVPR)}, year={2016}
+}""",
+    'googlenet_pcam': """@inproceedings{szegedy2015going,
+  title={Going Deeper with Convolutions},
+  author={Szegedy, Christian and Liu, Wei and Jia, Yangqing and Sermanet, Pierre and Reed, Scott and Anguelov,
+    Dragomir and Erhan, Dumitru and Vanhoucke, Vincent and Rabinovich, Andrew},
+  booktitle={IEEE Conference on Computer Vision and Pattern Recognition (CVPR)}, year={2015}
+}""",
+    'vgg16_pcam': _VGG, 'vgg16_bn_pcam': _VGG,
+}
 _PLOT_NAMES = {'roc': 'ROC curve', 'pr': 'precision-recall curve', 'confusion': 'confusion matrix'}
 _PCAM_TAGS = ['patchcamelyon', 'pcam']
 _BASE_TAGS = ['timm', 'image-classification', 'pathology', 'histopathology', 'timm-inception-pcam']
@@ -125,7 +151,8 @@ def render_card(*, repo_id: str, arch: str, report: Mapping[str, Any], provenanc
         if meta.get(key) is not None]
     card = ModelCard.from_template(
         data, template_path=str(TEMPLATE),
-        name=name, repo_id=repo_id, arch=arch, paper=PAPERS.get(arch, arch), num_params=num_params,
+        name=name, repo_id=repo_id, arch=arch, paper=PAPERS.get(arch, arch), citation=CITATIONS.get(arch, ''),
+        num_params=num_params,
         size=list(data_cfg['input_size']), labels=list(LABEL_NAMES), provenance=provenance, training=training,
         synthetic=synthetic, data_note=_DATA_NOTES.get('synthetic' if synthetic else provenance, ''),
         training_text=_TRAINING[training], training_data_line=_TRAINING[training].replace('trained on ', '', 1),

@@ -20,8 +20,8 @@ from typing import Any
 
 import timm
 
-from .. import models  # noqa: F401  (registers the models and their .pcam tags)
 from ..errors import ArgumentParser
+from ..models._common import PCAM_HUB_ORG  # (importing the models registers them and their .pcam tags)
 from .card import DEFAULT_DATASET_ID
 from .folder import FolderConfig, build_hub_folder
 from .report import PublishError, check_repo_id
@@ -81,7 +81,12 @@ def main(argv: Sequence[str] | None = None, *, api: Any = None) -> dict[str, Any
     result['repo_id'] = args.repo_id
     result['upload_command'] = upload_command(result['folder'], args.repo_id, message, args.private)
     result['uploaded'] = False
-    official = args.repo_id == OFFICIAL_REPOS.get(result['model'])
+    own_repo = OFFICIAL_REPOS.get(result['model'], '')
+    official = args.repo_id.split('/')[0].lower() == PCAM_HUB_ORG.lower()  # the Hub's names ignore case
+    if official and args.repo_id.lower() != own_repo.lower():
+        raise PublishError(f'{args.repo_id}: the {PCAM_HUB_ORG} organisation holds the official repo of each '
+                           f'model\'s .pcam tag; {result["model"]} weights go to {own_repo or "none of them"} or to '
+                           f'a repo of yours')
     if official and (result['data_provenance'] != 'pcam' or result['training_data_provenance'] == 'synthetic'):
         raise PublishError(f'{args.repo_id} is the official repo of the {result["model"]}.pcam tag: it only takes '
                            f'weights evaluated on PCam and not trained on synthetic data (report: '

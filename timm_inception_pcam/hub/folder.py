@@ -202,7 +202,7 @@ def _check_onnx_is_the_model(onnx_path: Path, model: Any, checkpoint: Path, chec
 
     from ..inference import create_runner, probabilities
 
-    runner = create_runner(onnx_path, 'onnxruntime', precision='fp32')
+    runner = create_runner(onnx_path, 'onnxruntime')  # at the file's precision: an FP16 export too
     try:
         recorded = runner.spec.extra.get('checkpoint_sha256')
         if recorded and recorded != checkpoint_sha:

@@ -23,7 +23,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from ..precision import autocast_dtype, choose_precision
 from ..storage import atomic_path, claim_output_dir
 from .checkpointing import RunState, capture_rng_state, check_resume, seed_everything
-from .config import BEST_NAME, LAST_NAME, LOG_CSV, TrainConfig, TrainError, TrainResult, read_resume
+from .config import BEST_NAME, LAST_NAME, LOG_CSV, LOG_JSON, TrainConfig, TrainError, TrainResult, read_resume
 from .loop import best_of, build_loaders, train_one_epoch, unwrap, validate
 from .model import create_train_model
 
@@ -55,12 +55,19 @@ def _check_optimizer(cfg: TrainConfig) -> None:
     for a one-layer model."""
     if cfg.opt.lower() not in list_optimizers():
         raise TrainError(f'--opt {cfg.opt!r}: unknown timm optimizer (e.g. adamw, sgd, rmsproptf)')
+    betas = f' --opt-betas {" ".join(f"{b:g}" for b in cfg.opt_betas)}' if cfg.opt_betas else ''
+    default = create_optimizer_v2(nn.Linear(1, 1), opt=cfg.opt).defaults.get('betas')
+    if cfg.opt_betas and default is not None and len(cfg.opt_betas) != len(default):
+        raise TrainError(f'--opt {cfg.opt}{betas}: {cfg.opt} takes {len(default)} betas (default '
+                         f'{" ".join(f"{b:g}" for b in default)}), got {len(cfg.opt_betas)}')
     try:
-        _create_optimizer(cfg, nn.Linear(1, 1))
-    except (ValueError, IndexError, TypeError, AssertionError) as e:
-        betas = f' --opt-betas {" ".join(f"{b:g}" for b in cfg.opt_betas)}' if cfg.opt_betas else ''
-        raise TrainError(f'--opt {cfg.opt}{betas}: {e or type(e).__name__} (e.g. two --opt-betas for adam and '
-                         f'adamw)') from None
+        layer = nn.Linear(1, 1)
+        optimizer = _create_optimizer(cfg, layer)
+        layer(torch.ones(1, 1)).sum().backward()
+        optimizer.step()  # some refuse their settings only here (lamb's betas)
+    except (ValueError, IndexError, TypeError, AssertionError, RuntimeError) as e:
+        raise TrainError(f'--opt {cfg.opt}{betas}: the optimizer refuses these settings ({type(e).__name__}: '
+                         f'{e})') from None
 
 
 def _create_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, updates_per_epoch: int) -> tuple[Any, int]:
@@ -137,7 +144,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         if primary else contextlib.nullcontext(out_dir)
     with claim, _messages(primary, cfg.progress):
         if primary and cfg.resume is not None:
-            _carry_best(cfg.resume.parent, out_dir)
+            _carry_run(cfg.resume.parent, out_dir)
         dist_info = init_distributed_device_so(device=device_name)
         try:
             return _run(cfg, out_dir, resume_ckpt, torch.device(dist_info['device']), dist_info['global_rank'],
@@ -147,13 +154,15 @@ def train(cfg: TrainConfig) -> TrainResult:
                 dist.destroy_process_group()
 
 
-def _carry_best(run_dir: Path, out_dir: Path) -> None:
-    """A run resumed into another folder takes its model_best.pth along: the folder (and the result) named a best
-    checkpoint that was only in the first one."""
-    best = run_dir / BEST_NAME
-    if run_dir.resolve() != out_dir.resolve() and best.is_file() and not (out_dir / BEST_NAME).exists():
-        with atomic_path(out_dir / BEST_NAME) as tmp:
-            shutil.copyfile(best, tmp)
+def _carry_run(run_dir: Path, out_dir: Path) -> None:
+    """A run resumed into another folder takes its files along (model_best.pth, last.pth, the logs): the folder and
+    the result named files that were only in the first one (all of them when nothing was left to train)."""
+    if run_dir.resolve() == out_dir.resolve():
+        return
+    for name in (BEST_NAME, LAST_NAME, LOG_JSON, LOG_CSV):
+        if (run_dir / name).is_file() and not (out_dir / name).exists():
+            with atomic_path(out_dir / name) as tmp:
+                shutil.copyfile(run_dir / name, tmp)
 
 
 def _run(cfg: TrainConfig, out_dir: Path, resume_ckpt: dict[str, Any] | None, device: torch.device, rank: int,

@@ -11,7 +11,15 @@ import timm
 import torch
 import torch.nn as nn
 
-from ..checkpoint import CheckpointError, ModelArgumentError, create_model, load_model, model_kwargs_of, read_checkpoint
+from ..checkpoint import (
+    CheckpointError,
+    ModelArgumentError,
+    check_pretrained_tag,
+    create_model,
+    load_model,
+    model_kwargs_of,
+    read_checkpoint,
+)
 from .config import TrainConfig, TrainError
 
 __all__ = ['architecture_kwargs', 'create_train_model']
@@ -80,6 +88,7 @@ def create_train_model(cfg: TrainConfig, resume: Mapping[str, Any] | None = None
     if not timm.is_model(name.split('.')[0]):
         pcam = ', '.join(timm.list_models('*pcam*')) or 'none registered'
         raise TrainError(f'--model {name!r}: not a registered timm model (PCam models: {pcam})')
+    check_pretrained_tag(name)  # before the pretrained weights are looked up
     aux = {'aux_logits': True} if cfg.aux_weight > 0 else {}  # training-only heads: not in the stored kwargs
     if resume is not None:
         kwargs = architecture_kwargs(cfg, model_kwargs_of(resume))
