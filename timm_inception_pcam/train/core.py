@@ -56,15 +56,17 @@ def _check_optimizer(cfg: TrainConfig) -> None:
     if cfg.opt.lower() not in list_optimizers():
         raise TrainError(f'--opt {cfg.opt!r}: unknown timm optimizer (e.g. adamw, sgd, rmsproptf)')
     betas = f' --opt-betas {" ".join(f"{b:g}" for b in cfg.opt_betas)}' if cfg.opt_betas else ''
-    default = create_optimizer_v2(nn.Linear(1, 1), opt=cfg.opt).defaults.get('betas')
-    if cfg.opt_betas and default is not None and len(cfg.opt_betas) != len(default):
-        raise TrainError(f'--opt {cfg.opt}{betas}: {cfg.opt} takes {len(default)} betas (default '
-                         f'{" ".join(f"{b:g}" for b in default)}), got {len(cfg.opt_betas)}')
     try:
+        default = create_optimizer_v2(nn.Linear(1, 1), opt=cfg.opt).defaults.get('betas')
+        if cfg.opt_betas and default is not None and len(cfg.opt_betas) != len(default):
+            raise TrainError(f'--opt {cfg.opt}{betas}: {cfg.opt} takes {len(default)} betas (default '
+                             f'{" ".join(f"{b:g}" for b in default)}), got {len(cfg.opt_betas)}')
         layer = nn.Linear(1, 1)
         optimizer = _create_optimizer(cfg, layer)
         layer(torch.ones(1, 1)).sum().backward()
         optimizer.step()  # some refuse their settings only here (lamb's betas)
+    except TrainError:
+        raise
     except (ValueError, IndexError, TypeError, AssertionError, RuntimeError) as e:
         raise TrainError(f'--opt {cfg.opt}{betas}: the optimizer refuses these settings ({type(e).__name__}: '
                          f'{e})') from None
