@@ -66,8 +66,8 @@ def _load_progress(path: Path, fingerprint: dict) -> tuple[np.ndarray, np.ndarra
             prob, tissue, rows_done = z['probability'], z['tissue'], int(z['rows_done'])
     except (OSError, ValueError, KeyError) as e:
         raise SlideError(f'{path}: unreadable progress file ({e}); delete it or run without --resume') from e
-    expected = json.loads(json.dumps(fingerprint, sort_keys=True))
     if diffs := _differences(found, fingerprint):
+        expected = json.loads(json.dumps(fingerprint, sort_keys=True))
         detail = '; '.join(f'{k}: saved {found.get(k)!r}, now {expected.get(k)!r}' for k in diffs)
         raise SlideError(f'{path}: the saved progress was made with other settings ({detail}); run without '
                          f'--resume to start over')
