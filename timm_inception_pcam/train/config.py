@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import ModelKwargsAction, read_checkpoint
+from ..checkpoint import CHECKPOINT_FORMAT, ModelKwargsAction, read_checkpoint
 from ..constants import MAX_SEED, MAX_WORKERS, PCAM_NUM_CLASSES
 from ..errors import ArgumentParser, PCamError, check_range
 from ..precision import AUTOCAST_PRECISIONS, parse_precision
@@ -284,8 +284,7 @@ def read_resume(path: Path) -> dict[str, Any]:
         raise TrainError(f'--resume {path}: a folder, expected a checkpoint file (e.g. {path / LAST_NAME})')
     if not path.is_file():
         raise TrainError(f'--resume {path}: no such file')
-    from ..checkpoint import CHECKPOINT_FORMAT
-    from .checkpointing import TRAIN_STATE
+    from .checkpointing import TRAIN_STATE  # checkpointing imports this module
 
     ckpt = read_checkpoint(path)
     if ckpt.get('format') != CHECKPOINT_FORMAT or ckpt.get('train_state') != TRAIN_STATE['last'] \
