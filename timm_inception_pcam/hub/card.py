@@ -144,8 +144,8 @@ def render_card(*, repo_id: str, arch: str, report: Mapping[str, Any], provenanc
                   f'{onnx_info["input_dtype"]} NCHW, normalised as above')
     else:
         input_name, output_name, layout = 'input', 'logits', ''
-    shown = {'best_metric': lambda v: f'{v:.4f}' if finite_number(v) else v}
-    meta_lines = [(label, shown.get(key, lambda v: v)(meta[key])) for key, label in (
+    meta_lines = [(label, f'{meta[key]:.4f}' if key == 'best_metric' and finite_number(meta[key]) else meta[key])
+                  for key, label in (
         ('epoch', 'Checkpoint epoch (counted from 0)'), ('weights', 'Weights'), ('selection', 'Selected by'),
         ('best_metric', f'Selection value (validation split{", synthetic data" if synthetic else ""})'))
         if meta.get(key) is not None]
